@@ -1,0 +1,195 @@
+"""Guest memory: one or more regions, each a memfd mapped MAP_SHARED in the VMM.
+
+This is the layout crosvm uses. The monitor maps the same memfds to move pages to staging and to
+count resident pages, while the VMM's mapping (the one KVM and the devices touch) is the one
+registered with userfaultfd.
+
+**Safety rule**: the monitor's own mapping of guest memory is *not* registered with userfaultfd.
+Reading a hole through it makes the kernel allocate a zero page in the shared file, after which
+the VMM's access no longer faults and the guest silently sees zeros. Only read guest memory at
+ranges the file reports as data (SEEK_DATA / SEEK_HOLE), and only while the guest's processes are
+frozen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from vmmswap.memory import Mapping
+from vmmswap.pagesize import check_page_range
+
+
+class RegionOverlapError(ValueError):
+    """Two guest-memory regions overlap (in guest-physical or host-virtual space)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    """Where one region lives: what the monitor needs besides the memfd itself."""
+
+    guest_addr: int
+    host_addr: int
+    size: int
+
+    @property
+    def host_end(self) -> int:
+        return self.host_addr + self.size
+
+    @property
+    def guest_end(self) -> int:
+        return self.guest_addr + self.size
+
+
+def validate_regions(specs: Sequence[RegionSpec]) -> None:
+    """Raise ValueError if a region is unaligned or empty, RegionOverlapError if two overlap."""
+    for spec in specs:
+        check_page_range(spec.guest_addr, spec.size, "guest region")
+        check_page_range(spec.host_addr, spec.size, "host region")
+    for space, start, end in (("host", "host_addr", "host_end"),
+                              ("guest", "guest_addr", "guest_end")):
+        ordered = sorted(specs, key=lambda s: getattr(s, start))
+        for a, b in itertools.pairwise(ordered):
+            if getattr(b, start) < getattr(a, end):
+                raise RegionOverlapError(
+                    f"{space} ranges overlap: [{getattr(a, start):#x}, {getattr(a, end):#x}) and "
+                    f"[{getattr(b, start):#x}, {getattr(b, end):#x})"
+                )
+
+
+class GuestRegion:
+    """One region: a memfd and its MAP_SHARED mapping in this process."""
+
+    def __init__(self, guest_addr: int, mapping: Mapping) -> None:
+        if mapping.fd is None:
+            raise ValueError("a guest region must be memfd-backed")
+        self.guest_addr = guest_addr
+        self.mapping = mapping
+
+    @property
+    def size(self) -> int:
+        return self.mapping.length
+
+    @property
+    def host_addr(self) -> int:
+        return self.mapping.address
+
+    @property
+    def memfd(self) -> int:
+        fd = self.mapping.fd
+        assert fd is not None
+        return fd
+
+    @property
+    def spec(self) -> RegionSpec:
+        return RegionSpec(self.guest_addr, self.host_addr, self.size)
+
+    def __repr__(self) -> str:
+        return (f"<GuestRegion guest {self.guest_addr:#x}+{self.size:#x} "
+                f"host {self.host_addr:#x} memfd {self.mapping.fd}>")
+
+
+class GuestMemory:
+    """All of a VM's guest memory."""
+
+    def __init__(self, regions: Sequence[GuestRegion]) -> None:
+        validate_regions([r.spec for r in regions])
+        self.regions = tuple(sorted(regions, key=lambda r: r.guest_addr))
+
+    @classmethod
+    def create(cls, layout: Sequence[tuple[int, int]], name: str = "guest memory") -> GuestMemory:
+        """One memfd per ``(guest_addr, size)`` region, each mapped MAP_SHARED."""
+        if not layout:
+            raise ValueError("guest memory needs at least one region")
+        # Checked before anything is allocated; the host side is checked again once mapped.
+        validate_regions([RegionSpec(g, g, s) for g, s in layout])
+        regions: list[GuestRegion] = []
+        try:
+            for i, (guest_addr, size) in enumerate(layout):
+                regions.append(GuestRegion(guest_addr, Mapping.memfd(size, f"{name} {i}")))
+            return cls(regions)
+        except BaseException:
+            for region in regions:
+                region.mapping.close()
+            raise
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def __iter__(self) -> Iterator[GuestRegion]:
+        return iter(self.regions)
+
+    def specs(self) -> list[RegionSpec]:
+        return [r.spec for r in self.regions]
+
+    def memfds(self) -> list[int]:
+        return [r.memfd for r in self.regions]
+
+    def region_of(self, guest_addr: int, length: int = 1) -> GuestRegion:
+        """The region holding ``[guest_addr, guest_addr + length)``; ValueError if none does."""
+        for region in self.regions:
+            if region.guest_addr <= guest_addr and guest_addr + length <= (
+                region.guest_addr + region.size
+            ):
+                return region
+        raise ValueError(f"guest range [{guest_addr:#x}, {guest_addr + length:#x}) "
+                         "is not inside one region")
+
+    def host_address(self, guest_addr: int) -> int:
+        region = self.region_of(guest_addr)
+        return region.host_addr + guest_addr - region.guest_addr
+
+    def write(self, guest_addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy into guest memory (GIL released: safe even if the range is registered)."""
+        region = self.region_of(guest_addr, max(1, memoryview(data).nbytes))
+        region.mapping.write(guest_addr - region.guest_addr, data)
+
+    def read(self, guest_addr: int, length: int) -> bytes:
+        """Copy out of guest memory (GIL released: safe even if the range is registered)."""
+        region = self.region_of(guest_addr, max(1, length))
+        return region.mapping.read(guest_addr - region.guest_addr, length)
+
+    def resident_bytes(self) -> int:
+        """Bytes of data (not holes) in the memfds, from SEEK_DATA/SEEK_HOLE."""
+        return sum(data_bytes(r.memfd, r.size) for r in self.regions)
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.mapping.close()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def data_ranges(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """The ``(offset, end)`` data extents of a file within ``[start, size)``.
+
+    Cost follows the number of extents, not the file size: this is how resident guest memory is
+    found without touching (and so without allocating) any hole.
+    """
+    offset = start
+    while offset < size:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == 6:  # ENXIO: no data past offset
+                return
+            raise
+        if data >= size:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        yield data, hole
+        offset = hole
+
+
+def data_bytes(fd: int, size: int) -> int:
+    """Bytes of data in ``[0, size)`` of a file."""
+    return sum(end - start for start, end in data_ranges(fd, size))
