@@ -1,0 +1,281 @@
+"""``vmmswap``: control a VM's vmm-swap from the command line, like ``crosvm swap``.
+
+    vmmswap enable SOCKET
+    vmmswap trim [--wait] SOCKET
+    vmmswap out [--wait] SOCKET
+    vmmswap disable [--slow-file-cleanup] [--wait] SOCKET
+    vmmswap status [--watch [SECONDS]] SOCKET
+    vmmswap demo [...]            (the micro-VM demo; --linux for the Linux guest)
+
+Exit codes: 0 success; 1 the command was refused or failed (wrong state, move or swap-out
+failed); 2 usage error or a request the monitor did not understand; 3 the monitor cannot be
+reached (no such socket, permission denied, monitor gone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Final, TextIO
+
+from vmmswap.pagesize import pages_to_bytes
+from vmmswap.protocol import (
+    Command,
+    ErrorKind,
+    ProtocolError,
+    Request,
+    Response,
+    request,
+)
+from vmmswap.status import SwapState, SwapStatus
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_UNREACHABLE: Final = 3
+
+_MIB: Final = 1024 * 1024
+
+#: What a waited-for command is waiting out, and the state it should end in.
+_WAITS: Final[dict[Command, tuple[SwapState, SwapState]]] = {
+    Command.TRIM: (SwapState.TRIM_IN_PROGRESS, SwapState.PENDING),
+    Command.OUT: (SwapState.SWAP_OUT_IN_PROGRESS, SwapState.ACTIVE),
+    Command.DISABLE: (SwapState.SWAP_IN_IN_PROGRESS, SwapState.READY),
+}
+
+
+class UnreachableError(Exception):
+    """The monitor cannot be reached."""
+
+
+class Client:
+    """One connection to a monitor's control socket."""
+
+    def __init__(self, path: str, timeout: float | None = None) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except FileNotFoundError:
+            self.sock.close()
+            raise UnreachableError(f"{path}: no such control socket (is the VM running with "
+                              "a control socket?)") from None
+        except PermissionError:
+            self.sock.close()
+            raise UnreachableError(f"{path}: permission denied (the socket is 0600: run as the "
+                              "VM's user)") from None
+        except OSError as err:
+            self.sock.close()
+            raise UnreachableError(f"{path}: cannot connect: {err.strerror}") from None
+
+    def send(self, req: Request) -> Response:
+        try:
+            return request(self.sock, req)
+        except ConnectionError as err:
+            raise UnreachableError(f"{self.path}: {err}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _exit_code(response: Response) -> int:
+    if response.ok:
+        return EXIT_OK
+    if response.error in (ErrorKind.REQUEST,):
+        return EXIT_USAGE
+    if response.error is ErrorKind.PERMISSION:
+        return EXIT_UNREACHABLE
+    return EXIT_FAILED
+
+
+# --- human output -------------------------------------------------------------------------------
+def _mib(pages: int) -> str:
+    return f"{pages_to_bytes(pages) / _MIB:.1f} MiB"
+
+
+def status_table(status: SwapStatus) -> str:
+    """A human-readable rendering of a status, for ``status --watch``."""
+    m, t = status.metrics, status.state_transition
+    rows = [
+        ("state", str(status.state)),
+        ("last transition", f"{t.pages} pages ({_mib(t.pages)}) in {t.time_ms} ms"),
+        ("resident", f"{m.resident_pages} pages ({_mib(m.resident_pages)})"),
+        ("staging", f"{m.staging_pages} pages ({_mib(m.staging_pages)})"),
+        ("swap file", f"{m.swap_pages} pages ({_mib(m.swap_pages)})"),
+        ("faults from staging", str(m.copied_from_staging_pages)),
+        ("faults from file", str(m.copied_from_file_pages)),
+        ("zero-filled faults", str(m.zeroed_pages)),
+        ("redundant faults", str(m.redundant_pages)),
+        ("readahead pages", str(m.readahead_pages)),
+        ("faults avoided", str(m.faults_avoided)),
+        ("device processes", str(status.devices)),
+    ]
+    if status.error:
+        rows.append(("error", status.error))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def progress_line(command: Command, status: SwapStatus) -> str:
+    """One line of progress for a running trim / out / disable."""
+    m, t = status.metrics, status.state_transition
+    if command is Command.TRIM:  # trim visits staging; what is left to visit is not reported
+        return f"trim: {t.pages} pages trimmed ({_mib(t.pages)}) after {t.time_ms / 1000:.1f} s"
+    if command is Command.OUT:
+        left = m.staging_pages
+        verb = "written"
+    else:
+        left = m.staging_pages + m.swap_pages
+        verb = "swapped in"
+    total = t.pages + left
+    pct = 100.0 * t.pages / total if total else 100.0
+    return (f"{command}: {t.pages} pages {verb} ({_mib(t.pages)}), {left} left, "
+            f"{pct:5.1f}% after {t.time_ms / 1000:.1f} s")
+
+
+def _wait(client: Client, command: Command, out: TextIO, interval: float = 0.2) -> int:
+    running, target = _WAITS[command]
+    tty = out.isatty()
+    last_print = 0.0
+    while True:
+        response = client.send(Request(Command.STATUS))
+        if not response.ok or response.status is None:
+            print(f"vmmswap: status failed: {response.message}", file=sys.stderr)
+            return _exit_code(response) or EXIT_FAILED
+        status = response.status
+        now = time.monotonic()
+        if status.state is not running:
+            if tty:
+                out.write("\r\033[K")
+            print(progress_line(command, status).replace(", 0 left", ""), file=out)
+            if status.state is target:
+                return EXIT_OK
+            print(f"vmmswap: {command} ended in state {status.state}"
+                  + (f": {status.error}" if status.error else ""), file=sys.stderr)
+            return EXIT_FAILED
+        if tty:
+            out.write("\r\033[K" + progress_line(command, status))
+            out.flush()
+        elif now - last_print >= 1.0:
+            print(progress_line(command, status), file=out, flush=True)
+            last_print = now
+        time.sleep(interval)
+
+
+def _watch(client: Client, interval: float, out: TextIO) -> int:
+    tty = out.isatty()
+    try:
+        while True:
+            response = client.send(Request(Command.STATUS))
+            if not response.ok or response.status is None:
+                print(f"vmmswap: {response.message}", file=sys.stderr)
+                return _exit_code(response) or EXIT_FAILED
+            if tty:
+                out.write("\033[H\033[2J")
+            print(time.strftime("%H:%M:%S"), client.path, file=out)
+            print(status_table(response.status), file=out, flush=True)
+            if not tty:
+                print(file=out)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# --- entry point --------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmmswap", description="Control vmm-swap of a running VM through its control "
+        "socket (like `crosvm swap`).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("socket", metavar="SOCKET", help="the VM's vmm-swap control socket")
+        return p
+
+    add("enable", "Enable vmm-swap of a VM. The guest memory is moved to staging memory.")
+    for name, text in (("trim", "Trim pages in the staging memory."),
+                       ("out", "Swap out staging memory to the swap file.")):
+        add(name, text).add_argument("--wait", action="store_true",
+                                     help="wait until it is done, showing progress")
+    p = add("disable", "Disable vmm-swap of a VM: swap every page back in.")
+    p.add_argument("--slow-file-cleanup", action="store_true",
+                   help="clean up the swap file in the background")
+    p.add_argument("--wait", action="store_true", help="wait until every page is back")
+    p = add("status", "Get vmm-swap status of a VM (JSON, one line).")
+    p.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
+                   help="refresh a human-readable table every SECONDS (default 1)")
+    sub.add_parser("demo", help="run the micro-VM demo (--linux: boot a Linux guest)",
+                   add_help=False)
+    return parser
+
+
+def _demo(argv: list[str]) -> int:
+    module_name = "vmmswap.vm.linux.demo" if "--linux" in argv else "vmmswap.vm.demo"
+    if module_name.endswith("linux.demo"):
+        argv = [a for a in argv if a != "--linux"]
+    try:
+        module = importlib.import_module(module_name)
+        entry: Callable[[list[str]], int | None] = module.main
+    except (ImportError, AttributeError) as err:
+        print(f"vmmswap demo: {module_name} is not available: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return int(entry(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    out = out or sys.stdout
+    if args_list and args_list[0] == "demo":
+        return _demo(args_list[1:])
+    try:
+        args = _parser().parse_args(args_list)
+    except SystemExit as exc:
+        return int(exc.code or 0) and EXIT_USAGE
+    command = Command(args.command)
+    try:
+        client = Client(args.socket)
+    except UnreachableError as err:
+        print(f"vmmswap: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        if command is Command.STATUS and args.watch is not None:
+            return _watch(client, max(0.05, args.watch), out)
+        req = Request(command, getattr(args, "slow_file_cleanup", False))
+        response = client.send(req)
+        if command is Command.STATUS and response.ok and response.status is not None:
+            print(response.status.to_json(), file=out)
+            return EXIT_OK
+        if not response.ok:
+            state = f" (state {response.status.state})" if response.status else ""
+            print(f"vmmswap {command}: {response.message}{state}", file=sys.stderr)
+            return _exit_code(response)
+        if getattr(args, "wait", False):
+            return _wait(client, command, out)
+        if command is Command.ENABLE and response.status is not None:
+            t = response.status.state_transition
+            print(f"enabled: {t.pages} pages ({_mib(t.pages)}) moved to staging in "
+                  f"{t.time_ms} ms", file=out)
+        else:
+            state = response.status.state if response.status else "?"
+            print(f"{command}: accepted (state {state})", file=out)
+        return EXIT_OK
+    except UnreachableError as err:
+        print(f"vmmswap: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except (ProtocolError, OSError) as err:
+        print(f"vmmswap: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE if isinstance(err, OSError) else EXIT_USAGE
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,570 @@
+"""The vmm-swap monitor: a separate process that serves every page fault and runs every command.
+
+Started by :meth:`vmmswap.controller.SwapController.launch` as ``python -m vmmswap.monitor
+--control-fd N --vmm-pid P``. It is a process of its own because the VMM's Python threads may
+touch guest memory while holding the GIL: a fault there would block the thread that has to
+serve it.
+
+One thread, one epoll. Tokens: every uffd (the VMM's and each device's), a pidfd per device
+process and one for the VMM, the controller's socketpair, the public control socket and its
+client connections. Each round serves faults first; a chunk of trim / swap-out / swap-in runs
+only when the round saw no fault, so background work never delays a blocked guest thread.
+
+The monitor exits when the controller asks (after swapping every page back in), or at once when
+the VMM dies (its pidfd becomes readable): guest memory died with it, and the swap file, opened
+O_TMPFILE, disappears with the monitor's descriptor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import dataclasses
+import importlib
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Final
+
+from vmmswap.control_socket import (
+    bind_control_socket,
+    fd_kind,
+    peer_credentials,
+    pidfd_pid,
+    unlink_if_ours,
+)
+from vmmswap.freeze import freeze_tree
+from vmmswap.guest_memory import RegionSpec, data_bytes, validate_regions
+from vmmswap.kernel import libc
+from vmmswap.monitor_faults import UffdEntry, UffdSet, VmmGoneError
+from vmmswap.monitor_state import CommandError, PageHandlerLike, StateMachine
+from vmmswap.page_handler import PageHandler
+from vmmswap.pagesize import bytes_to_pages
+from vmmswap.protocol import (
+    Command,
+    ErrorKind,
+    InitRequest,
+    ProtocolError,
+    Request,
+    Response,
+    decode_request,
+    encode_response,
+    recv_message,
+    send_message,
+)
+from vmmswap.status import SwapState, SwapStatus
+from vmmswap.swap_cleanup import FileTruncator
+from vmmswap.swap_file import SwapFile
+from vmmswap.uffd_errors import MappingChangingError, ProcessGoneError
+from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+
+_log = logging.getLogger("vmmswap.monitor")
+
+MAX_CLIENTS: Final = 32
+MAX_DEVICES: Final = 256
+INIT_TIMEOUT: Final = 30.0
+#: Test-only hook: "module:function" building the page handler (fault injection in tests).
+HANDLER_FACTORY_ENV: Final = "VMMSWAP_TEST_HANDLER_FACTORY"
+#: What ``ps`` and /proc/<pid>/comm show, like crosvm's "swap monitor".
+_PROCESS_NAME: Final = ctypes.create_string_buffer(b"swap monitor")
+
+HandlerFactory = Callable[[Sequence[tuple[RegionSpec, int]], int, bool], PageHandlerLike]
+
+
+def default_handler_factory(regions: Sequence[tuple[RegionSpec, int]], swap_fd: int,
+                            readahead: bool) -> PageHandlerLike:
+    """The data plane's PageHandler over the received memfds and swap file.
+
+    The monitor keeps owning ``swap_fd`` (the handler's SwapFile does not close it), so the
+    file survives the handler between a disable and the next enable and can be truncated
+    gradually after a slow-cleanup disable.
+    """
+    return PageHandler.create(regions, swap_file=SwapFile(swap_fd, None, owns_fd=False),
+                              readahead=readahead)
+
+
+def load_handler_factory() -> HandlerFactory:
+    spec = os.environ.get(HANDLER_FACTORY_ENV)
+    if not spec:
+        return default_handler_factory
+    module, _, name = spec.partition(":")
+    factory: HandlerFactory = getattr(importlib.import_module(module), name)
+    _log.warning("using the test page-handler factory %s", spec)
+    return factory
+
+
+@dataclass(eq=False)
+class Client:
+    """A connection: the controller's socketpair (``public`` False) or a control-socket peer."""
+
+    sock: socket.socket
+    public: bool
+    peer_pid: int = 0
+    #: Refused by the peer check: its first request gets a PERMISSION error, then it is closed.
+    refusal: str | None = None
+
+
+class Monitor:
+    """Everything the monitor process owns."""
+
+    def __init__(self, controller: socket.socket, init: InitRequest, fds: list[int],
+                 factory: HandlerFactory) -> None:
+        uffd_fd, self.swap_fd, *memfds = fds
+        self.init = init
+        self.regions = init.regions
+        self.memfds = memfds
+        self.factory = factory
+        self.epoll = select.epoll()
+        self.clients: dict[int, Client] = {}
+        self.listener: socket.socket | None = None
+        self._listener_id: tuple[int, int] | None = None
+        self.truncator = FileTruncator(self.swap_fd)
+        self.vmm_pidfd = os.pidfd_open(init.vmm_pid)
+        main = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES),
+                         init.vmm_pid, main=True)
+        self.uffds = UffdSet(self.regions, main, lambda: self.machine.handler, self._dropped)
+        self.machine = StateMachine(self)
+        self._by_fd: dict[int, Callable[[], None]] = {}
+        self._done = False
+        self._exit_client: Client | None = None
+        self._exiting = False
+        self._watch(self.vmm_pidfd, self._vmm_exited)
+        self._watch(main.fd, lambda: self._serve_watched(main))
+        self._add_client(Client(controller, public=False, peer_pid=init.vmm_pid))
+
+    # --- hooks for the state machine ------------------------------------------------------------
+    def create_handler(self) -> PageHandlerLike:
+        self.truncator.finish()  # crosvm's take_file(): the file must be empty for a new start
+        return self.factory(list(zip(self.regions, self.memfds, strict=True)), self.swap_fd,
+                            self.init.readahead)
+
+    def freeze(self) -> AbstractContextManager[object]:
+        # Registered devices too: a hot-plugged one need not descend from the VMM.
+        roots = [self.init.vmm_pid, *(d.pid for d in self.uffds.devices)]
+        return freeze_tree(roots, exclude=(os.getpid(),), while_waiting=self._serve_all)
+
+    def register_all(self) -> None:
+        self.uffds.register_all()
+
+    def unregister_all(self) -> None:
+        self.uffds.unregister_all()
+
+    def main_uffd(self) -> Userfaultfd:
+        return self.uffds.main.uffd
+
+    def resident_pages(self) -> int:
+        return sum(bytes_to_pages(data_bytes(fd, spec.size))
+                   for fd, spec in zip(self.memfds, self.regions, strict=True))
+
+    def disabled(self, slow_file_cleanup: bool) -> None:
+        if slow_file_cleanup:
+            self.truncator.start()
+        else:
+            self.truncator.finish()
+
+    # --- epoll plumbing -------------------------------------------------------------------------
+    def _watch(self, fd: int, callback: Callable[[], None]) -> None:
+        self.epoll.register(fd, select.EPOLLIN)
+        self._by_fd[fd] = callback
+
+    def _unwatch(self, fd: int) -> None:
+        if self._by_fd.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self.epoll.unregister(fd)
+
+    def _dropped(self, entry: UffdEntry) -> None:
+        _log.info("device process %d is gone; its uffd is collected", entry.pid)
+        self._unwatch(entry.fd)
+        if entry.pidfd is not None:
+            self._unwatch(entry.pidfd)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            while not self._done:
+                self._round()
+        except VmmGoneError as err:
+            _log.warning("%s; exiting", err)
+        finally:
+            self.close()
+        return 0
+
+    def _timeout(self) -> float:
+        if self.machine.work_pending:
+            return 0.0
+        waits = [t for t in (self.uffds.next_retry_in(), self.truncator.next_step_in())
+                 if t is not None]
+        return min(waits) if waits else -1.0
+
+    def _round(self) -> None:
+        events = self.epoll.poll(self._timeout())
+        faults = 0
+        uffd_fds = {e.fd for e in self.uffds.entries}
+        # Faults first, then everything else.
+        for fd, _ in events:
+            if fd in uffd_fds and fd in self._by_fd:
+                faults += self._serve_by_fd(fd)
+        self.uffds.retry_stuck()
+        for fd, _ in events:
+            if fd not in uffd_fds:
+                callback = self._by_fd.get(fd)
+                if callback is not None:
+                    self._guarded(callback)
+                if self._done:
+                    return
+        if faults == 0 and self.machine.work_pending:
+            self._step()
+        self.truncator.tick()
+        self._check_exit()
+
+    def _serve_by_fd(self, fd: int) -> int:
+        for entry in self.uffds.entries:
+            if entry.fd == fd:
+                return self._serve(entry)
+        return 0
+
+    def _serve(self, entry: UffdEntry) -> int:
+        return self.uffds.serve(entry)
+
+    def _serve_watched(self, entry: UffdEntry) -> None:
+        self._serve(entry)
+
+    def _serve_all(self) -> None:
+        for entry in self.uffds.entries:
+            if entry.registered:
+                self._serve(entry)
+
+    def _step(self) -> None:
+        try:
+            self.machine.step()
+        except MappingChangingError:
+            self._serve(self.uffds.main)
+        except ProcessGoneError as err:
+            raise VmmGoneError(f"the VMM's uffd reports its process gone: {err}") from err
+        except Exception as err:
+            # A bug, not an I/O error: stop the operation in a defined state, keep serving.
+            _log.exception("%s failed unexpectedly", self.machine.state)
+            self.machine.fail(f"{self.machine.state} failed unexpectedly: {err!r}")
+
+    @staticmethod
+    def _guarded(callback: Callable[[], None]) -> None:
+        """Run one event callback; a bug in it must not take the fault server down."""
+        try:
+            callback()
+        except VmmGoneError:
+            raise
+        except Exception:
+            _log.exception("unexpected error handling an event; still serving")
+
+    def _vmm_exited(self) -> None:
+        raise VmmGoneError(f"the VMM (pid {self.init.vmm_pid}) has exited")
+
+    # --- exit -----------------------------------------------------------------------------------
+    def _request_exit(self, client: Client | None) -> None:
+        """Swap everything back in (serving faults meanwhile), then stop."""
+        self._exit_client = client
+        self._exiting = True
+        state = self.machine.state
+        if state.enabled and state is not SwapState.SWAP_IN_IN_PROGRESS:
+            self.machine.disable(slow_file_cleanup=False)
+        self._check_exit()
+
+    def _check_exit(self) -> None:
+        if not self._exiting:
+            return
+        state = self.machine.state
+        if state is SwapState.READY:
+            if self._exit_client is not None:
+                self._reply(self._exit_client, Response(True, "monitor exiting; every page "
+                                                        "is back in guest memory",
+                                                        status=self._status()))
+            self._done = True
+        elif state is SwapState.FAILED:
+            self._exiting = False
+            if self._exit_client is not None:
+                self._reply(self._exit_client, Response.failure(
+                    ErrorKind.FAILED, f"cannot exit: {self.machine.error}; the monitor keeps "
+                    "serving faults", self._status()))
+
+    # --- clients --------------------------------------------------------------------------------
+    def listen(self, path: str) -> None:
+        """Serve the public control socket at ``path`` (see :mod:`vmmswap.control_socket`)."""
+        sock, self._listener_id = bind_control_socket(path)
+        self.listener = sock
+        self._watch(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(16):  # a bounded batch: faults must not wait behind a connect storm
+            assert self.listener is not None
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            self._admit(conn)
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        pid, uid = peer_credentials(conn)
+        if len(self.clients) >= MAX_CLIENTS:
+            self._send_and_close(conn, Response.failure(ErrorKind.BUSY, "too many clients"))
+            return
+        client = Client(conn, public=True, peer_pid=pid)
+        if uid != os.geteuid():
+            _log.warning("refusing control connection from pid %d uid %d", pid, uid)
+            client.refusal = f"uid {uid} may not control this VM (only uid {os.geteuid()})"
+        self._add_client(client)
+
+    @staticmethod
+    def _send_and_close(conn: socket.socket, response: Response) -> None:
+        with contextlib.suppress(OSError):
+            send_message(conn, encode_response(response))
+        conn.close()
+
+    def _add_client(self, client: Client) -> None:
+        fd = client.sock.fileno()
+        self.clients[fd] = client
+        self._watch(fd, lambda: self._on_client(client))
+
+    def _close_client(self, client: Client) -> None:
+        fd = client.sock.fileno()
+        if fd < 0:
+            return
+        self._unwatch(fd)
+        self.clients.pop(fd, None)
+        client.sock.close()
+        if not client.public:
+            # The VMM closed its controller without asking to exit; bring pages back, stop.
+            _log.info("the controller's connection closed; swapping in and exiting")
+            if self._exit_client is client:
+                self._exit_client = None
+            if not self._exiting:
+                self._request_exit(None)
+
+    def _reply(self, client: Client, response: Response) -> None:
+        try:
+            send_message(client.sock, encode_response(response))
+        except (OSError, ProtocolError) as err:
+            _log.info("dropping client %d: %s", client.peer_pid, err)
+            self._close_client(client)
+
+    def _status(self) -> SwapStatus:
+        status = self.machine.status(len(self.uffds.devices))
+        if status.error is None and self.uffds.stuck_count:
+            status = dataclasses.replace(status, error=self.uffds.last_error)
+        return status
+
+    def _on_client(self, client: Client) -> None:
+        try:
+            received = recv_message(client.sock)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close_client(client)
+            return
+        if received.eof:
+            self._close_client(client)
+            return
+        if client.refusal is not None:
+            received.close_fds()
+            self._reply(client, Response.failure(ErrorKind.PERMISSION, client.refusal))
+            self._close_client(client)
+            return
+        try:
+            if received.truncated:
+                raise ProtocolError("message too long (or too many descriptors)")
+            req = decode_request(received.data, len(received.fds), public=client.public)
+        except ProtocolError as err:
+            received.close_fds()
+            self._reply(client, Response.failure(err.kind, str(err)))
+            return
+        fds, received.fds = received.fds, []
+        try:
+            response = self._dispatch(client, req, fds)
+        except VmmGoneError:
+            raise
+        except Exception as err:
+            _log.exception("%s failed unexpectedly", req)
+            response = Response.failure(ErrorKind.FAILED, f"internal error: {err!r}",
+                                        self._status())
+        finally:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if response is not None:
+            self._reply(client, response)
+
+    def _dispatch(self, client: Client, req: Request | InitRequest, fds: list[int],
+                  ) -> Response | None:
+        """Run one request; descriptors left in ``fds`` are closed by the caller."""
+        if isinstance(req, InitRequest):
+            return Response.failure(ErrorKind.REQUEST, "the monitor is already initialised")
+        if self._exiting and req.command is not Command.STATUS:
+            return Response.failure(ErrorKind.BUSY, "the monitor is exiting")
+        machine = self.machine
+        try:
+            if req.command is Command.STATUS:
+                pass
+            elif req.command is Command.ENABLE:
+                machine.enable()
+            elif req.command is Command.TRIM:
+                machine.trim()
+            elif req.command is Command.OUT:
+                machine.swap_out()
+            elif req.command is Command.DISABLE:
+                machine.disable(req.slow_file_cleanup)
+            elif req.command is Command.REGISTER_PROCESS:
+                return self._register_process(fds)
+            elif req.command is Command.ATTACH:
+                return self._attach(fds)
+            elif req.command is Command.EXIT:
+                self._request_exit(client)
+                return None
+            else:
+                return Response.failure(ErrorKind.REQUEST, f"{req.command} is not a request")
+        except CommandError as err:
+            return Response.failure(err.kind, str(err), self._status())
+        return Response(True, f"{req.command}: ok", status=self._status())
+
+    def _register_process(self, fds: list[int]) -> Response:
+        uffd_fd, pidfd = fds
+        if fd_kind(uffd_fd) != "anon_inode:[userfaultfd]":
+            return Response.failure(ErrorKind.REQUEST, "the first descriptor is not a uffd")
+        if fd_kind(pidfd) != "anon_inode:[pidfd]":
+            return Response.failure(ErrorKind.REQUEST, "the second descriptor is not a pidfd")
+        if len(self.uffds.devices) >= MAX_DEVICES:
+            return Response.failure(ErrorKind.BUSY, f"more than {MAX_DEVICES} devices")
+        pid = pidfd_pid(pidfd)
+        if pid <= 0:
+            return Response.failure(ErrorKind.FAILED, "the device process has already exited")
+        entry = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES), pid,
+                          pidfd)
+        fds.clear()  # the entry owns them now
+        try:
+            self.uffds.add_device(entry, enabled=self.machine.state.enabled)
+        except OSError as err:
+            entry.close()
+            return Response.failure(ErrorKind.FAILED,
+                                    f"cannot register pid {pid}'s uffd: {err}")
+        self._watch(entry.fd, lambda: self._serve_watched(entry))
+        self._watch(pidfd, lambda: self.uffds.drop(entry))
+        _log.info("serving device process %d", pid)
+        return Response(True, f"device process {pid} registered",
+                        status=self._status())
+
+    def _attach(self, fds: list[int]) -> Response:
+        (fd,) = fds
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            return Response.failure(ErrorKind.REQUEST, f"attach needs a socket: {err}")
+        fds.clear()
+        if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
+            sock.close()
+            return Response.failure(ErrorKind.REQUEST, "attach needs an AF_UNIX SEQPACKET "
+                                    "socket")
+        sock.setblocking(False)
+        self._add_client(Client(sock, public=True))
+        return Response(True, "attached")
+
+    def close(self) -> None:
+        for client in list(self.clients.values()):
+            self._unwatch(client.sock.fileno())
+            client.sock.close()
+        self.clients.clear()
+        if self.listener is not None:
+            self.listener.close()
+            if self.init.control_socket and self._listener_id is not None:
+                unlink_if_ours(self.init.control_socket, self._listener_id)
+        handler, self.machine.handler = self.machine.handler, None
+        if handler is not None:
+            with contextlib.suppress(Exception):
+                handler.close()
+        self.uffds.close()
+        self.truncator.close()
+        os.close(self.vmm_pidfd)
+        for fd in self.memfds:
+            os.close(fd)
+        self.epoll.close()
+
+
+# --- start-up -----------------------------------------------------------------------------------
+def _receive_init(sock: socket.socket, vmm_pid: int) -> tuple[InitRequest, list[int]]:
+    sock.settimeout(INIT_TIMEOUT)
+    received = recv_message(sock)
+    if received.eof:
+        raise ConnectionResetError("the controller closed the connection before init")
+    try:
+        if received.truncated:
+            raise ProtocolError("init message too long")
+        init = decode_request(received.data, len(received.fds), public=False)
+        if not isinstance(init, InitRequest):
+            raise ProtocolError("the first message must be init")
+        if init.vmm_pid != vmm_pid or os.getppid() != vmm_pid:
+            raise ProtocolError(f"init names VMM pid {init.vmm_pid}, but the monitor's parent "
+                                f"is {os.getppid()} (--vmm-pid {vmm_pid})")
+        validate_regions(init.regions)
+        uffd, swap, *memfds = received.fds
+        if fd_kind(uffd) != "anon_inode:[userfaultfd]":
+            raise ProtocolError("init: the first descriptor is not a userfaultfd")
+        if not stat.S_ISREG(os.fstat(swap).st_mode):
+            raise ProtocolError("init: the second descriptor is not a regular file")
+        for spec, fd in zip(init.regions, memfds, strict=True):
+            if os.fstat(fd).st_size < spec.size:
+                raise ProtocolError(f"init: the memfd of region {spec.guest_addr:#x} is "
+                                    f"smaller than {spec.size:#x} bytes")
+    except (ProtocolError, ValueError, OSError):
+        received.close_fds()
+        raise
+    sock.settimeout(None)
+    sock.setblocking(False)
+    return init, received.fds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vmmswap.monitor",
+                                     description="vmm-swap monitor (started by SwapController)")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--vmm-pid", type=int, required=True)
+    parser.add_argument("--log-level", default=os.environ.get("VMMSWAP_LOG_LEVEL", "WARNING"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"vmmswap monitor[{os.getpid()}] %(levelname)s %(message)s")
+    with contextlib.suppress(OSError):
+        libc.prctl(libc.PR_SET_NAME, ctypes.addressof(_PROCESS_NAME))
+    # Terminal signals belong to the VMM; the monitor leaves when the VMM says or dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=args.control_fd)
+    try:
+        init, fds = _receive_init(sock, args.vmm_pid)
+        monitor = Monitor(sock, init, fds, load_handler_factory())
+    except (ProtocolError, ValueError, OSError) as err:
+        _log.error("start-up failed: %s", err)
+        with contextlib.suppress(OSError):
+            kind = err.kind if isinstance(err, ProtocolError) else ErrorKind.FAILED
+            send_message(sock, encode_response(Response.failure(kind, f"monitor: {err}")))
+        return 1
+    try:
+        if init.control_socket:
+            monitor.listen(init.control_socket)
+    except OSError as err:
+        _log.error("cannot listen on %s: %s", init.control_socket, err)
+        with contextlib.suppress(OSError):
+            send_message(sock, encode_response(Response.failure(
+                ErrorKind.FAILED, f"monitor: control socket {init.control_socket}: {err}")))
+        monitor.close()
+        return 1
+    send_message(sock, encode_response(Response(True, "ready", status=monitor._status())))
+    _log.info("serving VMM %d (%d regions)", init.vmm_pid, len(init.regions))
+    return monitor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""The monitor's userfaultfds: the VMM's, and one per registered device process.
+
+Serving faults is the monitor's first duty, so everything here is about never leaving a fault
+unanswered and never answering one wrongly:
+
+* events are drained until the descriptor is empty (a read returns at most a batch);
+* a fill that meets a changing address space (MappingChangingError) is retried after the uffd's
+  pending events (REMOVEs) have been read, as the kernel requires;
+* a fault that cannot be served (the swap file cannot be read) is *not* answered: its thread
+  stays blocked, the error is reported in the status, and the fault is retried later. Waking it
+  without a fill would make the kernel allocate a zero page where guest data was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from vmmswap.guest_memory import RegionSpec
+from vmmswap.kernel.uffd import RegisterMode
+from vmmswap.monitor_state import PageHandlerLike
+from vmmswap.pagesize import PAGE_SIZE, page_base
+from vmmswap.uffd_errors import MappingChangingError, PageExistsError, ProcessGoneError
+from vmmswap.uffd_events import Fork, PageFault, Remove
+from vmmswap.userfaultfd import ForkedUffd, Userfaultfd
+
+_log = logging.getLogger(__name__)
+
+#: Fills retried in one go after reading events; beyond that the fault waits for the next round.
+_CHANGING_RETRIES: Final = 16
+#: How often a fault that failed for another reason is tried again.
+STUCK_RETRY_INTERVAL: Final = 1.0
+
+
+@dataclass(eq=False)
+class UffdEntry:
+    """One uffd the monitor serves. ``pidfd`` is set for device processes (None for the VMM)."""
+
+    uffd: Userfaultfd
+    pid: int
+    pidfd: int | None = None
+    main: bool = False
+    registered: bool = False
+
+    @property
+    def fd(self) -> int:
+        return self.uffd.fileno()
+
+    def close(self) -> None:
+        self.uffd.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+@dataclass
+class _Stuck:
+    entry: UffdEntry
+    fault: PageFault
+    error: str
+    next_try: float = field(default=0.0)
+
+
+class VmmGoneError(Exception):
+    """The VMM's own uffd reports that its process has exited: the monitor must stop."""
+
+
+class UffdSet:
+    """Every uffd being served, the regions they cover, and the fault-serving logic."""
+
+    def __init__(self, regions: Sequence[RegionSpec], main: UffdEntry,
+                 handler: Callable[[], PageHandlerLike | None],
+                 on_drop: Callable[[UffdEntry], None]) -> None:
+        self.regions = tuple(regions)
+        self.main = main
+        self.devices: list[UffdEntry] = []
+        self._handler = handler
+        self._on_drop = on_drop
+        self._stuck: deque[_Stuck] = deque()
+        self.last_error: str | None = None
+
+    @property
+    def entries(self) -> list[UffdEntry]:
+        return [self.main, *self.devices]
+
+    # --- registration -------------------------------------------------------------------------
+    def register(self, entry: UffdEntry) -> None:
+        """Register every region on ``entry``'s uffd (MISSING mode).
+
+        **Safety**: from here on, missing pages of guest memory in that process are filled only
+        by the monitor; the caller must serve this uffd's faults for as long as it stays
+        registered. ProcessGoneError if its process is gone; any other OSError leaves nothing
+        registered.
+        """
+        if entry.registered:
+            return
+        done: list[RegionSpec] = []
+        try:
+            for spec in self.regions:
+                entry.uffd.register(spec.host_addr, spec.size, RegisterMode.MISSING)
+                done.append(spec)
+        except OSError:
+            for spec in done:
+                try:
+                    entry.uffd.unregister(spec.host_addr, spec.size)
+                except OSError as err:
+                    _log.warning("rolling back a registration failed: %s", err)
+            raise
+        entry.registered = True
+
+    def register_all(self) -> None:
+        """Register every uffd; dead devices are dropped, any other failure undoes it all."""
+        newly: list[UffdEntry] = []
+        try:
+            for entry in self.entries:
+                if entry.registered:
+                    continue
+                try:
+                    self.register(entry)
+                except ProcessGoneError:
+                    if entry.main:
+                        raise
+                    self.drop(entry)
+                    continue
+                newly.append(entry)
+        except OSError:
+            for entry in newly:
+                self.unregister(entry)
+            raise
+
+    def unregister(self, entry: UffdEntry) -> None:
+        if not entry.registered:
+            return
+        entry.registered = False
+        for spec in self.regions:
+            try:
+                entry.uffd.unregister(spec.host_addr, spec.size)
+            except ProcessGoneError:
+                return
+            except OSError as err:
+                # Still registered: stray faults there are answered (zero-filled) while Ready.
+                _log.error("unregistering pid %d's uffd failed: %s", entry.pid, err)
+
+    def unregister_all(self) -> None:
+        for entry in self.entries:
+            self.unregister(entry)
+
+    # --- devices ------------------------------------------------------------------------------
+    def add_device(self, entry: UffdEntry, enabled: bool) -> None:
+        """Start serving a device's uffd; registered at once when swap is enabled."""
+        if enabled:
+            self.register(entry)
+        self.devices.append(entry)
+
+    def drop(self, entry: UffdEntry) -> None:
+        """Stop serving a dead device; its pending REMOVE events are applied first."""
+        if entry not in self.devices:
+            return
+        with contextlib.suppress(OSError):
+            self.drain(entry)
+        self.devices.remove(entry)
+        self._stuck = deque(s for s in self._stuck if s.entry is not entry)
+        self._on_drop(entry)
+        entry.close()
+
+    # --- events -------------------------------------------------------------------------------
+    def drain(self, entry: UffdEntry) -> list[PageFault]:
+        """Read every pending event of ``entry``; apply REMOVEs now, return the faults."""
+        faults: list[PageFault] = []
+        while True:
+            try:
+                events = entry.uffd.read_events()
+            except OSError as err:
+                if err.errno in (errno.EBADF, errno.EINVAL):
+                    return faults
+                raise
+            if not events:
+                return faults
+            for event in events:
+                if isinstance(event, PageFault):
+                    faults.append(event)
+                elif isinstance(event, Remove):
+                    self._remove(event)
+                elif isinstance(event, ForkedUffd):
+                    event.uffd.close()  # EVENT_FORK is never requested; do not leak it
+                elif isinstance(event, Fork):
+                    os.close(event.fd)
+                else:
+                    _log.warning("ignoring unexpected uffd event %r from pid %d", event,
+                                 entry.pid)
+
+    def _remove(self, event: Remove) -> None:
+        handler = self._handler()
+        if handler is None:
+            return  # crosvm b/272620051: REMOVE may arrive after unregistering; nothing held
+        try:
+            handler.handle_remove(event.start, event.end)
+        except (OSError, ValueError) as err:
+            self.last_error = f"handling REMOVE [{event.start:#x}, {event.end:#x}): {err}"
+            _log.error("%s", self.last_error)
+
+    def serve(self, entry: UffdEntry) -> int:
+        """Drain ``entry`` and serve its faults; returns how many faults were seen."""
+        faults = deque(self.drain(entry))
+        seen = len(faults)
+        retries = 0
+        while faults:
+            fault = faults.popleft()
+            outcome = self._serve_one(entry, fault)
+            if outcome == "changing":
+                retries += 1
+                more = self.drain(entry)
+                seen += len(more)
+                faults.extendleft(reversed([fault, *more]))
+                if retries > _CHANGING_RETRIES:
+                    self._stuck.append(_Stuck(entry, faults.popleft(), "address space "
+                                              "changing", time.monotonic()))
+            elif outcome == "gone":
+                if entry.main:
+                    raise VmmGoneError(f"the VMM (pid {entry.pid}) has exited")
+                self.drop(entry)
+                return seen
+        return seen
+
+    def _serve_one(self, entry: UffdEntry, fault: PageFault) -> str:
+        handler = self._handler()
+        try:
+            if handler is None:
+                self._answer_while_disabled(entry, fault)
+            else:
+                handler.handle_page_fault(entry.uffd, fault.address, fault.write)
+        except MappingChangingError:
+            return "changing"
+        except ProcessGoneError:
+            return "gone"
+        except Exception as err:
+            message = f"cannot serve the fault at {fault.address:#x} of pid {entry.pid}: {err}"
+            if self.last_error != message:
+                # A non-OSError is a bug somewhere: keep its traceback.
+                _log.error("%s (the thread stays blocked; retrying)", message,
+                           exc_info=not isinstance(err, OSError))
+            self.last_error = message
+            self._stuck.append(_Stuck(entry, fault, message,
+                                      time.monotonic() + STUCK_RETRY_INTERVAL))
+        return "done"
+
+    @staticmethod
+    def _answer_while_disabled(entry: UffdEntry, fault: PageFault) -> None:
+        """A fault while Ready means the range is still registered (a failed unregister):
+        every page is back in guest memory then, so a missing page really is a zero page."""
+        addr = page_base(fault.address)
+        try:
+            entry.uffd.zero(addr, PAGE_SIZE)
+        except PageExistsError:
+            entry.uffd.wake(addr, PAGE_SIZE)
+
+    def retry_stuck(self) -> None:
+        """Try the faults that failed earlier again, once their retry time has come."""
+        now = time.monotonic()
+        due = [s for s in self._stuck if s.next_try <= now]
+        if not due:
+            return
+        self._stuck = deque(s for s in self._stuck if s.next_try > now)
+        for stuck in due:
+            if stuck.entry.uffd.closed:
+                continue
+            outcome = self._serve_one(stuck.entry, stuck.fault)
+            if outcome == "changing":
+                # Read the events the kernel wants read first; new faults among them join the
+                # queue (none may be dropped: each is a blocked thread).
+                self._stuck.extend(_Stuck(stuck.entry, f, "new", now)
+                                   for f in self.drain(stuck.entry))
+                stuck.next_try = now
+                self._stuck.append(stuck)
+            elif outcome == "gone":
+                if stuck.entry.main:
+                    raise VmmGoneError(f"the VMM (pid {stuck.entry.pid}) has exited")
+                self.drop(stuck.entry)
+
+    @property
+    def stuck_count(self) -> int:
+        return len(self._stuck)
+
+    def next_retry_in(self) -> float | None:
+        if not self._stuck:
+            return None
+        return max(0.0, min(s.next_try for s in self._stuck) - time.monotonic())
+
+    def close(self) -> None:
+        for entry in list(self.devices):
+            self.devices.remove(entry)
+            entry.close()
+        self.main.close()

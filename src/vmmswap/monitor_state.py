@@ -1,0 +1,328 @@
+"""The vmm-swap state machine: crosvm's seven states and their transitions, without any I/O.
+
+The monitor (``monitor.py``) owns sockets, epoll and the uffds; this module decides what a command
+does in each state and runs the resumable work (trim, swap out, swap in) one chunk at a time, so
+the monitor's single thread serves page faults between chunks. Keeping it free of I/O is what lets
+the tests drive every transition with a fake page handler.
+
+Differences from crosvm, on purpose:
+
+* A command in the wrong state raises :class:`CommandError` (the caller sees the reason) where
+  crosvm only logs a warning and the caller never learns the command was ignored.
+* A failed swap-in (the file cannot be read back) leaves the state Failed with the pages still
+  in staging/file, instead of crashing the monitor (which would strand them for good).
+* ``disable`` while already Ready succeeds (nothing to do, or finishes a slow file cleanup now).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import fields
+from typing import Any, Final, Protocol
+
+from vmmswap.protocol import ErrorKind
+from vmmswap.status import SwapMetrics, SwapState, SwapStateTransition, SwapStatus
+from vmmswap.uffd_errors import MappingChangingError, ProcessGoneError
+
+_log = logging.getLogger(__name__)
+
+#: crosvm's chunk sizes: 2 MiB per swap-out / swap-in step, 1024 pages per trim step.
+MAX_SWAP_CHUNK: Final = 2 * 1024 * 1024
+MAX_TRIM_PAGES: Final = 1024
+
+
+class TrimContextLike(Protocol):
+    def trim_pages(self, max_pages: int = ...) -> int | None: ...
+
+
+class SwapInContextLike(Protocol):
+    def swap_in(self, uffd: Any, max_bytes: int = ...) -> int: ...
+    def close(self) -> None: ...
+
+
+class PageHandlerLike(Protocol):
+    """The part of ``PageHandler`` the state machine and the monitor use."""
+
+    def move_to_staging(self) -> int: ...
+    def handle_page_fault(self, uffd: Any, addr: int, write: bool = ...) -> None: ...
+    def handle_remove(self, start: int, end: int) -> None: ...
+    def start_trim(self) -> TrimContextLike: ...
+    def swap_out(self, max_bytes: int = ...) -> int: ...
+    def start_swap_in(self) -> SwapInContextLike: ...
+    def metrics(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+class CommandError(Exception):
+    """A command was refused (``kind`` STATE: nothing changed) or failed (``kind`` FAILED)."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Hooks(Protocol):
+    """What the state machine needs from the monitor around it."""
+
+    def create_handler(self) -> PageHandlerLike: ...
+    def freeze(self) -> AbstractContextManager[object]: ...
+    def register_all(self) -> None: ...
+    def unregister_all(self) -> None: ...
+    def main_uffd(self) -> Any: ...
+    def resident_pages(self) -> int: ...
+    def disabled(self, slow_file_cleanup: bool) -> None: ...
+
+
+class _Transition:
+    """The running or last transition record: pages and elapsed time."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.pages = 0
+        self._start: float | None = None
+        self._elapsed = 0.0
+
+    def begin(self) -> None:
+        self.pages, self._start, self._elapsed = 0, self._clock(), 0.0
+
+    def end(self) -> None:
+        if self._start is not None:
+            self._elapsed = self._clock() - self._start
+            self._start = None
+
+    def reset(self) -> None:
+        self.pages, self._start, self._elapsed = 0, None, 0.0
+
+    def snapshot(self) -> SwapStateTransition:
+        elapsed = self._elapsed if self._start is None else self._clock() - self._start
+        return SwapStateTransition(self.pages, int(elapsed * 1000))
+
+
+class StateMachine:
+    """One VM's swap state. Every method runs on the monitor's single thread."""
+
+    def __init__(self, hooks: Hooks, clock: Callable[[], float] = time.monotonic) -> None:
+        self._hooks = hooks
+        self.state = SwapState.READY
+        self.handler: PageHandlerLike | None = None
+        self.transition = _Transition(clock)
+        self.error: str | None = None
+        self._trim: TrimContextLike | None = None
+        self._swap_in: SwapInContextLike | None = None
+        self._slow_cleanup = False
+
+    # --- queries ------------------------------------------------------------------------------
+    def status(self, devices: int = 0) -> SwapStatus:
+        metrics = SwapMetrics(resident_pages=self._hooks.resident_pages())
+        if self.handler is not None:
+            metrics = _metrics_of(self.handler.metrics(), metrics.resident_pages)
+        transition = (SwapStateTransition() if self.state is SwapState.FAILED
+                      else self.transition.snapshot())
+        return SwapStatus(self.state, metrics, transition, devices, self.error)
+
+    @property
+    def work_pending(self) -> bool:
+        """Whether :meth:`step` has a chunk to run."""
+        return self.state.in_progress
+
+    # --- commands -----------------------------------------------------------------------------
+    def enable(self) -> SwapStatus:
+        """Freeze the VMM tree, move resident guest memory to staging, thaw.
+
+        Valid in every state: from Ready it starts vmm-swap; otherwise it aborts a running trim,
+        swap-out or swap-in and moves whatever the guest made resident since (crosvm's
+        ``handle_enable_command``). Raises CommandError(FAILED) if the move failed (state
+        Failed) or could not start (state unchanged).
+        """
+        created = False
+        if self.handler is None:
+            try:
+                self.handler = self._hooks.create_handler()
+            except OSError as err:
+                raise CommandError(ErrorKind.FAILED,
+                                   f"cannot set up the page handler: {err}") from err
+            created = True
+        handler = self.handler
+        try:
+            with self._hooks.freeze():
+                if created:
+                    self._hooks.register_all()
+                # Only now, with every writer stopped, is the old work dropped: a failed freeze
+                # must leave the state as it was.
+                self._abort_background()
+                self.transition.begin()
+                self.state = SwapState.PENDING
+                try:
+                    self.transition.pages = handler.move_to_staging()
+                except OSError as err:
+                    self._fail(f"moving guest memory to staging failed: {err}")
+                    raise CommandError(ErrorKind.FAILED, self.error or "") from err
+                self.transition.end()
+                self.error = None
+        except CommandError:
+            raise
+        except Exception as err:
+            # Freezing or registering failed: nothing was moved.
+            if created:
+                self._discard_handler()
+            raise CommandError(ErrorKind.FAILED, f"enable failed: {err}") from err
+        return self.status()
+
+    def trim(self) -> None:
+        """Pending → TrimInProgress: drop staging pages that are zero or equal to the file."""
+        if self.state is not SwapState.PENDING:
+            raise CommandError(ErrorKind.STATE, _not_ready("trim", self.state,
+                                                           "it needs state Pending"))
+        assert self.handler is not None
+        self._trim = self.handler.start_trim()
+        self.transition.begin()
+        self.state = SwapState.TRIM_IN_PROGRESS
+
+    def swap_out(self) -> None:
+        """Pending → SwapOutInProgress: write staging to the swap file, in chunks."""
+        if self.state is not SwapState.PENDING:
+            raise CommandError(ErrorKind.STATE, _not_ready("out", self.state,
+                                                           "it needs state Pending"))
+        self.transition.begin()
+        self.state = SwapState.SWAP_OUT_IN_PROGRESS
+
+    def disable(self, slow_file_cleanup: bool = False) -> None:
+        """Any enabled state → SwapInInProgress: bring every page back, then Ready."""
+        if self.state is SwapState.READY:
+            self._hooks.disabled(slow_file_cleanup)
+            return
+        if self.state is SwapState.SWAP_IN_IN_PROGRESS:
+            self._slow_cleanup = slow_file_cleanup
+            return
+        self._start_swap_in(slow_file_cleanup)
+
+    def _start_swap_in(self, slow_file_cleanup: bool) -> None:
+        assert self.handler is not None
+        self._abort_background()
+        self._slow_cleanup = slow_file_cleanup
+        self._swap_in = self.handler.start_swap_in()
+        self.transition.begin()
+        self.state = SwapState.SWAP_IN_IN_PROGRESS
+
+    # --- background work ----------------------------------------------------------------------
+    def step(self) -> None:
+        """Run one chunk of the current operation.
+
+        MappingChangingError (and other uffd fill errors of the swap-in) propagate when the
+        monitor must read the uffd's events before retrying; the state is unchanged then.
+        """
+        if self.state is SwapState.TRIM_IN_PROGRESS:
+            self._step_trim()
+        elif self.state is SwapState.SWAP_OUT_IN_PROGRESS:
+            self._step_out()
+        elif self.state is SwapState.SWAP_IN_IN_PROGRESS:
+            self._step_swap_in()
+
+    def _step_trim(self) -> None:
+        assert self._trim is not None
+        try:
+            trimmed = self._trim.trim_pages(MAX_TRIM_PAGES)
+        except OSError as err:
+            # Trim only drops redundant copies; a failure loses nothing. Back to Pending.
+            _log.error("trim failed: %s", err)
+            self.error = f"trim failed: {err}"
+            trimmed = None
+        if trimmed is None:
+            self._trim = None
+            self.transition.end()
+            self.state = SwapState.PENDING
+        else:
+            self.transition.pages += trimmed
+
+    def _step_out(self) -> None:
+        assert self.handler is not None
+        try:
+            written = self.handler.swap_out(MAX_SWAP_CHUNK)
+        except OSError as err:
+            self._fail(f"swap out failed: {err}; every page is still in staging or the swap "
+                       "file; disable brings them back")
+            return
+        if written == 0:
+            self.transition.end()
+            self.state = SwapState.ACTIVE
+        else:
+            self.transition.pages += written
+
+    def _step_swap_in(self) -> None:
+        assert self.handler is not None and self._swap_in is not None
+        try:
+            pages = self._swap_in.swap_in(self._hooks.main_uffd(), MAX_SWAP_CHUNK)
+        except (MappingChangingError, ProcessGoneError):
+            raise
+        except OSError as err:
+            self._fail(f"swap in failed: {err}; the remaining pages stay in staging or the "
+                       "swap file and faults are still served from there")
+            return
+        if pages:
+            self.transition.pages += pages
+            return
+        self._finish_swap_in()
+
+    def _finish_swap_in(self) -> None:
+        assert self._swap_in is not None
+        self._swap_in.close()
+        self._swap_in = None
+        self.transition.end()
+        try:
+            self._hooks.unregister_all()
+        finally:
+            self._discard_handler()
+            self.state = SwapState.READY
+            self.error = None
+            self._hooks.disabled(self._slow_cleanup)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _abort_background(self) -> None:
+        """Stop trim / swap-out / swap-in where they are; every page stays valid."""
+        self._trim = None
+        if self._swap_in is not None:
+            swap_in, self._swap_in = self._swap_in, None
+            swap_in.close()
+
+    def fail(self, message: str) -> None:
+        """Enter Failed (every page stays where it is; ``disable`` brings them back)."""
+        if self.handler is None:
+            self.error = message
+            return
+        self._fail(message)
+
+    def _fail(self, message: str) -> None:
+        _log.error("%s", message)
+        self._abort_background()
+        self.error = message
+        self.transition.reset()
+        self.state = SwapState.FAILED
+
+    def _discard_handler(self) -> None:
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.close()
+
+    def pages_remaining(self) -> int:
+        """Pages the handler still holds outside guest memory (staging + swap file)."""
+        if self.handler is None:
+            return 0
+        m = _metrics_of(self.handler.metrics(), 0)
+        return m.staging_pages + m.swap_pages
+
+
+def _not_ready(command: str, state: SwapState, need: str) -> str:
+    if state is SwapState.READY:
+        return f"{command}: vmm-swap is disabled (state Ready); run enable first"
+    return f"{command} is not possible in state {state}: {need}"
+
+
+def _metrics_of(raw: Any, resident_pages: int) -> SwapMetrics:
+    """Convert the page handler's metrics record (any object with the counter attributes)."""
+    values = {f.name: int(getattr(raw, f.name, 0) or 0) for f in fields(SwapMetrics)}
+    if not values["resident_pages"]:
+        values["resident_pages"] = resident_pages
+    return SwapMetrics(**values)

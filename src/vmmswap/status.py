@@ -1,0 +1,253 @@
+"""What ``vmmswap status`` reports: crosvm's ``SwapState``, ``SwapMetrics``, ``SwapStateTransition``
+and ``SwapStatus``, with the same JSON shape.
+
+The JSON is crosvm's (``{"state": "Pending", "metrics": {seven counters}, "state_transition":
+{"pages": N, "time_ms": M}}``) so tools written for ``crosvm swap status`` read it unchanged.
+What this project reports beyond crosvm goes under keys crosvm does not have (``readahead``,
+``devices``, ``error``), never inside crosvm's objects.
+
+Parsing is strict: the CLI prints what the monitor says, and a status that does not parse means
+the two sides disagree about the protocol, which must be an error rather than a guess.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+
+class SwapState(enum.StrEnum):
+    """The state of vmm-swap; the string value is crosvm's serialised name.
+
+    ``code`` is crosvm's ``#[repr(C)]`` discriminant (Ready 0, Failed 1, Pending 2, ...), for
+    callers that exchange numbers with crosvm's C API.
+    """
+
+    READY = "Ready"
+    FAILED = "Failed"
+    PENDING = "Pending"
+    TRIM_IN_PROGRESS = "TrimInProgress"
+    SWAP_OUT_IN_PROGRESS = "SwapOutInProgress"
+    ACTIVE = "Active"
+    SWAP_IN_IN_PROGRESS = "SwapInInProgress"
+    # crosvm's own member names, as aliases (``SwapState.Ready is SwapState.READY``).
+    Ready = "Ready"
+    Failed = "Failed"
+    Pending = "Pending"
+    TrimInProgress = "TrimInProgress"
+    SwapOutInProgress = "SwapOutInProgress"
+    Active = "Active"
+    SwapInInProgress = "SwapInInProgress"
+
+    @property
+    def code(self) -> int:
+        """crosvm's numeric value of the state."""
+        return _CODES[self]
+
+    @classmethod
+    def from_code(cls, code: int) -> SwapState:
+        """The state with crosvm's numeric value ``code``; ValueError if there is none."""
+        for state, value in _CODES.items():
+            if value == code:
+                return state
+        raise ValueError(f"no swap state has crosvm code {code!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether guest memory is under vmm-swap (every state but Ready)."""
+        return self is not SwapState.READY
+
+    @property
+    def in_progress(self) -> bool:
+        """Whether a background operation (trim, out, swap-in) is running."""
+        return self in (SwapState.TRIM_IN_PROGRESS, SwapState.SWAP_OUT_IN_PROGRESS,
+                        SwapState.SWAP_IN_IN_PROGRESS)
+
+
+_CODES: Final[dict[SwapState, int]] = {
+    SwapState.READY: 0,
+    SwapState.FAILED: 1,
+    SwapState.PENDING: 2,
+    SwapState.TRIM_IN_PROGRESS: 3,
+    SwapState.SWAP_OUT_IN_PROGRESS: 4,
+    SwapState.ACTIVE: 5,
+    SwapState.SWAP_IN_IN_PROGRESS: 6,
+}
+
+#: The counters crosvm's ``SwapMetrics`` has, in its order: the only keys of ``"metrics"``.
+CROSVM_METRICS: Final = (
+    "resident_pages",
+    "copied_from_file_pages",
+    "copied_from_staging_pages",
+    "zeroed_pages",
+    "redundant_pages",
+    "staging_pages",
+    "swap_pages",
+)
+#: Counters this project adds; reported under the top-level ``"readahead"`` key.
+READAHEAD_METRICS: Final = ("readahead_pages", "faults_avoided")
+
+_U64_MAX: Final = 2**64 - 1
+
+
+class StatusFormatError(ValueError):
+    """A status document does not have crosvm's shape (or this project's extensions)."""
+
+
+def _u64(value: Any, where: str) -> int:
+    # bool is an int subclass; True is not a page count.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64_MAX:
+        raise StatusFormatError(f"{where} must be an unsigned 64-bit integer, got {value!r}")
+    return value
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StatusFormatError(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class SwapMetrics:
+    """Page counters. The fault counters count since the last ``enable`` (crosvm resets them
+    at every move to staging); ``resident_pages`` is measured even while disabled."""
+
+    resident_pages: int = 0
+    copied_from_file_pages: int = 0
+    copied_from_staging_pages: int = 0
+    zeroed_pages: int = 0
+    redundant_pages: int = 0
+    staging_pages: int = 0
+    swap_pages: int = 0
+    readahead_pages: int = 0
+    faults_avoided: int = 0
+
+    def crosvm_dict(self) -> dict[str, int]:
+        """The seven counters crosvm reports, in crosvm's order."""
+        return {name: getattr(self, name) for name in CROSVM_METRICS}
+
+    def readahead_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in READAHEAD_METRICS}
+
+    @classmethod
+    def from_dicts(cls, metrics: dict[str, Any], readahead: dict[str, Any] | None = None,
+                   ) -> SwapMetrics:
+        """Parse the ``metrics`` object (all seven counters required, no others allowed) and
+        the optional ``readahead`` object (missing counters are 0, as from crosvm itself)."""
+        metrics = _object(metrics, "metrics")
+        missing = [n for n in CROSVM_METRICS if n not in metrics]
+        extra = sorted(set(metrics) - set(CROSVM_METRICS))
+        if missing or extra:
+            raise StatusFormatError(f"metrics: missing {missing}, unexpected {extra}")
+        values = {n: _u64(metrics[n], f"metrics.{n}") for n in CROSVM_METRICS}
+        if readahead is not None:
+            readahead = _object(readahead, "readahead")
+            extra = sorted(set(readahead) - set(READAHEAD_METRICS))
+            if extra:
+                raise StatusFormatError(f"readahead: unexpected {extra}")
+            values.update({n: _u64(v, f"readahead.{n}") for n, v in readahead.items()})
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class SwapStateTransition:
+    """The last (or running) state transition: pages it handled and how long it took.
+
+    By state: Pending → the enable (pages moved) or the last trim (pages trimmed);
+    SwapOutInProgress/Active → the out so far; SwapInInProgress/Ready → the last disable;
+    Failed → empty.
+    """
+
+    pages: int = 0
+    time_ms: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"pages": self.pages, "time_ms": self.time_ms}
+
+    @classmethod
+    def from_dict(cls, value: Any) -> SwapStateTransition:
+        value = _object(value, "state_transition")
+        if set(value) != {"pages", "time_ms"}:
+            raise StatusFormatError(
+                f"state_transition must have exactly pages and time_ms, got {sorted(value)}")
+        return cls(_u64(value["pages"], "state_transition.pages"),
+                   _u64(value["time_ms"], "state_transition.time_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class SwapStatus:
+    """A snapshot of the monitor: crosvm's three fields plus this project's extras.
+
+    ``devices`` counts the device processes whose uffds the monitor serves besides the VMM's;
+    ``error`` says why the state is Failed (or what last went wrong), None when nothing did.
+    """
+
+    state: SwapState
+    metrics: SwapMetrics = field(default_factory=SwapMetrics)
+    state_transition: SwapStateTransition = field(default_factory=SwapStateTransition)
+    devices: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: crosvm's keys first, then this project's."""
+        return {
+            "state": str(self.state),
+            "metrics": self.metrics.crosvm_dict(),
+            "state_transition": self.state_transition.to_dict(),
+            "readahead": self.metrics.readahead_dict(),
+            "devices": self.devices,
+            "error": self.error,
+        }
+
+    def to_json(self) -> str:
+        """One line of JSON, like ``crosvm swap status`` prints."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, value: Any) -> SwapStatus:
+        value = _object(value, "status")
+        known = {"state", "metrics", "state_transition", "readahead", "devices", "error"}
+        extra = sorted(set(value) - known)
+        if extra:
+            raise StatusFormatError(f"status: unexpected keys {extra}")
+        for key in ("state", "metrics", "state_transition"):
+            if key not in value:
+                raise StatusFormatError(f"status: missing {key!r}")
+        state = value["state"]
+        if not isinstance(state, str) or state not in _BY_NAME:
+            raise StatusFormatError(f"status: unknown state {state!r}; expected one of "
+                                    f"{sorted(_BY_NAME)}")
+        error = value.get("error")
+        if error is not None and not isinstance(error, str):
+            raise StatusFormatError(f"status: error must be a string or null, got {error!r}")
+        return cls(
+            state=_BY_NAME[state],
+            metrics=SwapMetrics.from_dicts(value["metrics"], value.get("readahead")),
+            state_transition=SwapStateTransition.from_dict(value["state_transition"]),
+            devices=_u64(value.get("devices", 0), "devices"),
+            error=error,
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SwapStatus:
+        """Parse :meth:`to_json` output (or crosvm's, which lacks the extra keys)."""
+        try:
+            value = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise StatusFormatError(f"status is not valid JSON: {err}") from None
+        return cls.from_dict(value)
+
+
+_BY_NAME: Final[dict[str, SwapState]] = {str(s): s for s in SwapState}
+
+__all__ = [
+    "CROSVM_METRICS",
+    "READAHEAD_METRICS",
+    "StatusFormatError",
+    "SwapMetrics",
+    "SwapState",
+    "SwapStateTransition",
+    "SwapStatus",
+]

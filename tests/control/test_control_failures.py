@@ -1,0 +1,160 @@
+"""The failure policy, each failure injected: monitor killed, VMM killed, disk full, I/O errors,
+a failed move. Nothing may ever come back as a zero page where data was."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from control_helpers import MIB, Model, TestVmm, wait_gone
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def inject_env(handler_env: dict[str, str]) -> dict[str, str]:
+    return {"VMMSWAP_TEST_HANDLER_FACTORY": "control_inject:factory",
+            "INJECT_BASE": handler_env.get("VMMSWAP_TEST_HANDLER_FACTORY", "")}
+
+
+def _used_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def test_monitor_killed_faults_block_and_controller_reports(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
+    vmm = make_vmm()
+    monitor = vmm.launch(swap_dir)
+    model = Model(vmm)
+    model.write(0, 0, 1 * MIB, seed=1)
+    vmm.ok("enable")
+    vmm.ok("out")
+    os.kill(monitor, signal.SIGKILL)
+    assert wait_gone(monitor, 10)
+    # A thread touching a swapped-out page blocks: it is never handed a zero page.
+    vmm.ok("read_async", name="t", region=0, offset=0, length=64 * 1024, seed=1)
+    joined = vmm.ok("join", name="t", wait=2.0)
+    assert joined["blocked"], f"a fault on a swapped page resolved without the monitor: {joined}"
+    result = vmm.call("status")
+    assert not result["ok"] and result["error"] == "MonitorDiedError"
+    assert "killed by signal 9" in result["message"] and "Stop the VM" in result["message"]
+    # close() reports it too, and keeps the uffd open (closing it would zero-fill the pages).
+    result = vmm.call("close")
+    assert not result["ok"] and result["error"] == "MonitorDiedError"
+    assert vmm.ok("join", name="t", wait=1.0)["blocked"]
+
+
+def test_monitor_killed_while_ready_loses_nothing(make_vmm: Callable[..., TestVmm],
+                                                  swap_dir: Path) -> None:
+    vmm = make_vmm()
+    monitor = vmm.launch(swap_dir)
+    model = Model(vmm)
+    model.write(1, 0, 256 * 1024, seed=4)
+    os.kill(monitor, signal.SIGKILL)
+    assert wait_gone(monitor, 10)
+    assert vmm.call("status")["error"] == "MonitorDiedError"
+    vmm.ok("close")  # nothing was registered: the uffd can be released
+    model.verify()
+
+
+def test_vmm_killed_monitor_exits_and_swap_file_disappears(
+        make_vmm: Callable[..., TestVmm], small_tmpfs: Path) -> None:
+    vmm = make_vmm()
+    sock = small_tmpfs / "ctl.sock"
+    monitor = vmm.launch(small_tmpfs, control_socket=sock)
+    model = Model(vmm)
+    model.write(0, 0, 512 * 1024, seed=2)
+    vmm.ok("enable")
+    vmm.ok("out")
+    assert _used_bytes(small_tmpfs) >= 512 * 1024  # the swap file holds the pages
+    vmm.kill()
+    assert wait_gone(monitor, 15), "the monitor outlived its VMM"
+    assert _used_bytes(small_tmpfs) == 0, "the swap file outlived the monitor"
+    assert not sock.exists()
+
+
+def test_disk_full_during_out_is_failed_and_loses_nothing(
+        make_vmm: Callable[..., TestVmm], small_tmpfs: Path) -> None:
+    vmm = make_vmm()
+    vmm.launch(small_tmpfs)
+    model = Model(vmm)
+    model.write(0, 0, 3 * MIB, seed=5)  # three times the 1 MiB tmpfs
+    model.write(1, 0, 512 * 1024, seed=6)
+    vmm.ok("enable")
+    result = vmm.call("out")
+    assert not result["ok"] and result["error"] == "SwapFailedError", result
+    status = vmm.ok("status")["status"]
+    assert status["state"] == "Failed"
+    assert "No space left" in status["error"]
+    for op in ("trim", "out"):
+        assert vmm.call(op)["error"] == "SwapStateError"
+    model.verify()  # served from staging and the file while Failed
+    assert vmm.ok("disable")["status"]["state"] == "Ready"
+    model.verify()
+    # Failed is not terminal: a new enable works (the file is empty again after disable).
+    assert vmm.ok("enable")["status"]["state"] == "Pending"
+    model.verify()
+
+
+def test_io_error_during_out_is_failed_and_loses_nothing(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path, inject_env: dict[str, str]) -> None:
+    vmm = make_vmm(**inject_env, INJECT_EIO_OUT_AFTER="1")
+    vmm.launch(swap_dir)
+    model = Model(vmm)
+    model.write(0, 0, 3 * MIB, seed=7)
+    vmm.ok("enable")
+    result = vmm.call("out")
+    assert not result["ok"] and result["status"]["state"] == "Failed"
+    assert "injected I/O error" in result["status"]["error"]
+    status = vmm.ok("status")["status"]
+    assert status["metrics"]["swap_pages"] > 0 and status["metrics"]["staging_pages"] > 0
+    vmm.ok("disable")
+    model.verify()
+
+
+def test_failed_move_is_failed_and_disable_brings_pages_back(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path, inject_env: dict[str, str]) -> None:
+    vmm = make_vmm(**inject_env, INJECT_EIO_MOVE="1")
+    vmm.launch(swap_dir)
+    model = Model(vmm)
+    model.write(0, 0, 1 * MIB, seed=8)
+    model.write(1, 0, 1 * MIB, seed=9)
+    result = vmm.call("enable")
+    assert not result["ok"] and result["error"] == "SwapFailedError"
+    assert result["status"]["state"] == "Failed"
+    status = vmm.ok("status")["status"]
+    assert status["state_transition"] == {"pages": 0, "time_ms": 0}
+    model.verify()  # pages in staging are served while Failed
+    assert vmm.ok("disable")["status"]["state"] == "Ready"
+    model.verify()
+
+
+def test_bad_swap_dir_fails_launch_clearly(make_vmm: Callable[..., TestVmm],
+                                           tmp_path: Path) -> None:
+    vmm = make_vmm()
+    result = vmm.call("launch", swap_dir=str(tmp_path / "missing"))
+    assert not result["ok"] and "not a directory" in result["message"]
+
+
+def test_fault_that_cannot_be_served_blocks_then_recovers(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path, inject_env: dict[str, str]) -> None:
+    """A read error on the fault path must never become a zero page: the thread waits, the
+    error shows in the status, and the fault is retried until it succeeds."""
+    vmm = make_vmm(**inject_env, INJECT_EIO_FAULTS="3")
+    vmm.launch(swap_dir)
+    model = Model(vmm)
+    model.write(0, 0, 256 * 1024, seed=3)
+    vmm.ok("enable")
+    vmm.ok("out")
+    vmm.ok("read_async", name="t", region=0, offset=0, length=4096, seed=3)
+    first = vmm.ok("join", name="t", wait=0.5)
+    status = vmm.ok("status")["status"]
+    assert "injected I/O error" in (status["error"] or "")
+    assert first["blocked"]
+    done = vmm.ok("join", name="t", wait=10)
+    assert not done["blocked"] and done["mismatched_pages"] == 0
+    model.verify()
