@@ -33,6 +33,7 @@ UFFDIO_POISON_STRUCT: Final = struct.Struct("=QQQq")  # range.start, range.len, 
 #: ``struct uffd_msg``: u8 event, u8/u16/u32 reserved, then a 24-byte union.
 UFFD_MSG_SIZE: Final = 32
 UFFD_MSG_HEADER: Final = struct.Struct("=B3x4x")
+UFFD_MSG_WORDS: Final = struct.Struct("=B7xQQQ")  # event, then the union as three u64 words
 UFFD_MSG_PAGEFAULT: Final = struct.Struct("=8xQQI4x")  # flags, address, feat.ptid
 UFFD_MSG_FORK: Final = struct.Struct("=8xI20x")  # ufd
 UFFD_MSG_REMAP: Final = struct.Struct("=8xQQQ")  # from, to, len
@@ -42,6 +43,21 @@ assert UFFD_MSG_PAGEFAULT.size == UFFD_MSG_SIZE
 assert UFFD_MSG_FORK.size == UFFD_MSG_SIZE
 assert UFFD_MSG_REMAP.size == UFFD_MSG_SIZE
 assert UFFD_MSG_REMOVE.size == UFFD_MSG_SIZE
+assert UFFD_MSG_WORDS.size == UFFD_MSG_SIZE
+
+#: Offsets of the s64 result fields, which the kernel fills even when the ioctl fails.
+UFFDIO_COPY_RESULT_OFFSET: Final = 32  # uffdio_copy.copy
+UFFDIO_ZEROPAGE_RESULT_OFFSET: Final = 24  # uffdio_zeropage.zeropage
+UFFDIO_MOVE_RESULT_OFFSET: Final = 32  # uffdio_move.move
+UFFDIO_CONTINUE_RESULT_OFFSET: Final = 24  # uffdio_continue.mapped
+UFFDIO_POISON_RESULT_OFFSET: Final = 24  # uffdio_poison.updated
+UFFDIO_RESULT_FIELD: Final = struct.Struct("=q")
+
+#: The largest ioctl argument struct; one buffer of this size fits every uffd ioctl.
+UFFDIO_MAX_STRUCT_SIZE: Final = max(s.size for s in (
+    UFFDIO_API_STRUCT, UFFDIO_RANGE_STRUCT, UFFDIO_REGISTER_STRUCT, UFFDIO_COPY_STRUCT,
+    UFFDIO_ZEROPAGE_STRUCT, UFFDIO_MOVE_STRUCT, UFFDIO_WRITEPROTECT_STRUCT,
+    UFFDIO_CONTINUE_STRUCT, UFFDIO_POISON_STRUCT))
 
 # --- ioctl numbers -------------------------------------------------------------------------------
 _UFFDIO_REGISTER: Final = 0x00
@@ -96,6 +112,31 @@ class Feature(enum.IntFlag, boundary=enum.KEEP):
     MOVE = 1 << 16
 
 
+#: The Linux release that introduced each feature bit (for error messages on older kernels).
+FEATURE_SINCE: Final[dict[Feature, str]] = {
+    Feature.PAGEFAULT_FLAG_WP: "5.7",
+    Feature.EVENT_FORK: "4.11",
+    Feature.EVENT_REMAP: "4.11",
+    Feature.EVENT_REMOVE: "4.11",
+    Feature.MISSING_HUGETLBFS: "4.11",
+    Feature.MISSING_SHMEM: "4.11",
+    Feature.EVENT_UNMAP: "4.11",
+    Feature.SIGBUS: "4.14",
+    Feature.THREAD_ID: "4.14",
+    Feature.MINOR_HUGETLBFS: "5.13",
+    Feature.MINOR_SHMEM: "5.14",
+    Feature.EXACT_ADDRESS: "5.18",
+    Feature.WP_HUGETLBFS_SHMEM: "5.19",
+    Feature.WP_UNPOPULATED: "6.4",
+    Feature.POISON: "6.6",
+    Feature.WP_ASYNC: "6.7",
+    Feature.MOVE: "6.8",
+}
+
+#: Every feature bit this module knows.
+KNOWN_FEATURES: Final = Feature(sum(FEATURE_SINCE))
+
+
 class RegisterMode(enum.IntFlag, boundary=enum.KEEP):
     """``uffdio_register.mode``: which faults a range reports. Modes combine."""
 
@@ -119,6 +160,17 @@ class Ioctls(enum.IntFlag, boundary=enum.KEEP):
     API = 1 << _UFFDIO_API
 
 
+#: What UFFDIO_API reports: the descriptor-level ioctls.
+UFFD_API_IOCTLS: Final = Ioctls.REGISTER | Ioctls.UNREGISTER | Ioctls.API
+#: Every range ioctl (what REGISTER reports for anonymous and shmem ranges, before the kernel
+#: clears WRITEPROTECT without MODE_WP and CONTINUE without MODE_MINOR).
+UFFD_API_RANGE_IOCTLS: Final = (Ioctls.WAKE | Ioctls.COPY | Ioctls.ZEROPAGE | Ioctls.MOVE
+                                | Ioctls.WRITEPROTECT | Ioctls.CONTINUE | Ioctls.POISON)
+#: What REGISTER reports for hugetlb ranges: no ZEROPAGE, no MOVE.
+UFFD_API_RANGE_IOCTLS_BASIC: Final = (Ioctls.WAKE | Ioctls.COPY | Ioctls.WRITEPROTECT
+                                      | Ioctls.CONTINUE | Ioctls.POISON)
+
+
 # Mode bits of the range ioctls.
 UFFDIO_COPY_MODE_DONTWAKE: Final = 1 << 0
 UFFDIO_COPY_MODE_WP: Final = 1 << 1
@@ -130,6 +182,12 @@ UFFDIO_WRITEPROTECT_MODE_DONTWAKE: Final = 1 << 1
 UFFDIO_CONTINUE_MODE_DONTWAKE: Final = 1 << 0
 UFFDIO_CONTINUE_MODE_WP: Final = 1 << 1
 UFFDIO_POISON_MODE_DONTWAKE: Final = 1 << 0
+
+#: The register-mode bits this module knows; REGISTER rejects others (and mode 0) with EINVAL.
+KNOWN_REGISTER_MODES: Final = RegisterMode.MISSING | RegisterMode.WP | RegisterMode.MINOR
+
+#: /proc/PID/pagemap entry bit: the page (or its PTE marker) is uffd write-protected (5.7+).
+PM_UFFD_WP: Final = 1 << 57
 
 
 class EventType(enum.IntEnum):
