@@ -14,7 +14,12 @@ import os
 from types import TracebackType
 
 from vmmswap.kernel import libc
-from vmmswap.pagesize import check_page_range, page_round_up
+from vmmswap.pagesize import check_page_range, is_page_aligned, page_round_up
+
+
+def _check_length(length: int) -> None:
+    if length <= 0:
+        raise ValueError(f"a mapping's length must be positive, got {length}")
 
 
 class Mapping:
@@ -38,6 +43,7 @@ class Mapping:
     def anonymous(cls, length: int, *, shared: bool = False, populate: bool = False,
                   hint: int = 0) -> Mapping:
         """Private (or shared) anonymous memory, read-write, rounded up to whole pages."""
+        _check_length(length)
         length = page_round_up(length)
         flags = libc.MAP_ANONYMOUS | (libc.MAP_SHARED if shared else libc.MAP_PRIVATE)
         if populate:
@@ -48,6 +54,7 @@ class Mapping:
     @classmethod
     def reserve(cls, length: int) -> Mapping:
         """An inaccessible placeholder, to carve aligned or adjacent mappings out of."""
+        _check_length(length)
         length = page_round_up(length)
         addr = libc.mmap(0, length, libc.PROT_NONE,
                          libc.MAP_PRIVATE | libc.MAP_ANONYMOUS | libc.MAP_NORESERVE)
@@ -56,6 +63,7 @@ class Mapping:
     @classmethod
     def memfd(cls, length: int, name: str = "vmmswap", *, hint: int = 0) -> Mapping:
         """A new memfd of ``length`` bytes, mapped MAP_SHARED: the guest-memory layout."""
+        _check_length(length)
         length = page_round_up(length)
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
@@ -70,7 +78,9 @@ class Mapping:
     def map_fd(cls, fd: int, length: int, *, offset: int = 0, writable: bool = True,
                shared: bool = True, hint: int = 0) -> Mapping:
         """Map ``length`` bytes of an existing descriptor; the caller keeps owning ``fd``."""
-        check_page_range(offset, page_round_up(length) or 1, "map_fd offset")
+        _check_length(length)
+        if not is_page_aligned(offset) or offset < 0:
+            raise ValueError(f"map_fd: offset {offset:#x} is not a non-negative page multiple")
         length = page_round_up(length)
         prot = libc.PROT_READ | (libc.PROT_WRITE if writable else 0)
         flags = libc.MAP_SHARED if shared else libc.MAP_PRIVATE

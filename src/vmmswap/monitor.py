@@ -128,6 +128,7 @@ class Monitor:
         self._listener_id: tuple[int, int] | None = None
         self.truncator = FileTruncator(self.swap_fd)
         self.vmm_pidfd = os.pidfd_open(init.vmm_pid)
+        os.set_blocking(uffd_fd, False)  # see _register_process: never block the loop
         main = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES),
                          init.vmm_pid, main=True)
         self.uffds = UffdSet(self.regions, main, lambda: self.machine.handler, self._dropped)
@@ -441,6 +442,10 @@ class Monitor:
             return Response.failure(ErrorKind.REQUEST, "the second descriptor is not a pidfd")
         if len(self.uffds.devices) >= MAX_DEVICES:
             return Response.failure(ErrorKind.BUSY, f"more than {MAX_DEVICES} devices")
+        # The monitor is single-threaded: a blocking uffd would hang it in read(2), since epoll
+        # reports a blocking uffd as always ready. O_NONBLOCK lives in the shared open file
+        # description, which the device process does not read from.
+        os.set_blocking(uffd_fd, False)
         pid = pidfd_pid(pidfd)
         if pid <= 0:
             return Response.failure(ErrorKind.FAILED, "the device process has already exited")

@@ -177,6 +177,8 @@ class UffdSet:
         while True:
             try:
                 events = entry.uffd.read_events()
+            except ValueError:
+                return faults  # the descriptor was closed under us: nothing more to read
             except OSError as err:
                 if err.errno in (errno.EBADF, errno.EINVAL):
                     return faults

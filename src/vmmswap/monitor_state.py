@@ -146,6 +146,7 @@ class StateMachine:
                                    f"cannot set up the page handler: {err}") from err
             created = True
         handler = self.handler
+        move_started = False
         try:
             with self._hooks.freeze():
                 if created:
@@ -155,9 +156,12 @@ class StateMachine:
                 self._abort_background()
                 self.transition.begin()
                 self.state = SwapState.PENDING
+                move_started = True
                 try:
                     self.transition.pages = handler.move_to_staging()
-                except OSError as err:
+                except Exception as err:
+                    # Any failure, not only OSError: pages may already sit in staging, so the
+                    # handler must stay (state Failed; disable still brings them back).
                     self._fail(f"moving guest memory to staging failed: {err}")
                     raise CommandError(ErrorKind.FAILED, self.error or "") from err
                 self.transition.end()
@@ -165,6 +169,10 @@ class StateMachine:
         except CommandError:
             raise
         except Exception as err:
+            if move_started:
+                # The move finished but thawing failed: staged pages must not be discarded.
+                self._fail(f"enable: thawing the VMM failed after the move: {err}")
+                raise CommandError(ErrorKind.FAILED, self.error or "") from err
             # Freezing or registering failed: nothing was moved.
             if created:
                 self._discard_handler()
