@@ -1,0 +1,506 @@
+"""The page handler: where every guest page lives, and moving pages between those places.
+
+A guest page is in exactly one of four places: guest memory (the VMM's memfd), staging memory,
+the swap file (its slot is *current*), or nowhere (it reads as zeros). The handler moves pages
+between them on the monitor's command (:meth:`PageHandler.move_to_staging`, ``swap_out``,
+``start_trim``, ``start_swap_in``) and on the guest's demand (:meth:`PageHandler.handle_page_fault`,
+:meth:`PageHandler.handle_remove`). It is crosvm's ``PageHandler`` with three changes:
+
+* **Readahead.** crosvm fills one 4 KiB page per fault. Here a fault fills the run of
+  neighbouring pages (above or below, following the access pattern) that sit in the same source,
+  up to an adaptive window (:mod:`vmmswap.readahead`): sequential page-in costs one round trip
+  per 2 MiB instead of per page. A long run is filled by two threads, one half each
+  (:class:`~vmmswap.page_fill.RunFiller`), since the faulting guest leaves the second CPU idle.
+* **No mapping per page.** Staging and the swap file are read with ``preadv`` into one bounce
+  buffer this process populated once, and COPY reads from there. Nothing maps staging, the swap
+  file or guest memory, so no page table of the monitor changes per page (on this project's
+  nested-virtualisation CI host a page-table update costs more than copying the page). Staging
+  memory that pages leave is freed in batches by a helper thread (:mod:`vmmswap.staging`).
+* **Page state in bits.** 4.25 bytes per guest page in total (crosvm: about 9).
+
+**Safety rule** (the guest-memory one, see :mod:`vmmswap.guest_memory`): the monitor's own access
+to guest memory is not registered with userfaultfd. Reading a hole through a mapping of the memfd
+makes the kernel allocate a zero page in the shared file, after which the VMM's access no longer
+faults and the guest silently sees zeros. The handler therefore never maps guest memory: it reads
+it only with ``copy_file_range`` at the ranges SEEK_DATA/SEEK_HOLE report as data (a file read of
+a hole does not allocate, but a racing writer could still lose data), and only in
+:meth:`PageHandler.move_to_staging`, whose precondition is that every process mapping guest
+memory is frozen.
+
+The monitor is single-threaded and calls one method at a time; the handler holds no lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+from vmmswap import move
+from vmmswap.guest_memory import RegionSpec, data_bytes, validate_regions
+from vmmswap.memory import Mapping
+from vmmswap.page_fill import Bounce, Part, RunFiller, copy_run, settled_block
+from vmmswap.pagesize import (
+    PAGE_SIZE,
+    bytes_to_pages,
+    is_page_aligned,
+    page_base,
+    pages_to_bytes,
+)
+from vmmswap.present_list import PresentList
+from vmmswap.readahead import UP, Readahead
+from vmmswap.staging import StagingMemory
+from vmmswap.swap_file import MAX_PAGES, SwapFile
+from vmmswap.swap_out import SwapOutWriter
+from vmmswap.uffd_errors import (
+    MappingChangingError,
+    PageExistsError,
+    ProcessGoneError,
+)
+from vmmswap.userfaultfd import Userfaultfd
+
+if TYPE_CHECKING:
+    from vmmswap.swap_in import SwapInContext
+    from vmmswap.trim import TrimContext
+
+__all__ = [
+    "DEFAULT_MAX_READAHEAD_BYTES",
+    "MAX_SWAP_CHUNK_BYTES",
+    "InvalidAddressError",
+    "MappingChangingError",
+    "PageHandler",
+    "PageHandlerMetrics",
+    "ProcessGoneError",
+    "Region",
+]
+
+_log = logging.getLogger(__name__)
+
+#: crosvm's MAX_SWAP_CHUNK_SIZE, and the readahead cap.
+MAX_SWAP_CHUNK_BYTES: Final = 2 * 1024 * 1024
+DEFAULT_MAX_READAHEAD_BYTES: Final = 2 * 1024 * 1024
+
+
+class InvalidAddressError(ValueError):
+    """An address outside every guest region, or an unaligned range (crosvm: InvalidAddress).
+
+    On the fault path the monitor treats it as fatal: a registered range the handler does not
+    know means the registrations and the handler disagree.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class PageHandlerMetrics:
+    """crosvm's seven counters, plus readahead's two.
+
+    The fault counters (``copied_*``, ``zeroed``, ``redundant``, ``readahead``,
+    ``faults_avoided``) count since the last :meth:`PageHandler.move_to_staging`, like crosvm.
+    ``copied_from_*_pages`` count every page a fault filled from that source, readahead pages
+    included; ``readahead_pages`` is the part filled beyond the faulting pages, and
+    ``faults_avoided`` the part the guest then walked through without faulting.
+    """
+
+    resident_pages: int = 0
+    copied_from_file_pages: int = 0
+    copied_from_staging_pages: int = 0
+    zeroed_pages: int = 0
+    redundant_pages: int = 0
+    staging_pages: int = 0
+    swap_pages: int = 0
+    readahead_pages: int = 0
+    faults_avoided: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One guest region as the handler sees it: VMM address range, memfd, first page index."""
+
+    spec: RegionSpec
+    memfd: int
+    base_page: int
+
+    @property
+    def host_addr(self) -> int:
+        return self.spec.host_addr
+
+    @property
+    def host_end(self) -> int:
+        return self.spec.host_end
+
+    @property
+    def size(self) -> int:
+        return self.spec.size
+
+    @property
+    def num_pages(self) -> int:
+        return bytes_to_pages(self.spec.size)
+
+    @property
+    def end_page(self) -> int:
+        return self.base_page + self.num_pages
+
+    def page_of(self, addr: int) -> int:
+        """The handler's page index of a VMM address inside this region."""
+        return self.base_page + bytes_to_pages(addr - self.spec.host_addr)
+
+    def addr_of(self, page: int) -> int:
+        """The VMM address of one of this region's page indexes."""
+        return self.spec.host_addr + pages_to_bytes(page - self.base_page)
+
+
+class PageHandler:
+    """Moves guest pages between guest memory, staging, the swap file and nowhere.
+
+    Build it with :meth:`create`. It owns the staging memfd, the swap file (created or given)
+    and its buffers, and closes them in :meth:`close`; it never closes the region memfds.
+    """
+
+    def __init__(self, regions: Sequence[Region], staging: StagingMemory, swap_file: SwapFile,
+                 *, readahead: bool = True,
+                 max_readahead_bytes: int = DEFAULT_MAX_READAHEAD_BYTES,
+                 workers: int | None = None, fill_threads: bool = True) -> None:
+        self.regions = tuple(sorted(regions, key=lambda r: r.host_addr))
+        self._starts = [r.host_addr for r in self.regions]
+        self.num_pages = sum(r.num_pages for r in self.regions)
+        self.staging = staging
+        self.swap_file = swap_file
+        self.readahead_enabled = readahead
+        self._readahead = Readahead(max(1, bytes_to_pages(max_readahead_bytes)))
+        self.bounce = Bounce(max(max_readahead_bytes, MAX_SWAP_CHUNK_BYTES))
+        self.filler = RunFiller(self.bounce.address, self.bounce.view, threads=fill_threads)
+        self._zero = Mapping.anonymous(PAGE_SIZE, populate=True)
+        self._workers = workers
+        #: Incremented by every move to staging: resumable contexts restart their scans.
+        self.epoch = 0
+        self._writer = SwapOutWriter(staging, swap_file)
+        self._reset_counters()
+        self._closed = False
+
+    @classmethod
+    def create(cls, regions: Sequence[tuple[RegionSpec, int]],
+               swap_dir: str | os.PathLike[str] | None = None, *,
+               swap_file: SwapFile | None = None, readahead: bool = True,
+               max_readahead_bytes: int = DEFAULT_MAX_READAHEAD_BYTES,
+               workers: int | None = None, fill_threads: bool = True) -> PageHandler:
+        """A handler for ``regions`` (each a spec and the memfd the VMM maps there).
+
+        Creates the staging memfd and, unless ``swap_file`` is given, a nameless swap file in
+        ``swap_dir`` (default: the system temporary directory). A given ``swap_file`` becomes
+        the handler's and is closed with it. The memfds stay the caller's. Invalid regions
+        (unaligned, overlapping -- the error names both ranges -- or larger than their memfd)
+        raise ValueError and nothing is created.
+        """
+        if not regions:
+            raise ValueError("the page handler needs at least one region")
+        if max_readahead_bytes < PAGE_SIZE or not is_page_aligned(max_readahead_bytes):
+            raise ValueError(f"max_readahead_bytes must be a positive multiple of {PAGE_SIZE}, "
+                             f"got {max_readahead_bytes}")
+        specs = [spec for spec, _ in regions]
+        validate_regions(specs)
+        built: list[Region] = []
+        base = 0
+        for spec, memfd in sorted(regions, key=lambda r: r[0].host_addr):
+            size = os.fstat(memfd).st_size
+            if size < spec.size:
+                raise ValueError(f"region [{spec.host_addr:#x}, {spec.host_end:#x}) is "
+                                 f"{spec.size:#x} bytes but its memfd {memfd} holds {size:#x}")
+            built.append(Region(spec, memfd, base))
+            base += bytes_to_pages(spec.size)
+        if base > MAX_PAGES:
+            raise ValueError(f"{base} guest pages exceed the swap file's limit of {MAX_PAGES}")
+        staging = StagingMemory(base)
+        try:
+            if swap_file is None:
+                swap_file = SwapFile.create(swap_dir or tempfile.gettempdir(), base)
+            else:
+                swap_file.ensure_pages(base)
+            return cls(built, staging, swap_file, readahead=readahead,
+                       max_readahead_bytes=max_readahead_bytes, workers=workers,
+                       fill_threads=fill_threads)
+        except BaseException:
+            staging.close()
+            raise
+
+    # --- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free staging, the swap file, the buffers. Idempotent. Region memfds stay open."""
+        if self._closed:
+            return
+        self._closed = True
+        self.filler.close()
+        self._writer.close()
+        self.staging.close()
+        self.swap_file.close()
+        self.bounce.close()
+        self._zero.close()
+
+    def __enter__(self) -> PageHandler:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- lookup ---------------------------------------------------------------------------------
+    def region_at(self, addr: int) -> Region:
+        """The region holding VMM address ``addr``; InvalidAddressError if none does."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            region = self.regions[i]
+            if addr < region.host_end:
+                return region
+        raise InvalidAddressError(f"the address is invalid {addr:#018x}: it is in no guest "
+                                  "region")
+
+    def region_of_page(self, page: int) -> Region:
+        """The region holding handler page index ``page``."""
+        for region in self.regions:
+            if region.base_page <= page < region.end_page:
+                return region
+        raise IndexError(f"page {page} is outside [0, {self.num_pages})")
+
+    # --- counters -------------------------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        self._from_staging = 0
+        self._from_file = 0
+        self._zeroed = 0
+        self._redundant = 0
+        self._readahead_pages = 0
+        self.swapped_in_pages = 0
+        self._readahead.reset()
+
+    @property
+    def staging_pages(self) -> int:
+        return self.staging.pages
+
+    @property
+    def swap_pages(self) -> int:
+        return self.swap_file.current_pages
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes of page-state arrays (staging bitmap and swap-file state)."""
+        return self.staging.nbytes + self.swap_file.nbytes
+
+    def resident_pages(self) -> int:
+        """Pages present in guest memory, counted with SEEK_DATA/SEEK_HOLE (cheap)."""
+        return sum(bytes_to_pages(data_bytes(r.memfd, r.size)) for r in self.regions)
+
+    def metrics(self) -> PageHandlerMetrics:
+        return PageHandlerMetrics(
+            resident_pages=self.resident_pages(),
+            copied_from_file_pages=self._from_file,
+            copied_from_staging_pages=self._from_staging,
+            zeroed_pages=self._zeroed,
+            redundant_pages=self._redundant,
+            staging_pages=self.staging_pages,
+            swap_pages=self.swap_pages,
+            readahead_pages=self._readahead_pages,
+            faults_avoided=self._readahead.faults_avoided,
+        )
+
+    # --- enable ---------------------------------------------------------------------------------
+    def move_to_staging(self) -> int:
+        """Move every resident guest page to staging; returns the pages moved.
+
+        Resets the fault counters (they count since the last enable, as in crosvm). Pages
+        already in staging or the swap file stay there.
+
+        **Safety**: every process that maps guest memory is frozen, and every uffd of those
+        processes has every region registered, for the whole call. Otherwise a page written
+        between copy and removal is lost, or an unregistered process reads zeros where data was.
+        """
+        self.check_open()
+        self._reset_counters()
+        self.epoch += 1
+        self._writer.reset()
+        moved = move.move_to_staging(
+            [move.MoveRegion(r.memfd, r.size, r.base_page) for r in self.regions],
+            self.staging, workers=self._workers)
+        # A staged page is newer than any file copy (it came from the guest): never let both
+        # claim the page. Normally there is nothing to clear.
+        stale = self.swap_file.current.subtract(self.staging.present)
+        if stale:
+            _log.warning("%d staged pages also had a current file copy; the file copies were "
+                         "marked stale", stale)
+        return moved
+
+    # --- faults ---------------------------------------------------------------------------------
+    def handle_page_fault(self, uffd: Userfaultfd, addr: int, write: bool = False) -> None:
+        """Serve a MISSING fault at VMM address ``addr``: staging, else the file, else zeros.
+
+        Raises InvalidAddressError outside every region; MappingChangingError (the faulting
+        page was not filled: read that uffd's events, handle REMOVE, retry); ProcessGoneError
+        (the uffd's process is dead); another OSError if the page cannot be read or filled (the
+        faulting thread stays blocked and a retry can serve it). When one of these is raised,
+        the faulting page is still in its source; readahead neighbours that *were* filled
+        before the error are accounted as filled (they are in guest memory now), which is the
+        only consistent state, and a retry serves the rest.
+        """
+        region = self.region_at(addr)
+        page = region.page_of(page_base(addr))
+        self.staging.note_busy()
+        if self.staging.present.get(page):
+            self._serve_from(uffd, region, page, self.staging.present, self.staging.read,
+                             self.staging.clear_range, "staging")
+        elif self.swap_file.is_current(page):
+            self._serve_from(uffd, region, page, self.swap_file.current,
+                             self.swap_file.read_pages, self.swap_file.clear_current, "file")
+        else:
+            self._serve_zero(uffd, region, page, write)
+
+    def _serve_from(self, uffd: Userfaultfd, region: Region, page: int,
+                    present: PresentList, read: Callable[[int, int, memoryview], None],
+                    clear: Callable[[int, int], None], source: str,
+                    single: bool = False) -> None:
+        """Fill the faulting page and the run of neighbours in the same source (readahead)."""
+        first, end, window = page, page + 1, 1
+        if self.readahead_enabled and not single:
+            window, direction = self._readahead.window(page)
+            if window > 1:
+                if direction == UP:
+                    end = present.run_end(page + 1, min(page + window, region.end_page))
+                else:
+                    first = present.run_start(page, max(page - window + 1, region.base_page))
+        focus = page - first
+        count = end - first
+        if count == 1:
+            # One page (random access, or readahead off): no split, no bookkeeping of parts.
+            read(page, end, self.bounce.view[:PAGE_SIZE])
+            out = copy_run(uffd, region.addr_of(page), self.bounce.address, 1, wake=True)
+            parts = [Part(0, 1, out)]
+        else:
+            parts = self.filler.fill(uffd, region.addr_of(first), first, count, read,
+                                     wake=True, focus=focus)
+        filled = 0
+        for part in parts:
+            if part.out.done:
+                clear(first + part.offset, first + part.offset + part.out.done)
+            filled += part.out.filled
+        if source == "staging":
+            self._from_staging += filled
+        else:
+            self._from_file += filled
+        mine = parts[0] if len(parts) == 1 else next(
+            p for p in parts if p.offset <= focus < p.offset + p.count)
+        if mine.out.done <= focus - mine.offset:
+            # The faulting page was not reached (pages settled anyway are accounted above).
+            error = mine.out.error
+            assert error is not None
+            if count > 1 and not isinstance(error, MappingChangingError | ProcessGoneError):
+                # A COPY of many pages can fail where one of a single page would not (the run
+                # crosses a VMA boundary of the faulting process, say): serve just the fault.
+                _log.debug("readahead fill at %#x failed (%s); serving one page",
+                           region.addr_of(first), error)
+                self._serve_from(uffd, region, page, present, read, clear, source, single=True)
+                return
+            raise error
+        if mine.out.focus_existed:
+            # Someone filled the page first (another uffd's fault, or readahead): the COPY
+            # did not wake this waiter.
+            uffd.wake(region.addr_of(page), PAGE_SIZE)
+            self._redundant += 1
+            self._readahead_pages += filled
+        else:
+            self._readahead_pages += filled - 1
+        if self.readahead_enabled:
+            lo, hi = (0, mine.out.done) if count == 1 else settled_block(parts, focus)
+            self._readahead.record(first + lo, first + hi, window)
+        for part in parts:
+            if part.out.error is not None:
+                # The faulting page is served; only readahead stopped early, and its pages
+                # stayed in their source. A dead process is the caller's business.
+                if isinstance(part.out.error, ProcessGoneError):
+                    raise part.out.error
+                _log.debug("readahead around %#x stopped: %s", region.addr_of(page),
+                           part.out.error)
+
+    def _serve_zero(self, uffd: Userfaultfd, region: Region, page: int, write: bool) -> None:
+        addr = region.addr_of(page)
+        window = self._readahead.window(page)[0] if self.readahead_enabled else 1
+        try:
+            if write:
+                # A zero page would be copy-on-write faulted again at once: give a real one.
+                uffd.copy(addr, PAGE_SIZE, self._zero.address, True)
+            else:
+                uffd.zero(addr, PAGE_SIZE, True)
+            self._zeroed += 1
+        except PageExistsError:
+            uffd.wake(addr, PAGE_SIZE)
+            self._redundant += 1
+        if self.readahead_enabled:
+            self._readahead.record(page, page + 1, window)
+
+    # --- remove events --------------------------------------------------------------------------
+    def handle_remove(self, start: int, end: int) -> None:
+        """The guest gave ``[start, end)`` (VMM addresses) back: forget its staged and swapped
+        copies. Unaligned, reversed or out-of-region ranges raise InvalidAddressError and
+        change nothing.
+
+        **Safety** (a contract on the VMM): a REMOVE event means *discard*, as after
+        MADV_REMOVE (the balloon's way on shared memory). The kernel sends the very same event
+        for MADV_DONTNEED / MADV_FREE, which on a MAP_SHARED memfd only drop page-table entries
+        and keep the data; nothing in the event tells them apart, and for a page that lives in
+        staging or the swap file both leave the same hole. So while vmm-swap is enabled no
+        process may MADV_DONTNEED or MADV_FREE guest memory: the staged or swapped copy would be
+        dropped and the next access would read zeros (crosvm has the same rule implicitly).
+        """
+        if not (is_page_aligned(start) and is_page_aligned(end)) or end < start:
+            raise InvalidAddressError(f"the address is invalid: REMOVE [{start:#x}, {end:#x}) "
+                                      "is not a page-aligned range")
+        pieces: list[tuple[int, int]] = []
+        pos = start
+        while pos < end:
+            region = self.region_at(pos)
+            stop = min(end, region.host_end)
+            pieces.append((region.page_of(pos), region.page_of(stop - PAGE_SIZE) + 1))
+            pos = stop
+        for first, last in pieces:
+            self.staging.clear_range(first, last)
+            self.swap_file.free_range(first, last)
+
+    # --- trim, swap out, swap in ----------------------------------------------------------------
+    def start_trim(self) -> TrimContext:
+        """A resumable trim of staging: drop zero pages and pages equal to their file copy."""
+        from vmmswap.trim import TrimContext  # noqa: PLC0415 (trim imports this module)
+
+        self.check_open()
+        return TrimContext(self)
+
+    def swap_out(self, max_bytes: int = MAX_SWAP_CHUNK_BYTES) -> int:
+        """Write up to ``max_bytes`` of staging to the swap file; returns pages written.
+
+        0 means staging is empty. One chunk per call, so the monitor serves faults in between
+        (the next chunk is read ahead meanwhile, see :mod:`vmmswap.swap_out`). On OSError
+        (ENOSPC, EIO) nothing changed: every page is still in staging.
+        """
+        self.check_open()
+        self.staging.note_busy()  # free the written pages once swap-out pauses
+        return self._writer.step(max_bytes, self.epoch)
+
+    def start_swap_in(self) -> SwapInContext:
+        """A resumable swap-in of every staged and swapped page (see :class:`SwapInContext`)."""
+        from vmmswap.swap_in import SwapInContext  # noqa: PLC0415 (swap_in imports this module)
+
+        self.check_open()
+        return SwapInContext(self)
+
+    # --- helpers for the contexts ---------------------------------------------------------------
+    def check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the page handler is closed")
+
+    def note_swapped_in(self, pages: int) -> None:
+        self.swapped_in_pages += pages
+
+    def __repr__(self) -> str:
+        return (f"<PageHandler regions={len(self.regions)} pages={self.num_pages} "
+                f"staging={self.staging_pages} swap={self.swap_pages}>")

@@ -1,0 +1,275 @@
+"""Staging memory: one memfd that holds guest pages between ``enable`` and ``out``.
+
+A memfd rather than anonymous memory so the pages count as shmem, as crosvm does (commit
+37f8a7da5), and so every transfer is file I/O: pages come in from the guest memfd with
+``copy_file_range`` (kernel to kernel, no page table of this process involved), leave with
+``preadv`` into a buffer the handler already populated, and are freed with a hole punch.
+Nothing maps staging, so nothing ever pays a page-table update per staging page -- which is the
+dominant cost of memory operations on nested-virtualisation hosts like the CI machine.
+
+Which pages staging holds is a bitmap (:class:`~vmmswap.present_list.PresentList`); pages are
+indexed like the swap file's, all regions back to back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from types import TracebackType
+from typing import Final
+
+from vmmswap.kernel import libc
+from vmmswap.pagesize import pages_to_bytes
+from vmmswap.present_list import Indices, PresentList, runs_of
+
+_log = logging.getLogger(__name__)
+
+_PUNCH: Final = libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE
+#: Pages of freed staging collected before the reclaimer thread punches them: a fault that
+#: reads one page does not pay a hole-punch system call, and a sequential page-in punches 2 MiB
+#: at a time on the other CPU while the handler serves the next fault.
+RECLAIM_BATCH_PAGES: Final = 512
+#: Nice value of the reclaimer thread (Linux sets it per thread).
+_RECLAIM_NICE: Final = 10
+#: The reclaimer waits until the handler has served no fault for this long: freeing pages
+#: while the handler allocates guest pages slows a page-in by a third (zone lock contention
+#: and a CPU taken from the fill threads), and a burst of faults is over in milliseconds.
+_QUIET_S: Final = 0.003
+#: ... but never longer than this, nor with more than this many pages waiting.
+_MAX_DEFER_S: Final = 1.0
+_MAX_BACKLOG_PAGES: Final = 1 << 18
+
+
+class _Reclaimer:
+    """Punches holes in staging on a helper thread, in batches.
+
+    The bitmap is updated by the caller at once; only the memory is given back later. That is
+    safe because nothing writes a staging page that is not present except the move to staging,
+    which :meth:`flush` es first: a pending punch can never hit newly staged data.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending: list[tuple[int, int]] = []
+        self._pending_pages = 0
+        self._batches: list[list[tuple[int, int]]] = []
+        self._cond = threading.Condition()
+        self._busy = False
+        self._stop = False
+        self._urgent = False
+        self._backlog = 0
+        #: time.monotonic() until which the handler counts as busy (set without the lock: a
+        #: float store is atomic, and a stale value only shifts a punch by milliseconds).
+        self.busy_until = 0.0
+        self._thread: threading.Thread | None = None
+
+    def add(self, start: int, end: int) -> None:
+        if self._pending and self._pending[-1][1] == start:
+            self._pending[-1] = (self._pending[-1][0], end)
+        elif self._pending and self._pending[-1][0] == end:
+            self._pending[-1] = (start, self._pending[-1][1])
+        else:
+            self._pending.append((start, end))
+        self._pending_pages += end - start
+        if self._pending_pages >= RECLAIM_BATCH_PAGES:
+            self._submit()
+
+    def _submit(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending, self._pending_pages = self._pending, [], 0
+        with self._cond:
+            self._batches.append(batch)
+            self._backlog += sum(end - start for start, end in batch)
+            self._cond.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vmmswap-staging-reclaim",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        # Freeing memory is never urgent: let the threads that fill guest pages go first.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _RECLAIM_NICE)
+        while True:
+            with self._cond:
+                while not self._batches and not self._stop:
+                    self._cond.wait()
+                if not self._batches:
+                    return
+                self._wait_quiet()
+                batch = self._batches.pop(0)
+                self._backlog -= sum(end - start for start, end in batch)
+                self._busy = True
+            for start, end in batch:
+                try:
+                    libc.fallocate(self._fd, _PUNCH, pages_to_bytes(start),
+                                   pages_to_bytes(end - start))
+                except OSError as err:  # only memory is at stake, never data
+                    _log.warning("freeing staging pages [%d, %d): %s", start, end, err)
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _wait_quiet(self) -> None:
+        """Hold back (lock held) while the handler is busy serving faults."""
+        deadline = time.monotonic() + _MAX_DEFER_S
+        while not self._urgent and not self._stop and self._backlog < _MAX_BACKLOG_PAGES:
+            now = time.monotonic()
+            wake = min(self.busy_until, deadline)
+            if now >= wake:
+                return
+            self._cond.wait(wake - now)
+
+    def flush(self) -> None:
+        """Return once every punch requested so far is done."""
+        self._submit()
+        with self._cond:
+            self._urgent = True
+            self._cond.notify_all()
+            while self._batches or self._busy:
+                self._cond.wait()
+            self._urgent = False
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+class StagingMemory:
+    """A memfd of ``num_pages`` pages and the bitmap of pages it holds."""
+
+    def __init__(self, num_pages: int, name: str = "swap staging memory") -> None:
+        if num_pages <= 0:
+            raise ValueError(f"staging memory needs at least one page, got {num_pages}")
+        self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, pages_to_bytes(num_pages))
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.present = PresentList(num_pages)
+        self._reclaimer = _Reclaimer(self._fd)
+
+    # --- descriptor -----------------------------------------------------------------------------
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("staging memory is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the memfd (the kernel frees every staged page). Idempotent."""
+        if self._fd >= 0:
+            self._reclaimer.close()
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> StagingMemory:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def num_pages(self) -> int:
+        return len(self.present)
+
+    @property
+    def pages(self) -> int:
+        """Pages staging holds."""
+        return self.present.count()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of page state."""
+        return self.present.nbytes
+
+    # --- data -----------------------------------------------------------------------------------
+    def copy_in(self, src_fd: int, src_offset: int, page: int, length: int) -> None:
+        """Copy ``length`` bytes of ``src_fd`` at ``src_offset`` to staging page ``page``.
+
+        The bitmap is not touched: the caller marks the pages present once the guest's copy is
+        removed, so a failure in between leaves the page in the guest only.
+
+        **Safety**: the source range must be data (SEEK_DATA) of a guest memfd whose users are
+        frozen; a page written between this copy and the guest-side hole punch is lost. Call
+        :meth:`flush` before the first copy: a pending punch would free the new data.
+        """
+        self.present.check_range(page, page + 1)
+        dst = pages_to_bytes(page)
+        done = 0
+        while done < length:
+            n = os.copy_file_range(src_fd, self._fd, length - done, src_offset + done, dst + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"copy to staging stopped at {src_offset + done:#x}: the "
+                              "guest memfd is shorter than its region")
+            done += n
+
+    def read(self, start: int, end: int, buf: memoryview) -> None:
+        """Read pages ``[start, end)`` into ``buf`` (which must be populated, own memory)."""
+        self.present.check_range(start, end)
+        offset = pages_to_bytes(start)
+        total = pages_to_bytes(end - start)
+        done = 0
+        while done < total:
+            got = os.preadv(self._fd, [buf[done:total]], offset + done)
+            if got <= 0:
+                raise OSError(errno.EIO, f"staging read at {offset + done:#x} returned nothing")
+            done += got
+
+    def read_runs(self, runs: list[tuple[int, int]], buf: memoryview) -> None:
+        """Read each ``(first, end)`` run into ``buf``, back to back."""
+        at = 0
+        for first, end in runs:
+            n = pages_to_bytes(end - first)
+            self.read(first, end, buf[at:at + n])
+            at += n
+
+    # --- state ----------------------------------------------------------------------------------
+    def mark_present(self, start: int, end: int) -> None:
+        self.present.set_range(start, end)
+
+    def clear_range(self, start: int, end: int) -> None:
+        """Forget ``[start, end)``; its memory is freed soon after (see :meth:`flush`)."""
+        self.present.clear_range(start, end)
+        if end > start:
+            self._reclaimer.add(start, end)
+
+    def clear_pages(self, pages: Indices) -> None:
+        """Forget the given pages (ascending); their memory is freed soon after."""
+        self.present.set_indices(pages, False)
+        for first, end in runs_of(pages):
+            self._reclaimer.add(first, end)
+
+    def note_busy(self) -> None:
+        """The handler is serving a fault: hold freeing back for a few milliseconds."""
+        self._reclaimer.busy_until = time.monotonic() + _QUIET_S
+
+    def flush(self) -> None:
+        """Wait until the memory of every page cleared so far is freed.
+
+        Must run before anything writes into staging again (the move to staging does).
+        """
+        self._reclaimer.flush()
+
+    def punch(self, start: int, end: int) -> None:
+        """Free the memory of ``[start, end)`` now, without touching the bitmap."""
+        if end > start:
+            libc.fallocate(self._fd, _PUNCH, pages_to_bytes(start), pages_to_bytes(end - start))
+
+    def __repr__(self) -> str:
+        return f"<StagingMemory fd={self._fd} pages={self.num_pages}>"

@@ -1,0 +1,1 @@
+"""Tests of the vmm-swap data plane (page handler, staging, swap file, readahead)."""
