@@ -1,0 +1,65 @@
+"""Review (regression): a blocking device uffd must not hang the monitor.
+
+``Monitor._register_process`` checked only that the descriptor is a userfaultfd. A uffd created
+without O_NONBLOCK (any process of the same user can connect to the control socket and send
+one) is reported by poll/epoll as EPOLLERR at all times (fs/userfaultfd.c: "poll() never
+guarantees that read won't block"), so the monitor's level-triggered epoll calls
+``UffdSet.drain`` at once, and ``read(2)`` on the blocking descriptor waits forever: the
+single-threaded monitor stops serving every fault of every process and every command. Found in
+review; fixed in the working tree meanwhile (monitor.py sets O_NONBLOCK on receipt); this test
+keeps it fixed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "control"))
+
+from control_helpers import (  # type: ignore[import-not-found]  # noqa: E402
+    FAKE_FACTORY,
+    TestVmm,
+    VmmTimeoutError,
+    wait_gone,
+)
+
+from vmmswap.protocol import Command, Request, request  # noqa: E402
+from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd  # noqa: E402
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_blocking_device_uffd_does_not_hang_the_monitor(tmp_path: Path) -> None:
+    swap_dir = tmp_path / "swap"
+    swap_dir.mkdir()
+    ctl = swap_dir / "ctl.sock"
+    vmm = TestVmm(env={"VMMSWAP_TEST_HANDLER_FACTORY": FAKE_FACTORY})
+    uffd = Userfaultfd.new(VMM_SWAP_FEATURES, nonblocking=False)
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        vmm.launch(swap_dir, control_socket=ctl)
+        # State Ready: nothing is registered on this process's uffd, so nothing here can fault.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(20)
+            sock.connect(str(ctl))
+            response = request(sock, Request(Command.REGISTER_PROCESS),
+                               [uffd.fileno(), pidfd])
+        if not response.ok:
+            return  # refusing such a descriptor is a fine answer
+        try:
+            vmm.call("status", timeout=5)
+        except VmmTimeoutError:
+            pytest.fail("the monitor stopped answering after a blocking uffd was registered")
+    finally:
+        os.close(pidfd)
+        monitor = vmm.monitor_pid
+        vmm.kill()
+        if monitor:
+            wait_gone(monitor, 2, kill=True)
+        uffd.close()
