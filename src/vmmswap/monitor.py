@@ -213,7 +213,7 @@ class Monitor:
         for fd, _ in events:
             if fd in uffd_fds and fd in self._by_fd:
                 faults += self._serve_by_fd(fd)
-        self.uffds.retry_stuck()
+        self._guarded(self.uffds.retry_stuck)
         for fd, _ in events:
             if fd not in uffd_fds:
                 callback = self._by_fd.get(fd)
@@ -233,7 +233,19 @@ class Monitor:
         return 0
 
     def _serve(self, entry: UffdEntry) -> int:
-        return self.uffds.serve(entry)
+        """Serve one descriptor. A bug on this path must not kill the monitor: its staging
+        memory is the only copy of the swapped-out pages, so dying would turn a blocked fault
+        into a dead VM. The faults stay blocked (never a zero page) and the error is reported."""
+        try:
+            return self.uffds.serve(entry)
+        except VmmGoneError:
+            raise
+        except Exception as err:
+            message = f"serving the uffd of pid {entry.pid} failed unexpectedly: {err!r}"
+            if self.uffds.last_error != message:
+                _log.exception("%s; still serving", message)
+            self.uffds.last_error = message
+            return 0
 
     def _serve_watched(self, entry: UffdEntry) -> None:
         self._serve(entry)

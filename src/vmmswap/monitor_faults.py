@@ -204,9 +204,12 @@ class UffdSet:
             return  # crosvm b/272620051: REMOVE may arrive after unregistering; nothing held
         try:
             handler.handle_remove(event.start, event.end)
-        except (OSError, ValueError) as err:
+        except Exception as err:
+            # Nothing is lost by not forgetting: the range keeps its old copy, which a guest
+            # that gave the pages away accepts as well as zeros. Raising instead would drop the
+            # faults read in the same batch, and each of those is a blocked thread.
             self.last_error = f"handling REMOVE [{event.start:#x}, {event.end:#x}): {err}"
-            _log.error("%s", self.last_error)
+            _log.error("%s", self.last_error, exc_info=not isinstance(err, OSError))
 
     def serve(self, entry: UffdEntry) -> int:
         """Drain ``entry`` and serve its faults; returns how many faults were seen."""

@@ -8,7 +8,9 @@ handler it wraps comes from ``INJECT_BASE`` ("module:function", or empty for the
 * ``INJECT_EIO_MOVE=1``: move_to_staging does the real move, then raises EIO -- the worst case
   for Failed: every page is out of guest memory and the move is reported failed;
 * ``INJECT_EIO_FAULTS=N``: the first N page faults fail with EIO before anything is filled
-  (a swap-file read error): the monitor must keep those threads blocked and retry.
+  (a swap-file read error): the monitor must keep those threads blocked and retry;
+* ``INJECT_BUG_REMOVE=1``: every REMOVE event raises RuntimeError -- a bug, not an I/O error:
+  the monitor must survive it and keep serving faults.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Injected:
         self._out_after = int(os.environ.get("INJECT_EIO_OUT_AFTER", "-1"))
         self._move = os.environ.get("INJECT_EIO_MOVE") == "1"
         self._fault_errors = int(os.environ.get("INJECT_EIO_FAULTS", "0"))
+        self._remove_bug = os.environ.get("INJECT_BUG_REMOVE") == "1"
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -46,6 +49,11 @@ class Injected:
             self._fault_errors -= 1
             raise OSError(errno.EIO, "injected I/O error reading the swap file")
         self._inner.handle_page_fault(uffd, addr, write)
+
+    def handle_remove(self, start: int, end: int) -> None:
+        if self._remove_bug:
+            raise RuntimeError(f"injected bug handling REMOVE [{start:#x}, {end:#x})")
+        self._inner.handle_remove(start, end)
 
     def move_to_staging(self) -> int:
         moved: int = self._inner.move_to_staging()

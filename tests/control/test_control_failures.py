@@ -158,3 +158,22 @@ def test_fault_that_cannot_be_served_blocks_then_recovers(
     done = vmm.ok("join", name="t", wait=10)
     assert not done["blocked"] and done["mismatched_pages"] == 0
     model.verify()
+
+
+def test_bug_handling_remove_keeps_the_monitor_serving(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path, inject_env: dict[str, str]) -> None:
+    """An unexpected exception on the event path is reported, and the monitor -- which holds
+    the only copy of the staged pages -- keeps serving every other fault."""
+    vmm = make_vmm(**inject_env, INJECT_BUG_REMOVE="1")
+    monitor = vmm.launch(swap_dir)
+    model = Model(vmm)
+    model.write(0, 0, 2 * MIB, seed=11)
+    model.write(1, 0, 1 * MIB, seed=12)
+    vmm.ok("enable")
+    vmm.ok("remove", region=0, offset=2 * MIB, length=1 * MIB)  # a never-written range
+    model.verify()
+    vmm.ok("out")
+    model.verify()
+    assert vmm.ok("disable")["status"]["state"] == "Ready"
+    model.verify()
+    os.kill(monitor, 0)  # still alive

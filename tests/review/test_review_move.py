@@ -36,9 +36,6 @@ class _SecondSubmitFails(ThreadPoolExecutor):
         return super().submit(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="review: move_to_staging loses the batches already "
-                   "submitted when a later submit raises (move.py: futures list built before "
-                   "any batch is accounted)")
 def test_failed_submit_loses_no_page(make_rig: RigFactory,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # Two regions: one batch each, so two submits.

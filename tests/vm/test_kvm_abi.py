@@ -23,6 +23,8 @@ IOCTLS = [
     "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_GET_MSRS", "KVM_SET_MSRS", "KVM_GET_FPU",
     "KVM_SET_FPU", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_SET_CPUID2", "KVM_GET_CPUID2",
     "KVM_GET_MP_STATE", "KVM_SET_MP_STATE", "KVM_SET_TSC_KHZ", "KVM_GET_TSC_KHZ",
+    "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS", "KVM_INTERNAL_ERROR_EMULATION",
+    "KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES",
     "KVM_EXIT_IO", "KVM_EXIT_HLT", "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY",
     "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_SYSTEM_EVENT",
     "KVM_CAP_IRQCHIP", "KVM_CAP_PIT2", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_GET_TSC_KHZ",
@@ -43,6 +45,10 @@ LAYOUTS = {
     "sizeof(struct kvm_pit_config)": ctypes.sizeof(k.KvmPitConfig),
     "sizeof(struct kvm_irq_level)": ctypes.sizeof(k.KvmIrqLevel),
     "sizeof(struct kvm_msr_entry)": ctypes.sizeof(k.KvmMsrEntry),
+    "sizeof(struct kvm_vcpu_events)": ctypes.sizeof(k.KvmVcpuEvents),
+    "offsetof(struct kvm_vcpu_events, flags)": k.KvmVcpuEvents.flags.offset,
+    "offsetof(struct kvm_vcpu_events, exception_payload)":
+        k.KvmVcpuEvents.exception_payload.offset,
 }
 
 

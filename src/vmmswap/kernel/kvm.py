@@ -249,6 +249,32 @@ class KvmLapicState(ctypes.Structure):
     _fields_ = [("regs", ctypes.c_char * 1024)]
 
 
+class KvmVcpuEvents(ctypes.Structure):
+    """``struct kvm_vcpu_events`` (64 bytes)."""
+
+    _fields_ = [
+        ("exception_injected", ctypes.c_uint8),
+        ("exception_nr", ctypes.c_uint8),
+        ("exception_has_error_code", ctypes.c_uint8),
+        ("exception_pending", ctypes.c_uint8),
+        ("exception_error_code", ctypes.c_uint32),
+        ("interrupt_injected", ctypes.c_uint8),
+        ("interrupt_nr", ctypes.c_uint8),
+        ("interrupt_soft", ctypes.c_uint8),
+        ("interrupt_shadow", ctypes.c_uint8),
+        ("nmi_injected", ctypes.c_uint8),
+        ("nmi_pending", ctypes.c_uint8),
+        ("nmi_masked", ctypes.c_uint8),
+        ("nmi_pad", ctypes.c_uint8),
+        ("sipi_vector", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("smi", ctypes.c_uint8 * 4),
+        ("reserved", ctypes.c_uint8 * 27),
+        ("exception_has_payload", ctypes.c_uint8),
+        ("exception_payload", ctypes.c_uint64),
+    ]
+
+
 # --- struct kvm_run (the mmap of a vCPU fd) ------------------------------------------------------
 
 
@@ -393,6 +419,8 @@ KVM_SET_CPUID2: Final = iow(KVMIO, 0x90, ctypes.sizeof(KvmCpuid2Header))
 KVM_GET_CPUID2: Final = iowr(KVMIO, 0x91, ctypes.sizeof(KvmCpuid2Header))
 KVM_GET_MP_STATE: Final = ior(KVMIO, 0x98, ctypes.sizeof(KvmMpState))
 KVM_SET_MP_STATE: Final = iow(KVMIO, 0x99, ctypes.sizeof(KvmMpState))
+KVM_GET_VCPU_EVENTS: Final = ior(KVMIO, 0x9F, ctypes.sizeof(KvmVcpuEvents))
+KVM_SET_VCPU_EVENTS: Final = iow(KVMIO, 0xA0, ctypes.sizeof(KvmVcpuEvents))
 KVM_SET_TSC_KHZ: Final = io(KVMIO, 0xA2)
 KVM_GET_TSC_KHZ: Final = io(KVMIO, 0xA3)
 
@@ -464,6 +492,8 @@ KVM_INTERNAL_ERROR_EMULATION: Final = 1
 KVM_INTERNAL_ERROR_SIMUL_EX: Final = 2
 KVM_INTERNAL_ERROR_DELIVERY_EV: Final = 3
 KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: Final = 4
+#: ``kvm_run.emulation_failure.flags``: ``insn_size``/``insn_bytes`` are valid.
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: Final = 1
 
 KVM_SYSTEM_EVENT_SHUTDOWN: Final = 1
 KVM_SYSTEM_EVENT_RESET: Final = 2

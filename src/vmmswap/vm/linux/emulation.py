@@ -8,7 +8,7 @@ executes a few such instructions that cannot be avoided from the command line:
 * ``int3`` -- the alternatives self-test and live text patching raise #BP on purpose. The VMM
   delivers it: RIP moves past the one-byte instruction (#BP is a trap, so the frame holds the
   next RIP, which the kernel's handler expects) and the exception is injected with
-  KVM_SET_VCPU_EVENTS.
+  k.KVM_SET_VCPU_EVENTS.
 * ``fwait`` -- waits for pending x87 exceptions; with none pending (the kernel masks them) it
   does nothing, so the VMM skips it.
 * ``ldmxcsr m32`` -- Linux executes it in ``kernel_fpu_begin()`` only, always loading
@@ -27,7 +27,6 @@ This module never touches guest memory; it reads the bytes KVM copied into ``kvm
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import threading
@@ -35,46 +34,7 @@ from collections.abc import Callable, Iterable
 from typing import Final
 
 from vmmswap.kernel import kvm as k
-from vmmswap.kernel.ioctl import ior, iow
 from vmmswap.vm.kvm import VcpuFd
-
-# struct kvm_vcpu_events and its ioctls are not (yet) in vmmswap.kernel.kvm.
-
-
-class KvmVcpuEvents(ctypes.Structure):
-    """``struct kvm_vcpu_events`` (64 bytes)."""
-
-    _fields_ = [
-        ("exception_injected", ctypes.c_uint8),
-        ("exception_nr", ctypes.c_uint8),
-        ("exception_has_error_code", ctypes.c_uint8),
-        ("exception_pending", ctypes.c_uint8),
-        ("exception_error_code", ctypes.c_uint32),
-        ("interrupt_injected", ctypes.c_uint8),
-        ("interrupt_nr", ctypes.c_uint8),
-        ("interrupt_soft", ctypes.c_uint8),
-        ("interrupt_shadow", ctypes.c_uint8),
-        ("nmi_injected", ctypes.c_uint8),
-        ("nmi_pending", ctypes.c_uint8),
-        ("nmi_masked", ctypes.c_uint8),
-        ("nmi_pad", ctypes.c_uint8),
-        ("sipi_vector", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("smi", ctypes.c_uint8 * 4),
-        ("reserved", ctypes.c_uint8 * 27),
-        ("exception_has_payload", ctypes.c_uint8),
-        ("exception_payload", ctypes.c_uint64),
-    ]
-
-
-if ctypes.sizeof(KvmVcpuEvents) != 64:
-    raise ImportError(f"sizeof(KvmVcpuEvents) = {ctypes.sizeof(KvmVcpuEvents)}, expected 64")
-
-KVM_GET_VCPU_EVENTS: Final = ior(k.KVMIO, 0x9F, ctypes.sizeof(KvmVcpuEvents))
-KVM_SET_VCPU_EVENTS: Final = iow(k.KVMIO, 0xA0, ctypes.sizeof(KvmVcpuEvents))
-
-#: ``kvm_run.emulation_failure.flags``: ``insn_size``/``insn_bytes`` are valid.
-KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: Final = 1
 
 _OPCODE_INT3: Final = 0xCC
 _OPCODE_FWAIT: Final = 0x9B
@@ -121,7 +81,7 @@ def failed_instruction(vcpu: VcpuFd) -> bytes | None:
     internal = vcpu.run_state.exit.internal
     if internal.suberror != k.KVM_INTERNAL_ERROR_EMULATION or internal.ndata < 2:
         return None
-    if not internal.data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+    if not internal.data[0] & k.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
         return None
     raw = b"".join(int(internal.data[i]).to_bytes(8, "little") for i in (1, 2))
     size = raw[0]
@@ -136,16 +96,16 @@ def _skip(vcpu: VcpuFd, length: int) -> None:
 
 def _inject_breakpoint(vcpu: VcpuFd) -> None:
     _skip(vcpu, 1)
-    events = KvmVcpuEvents()
+    events = k.KvmVcpuEvents()
     fd = vcpu.fileno()
     try:
-        fcntl.ioctl(fd, KVM_GET_VCPU_EVENTS, events, True)
+        fcntl.ioctl(fd, k.KVM_GET_VCPU_EVENTS, events, True)
         events.exception_injected = 1
         events.exception_nr = _VECTOR_BP
         events.exception_has_error_code = 0
         events.exception_pending = 0
         events.flags = 0
-        fcntl.ioctl(fd, KVM_SET_VCPU_EVENTS, events, True)
+        fcntl.ioctl(fd, k.KVM_SET_VCPU_EVENTS, events, True)
     except OSError as exc:
         raise OSError(exc.errno, f"injecting #BP into vCPU {vcpu.index}: "
                                  f"{os.strerror(exc.errno or 0)}") from None
