@@ -85,7 +85,7 @@ def python_handler(sock_fd: int, cpu: int) -> int:
     if cpu >= 0:
         os.sched_setaffinity(0, {cpu})
     sock = socket.socket(fileno=sock_fd)
-    msg, fds, _, _ = socket.recv_fds(sock, RANGE_MSG.size, 1)
+    msg, fds, _, _ = socket.recv_fds(sock, RANGE_MSG.size, 1, socket.MSG_CMSG_CLOEXEC)
     _addr, length, page_size = RANGE_MSG.unpack(msg)
     if page_size != PAGE_SIZE:
         raise SystemExit(f"page size mismatch: faulter {page_size}, handler {PAGE_SIZE}")

@@ -5,6 +5,17 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 
+# gcc builds the micro-VM's guest, the C baselines and the ABI probes the tests compare against.
+if ! command -v gcc >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "setup: installing gcc" >&2
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev; } \
+            || echo "setup: warning: could not install gcc; tests that compile C will skip" >&2
+    else
+        echo "setup: warning: gcc is missing; install it or tests that compile C will skip" >&2
+    fi
+fi
+
 "$python" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     -e "$repo[dev]"
 # pyenv installs console scripts behind shims that only exist after a rehash.

@@ -120,7 +120,8 @@ class Vmm:
             self.guest = None
         self.sock.send(json.dumps({"op": "new", "layout": [list(r) for r in layout]}).encode())
         self._wait_readable(timeout, None)
-        msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 1 + len(layout))
+        msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 1 + len(layout),
+                                                 socket.MSG_CMSG_CLOEXEC)
         reply = json.loads(msg)
         if "error" in reply:
             for fd in fds:

@@ -264,7 +264,7 @@ def test_continue_maps_the_page_cache_page(uffd: Userfaultfd) -> None:
         area.close()
 
 
-def test_poison_marks_missing_pages(uffd: Userfaultfd) -> None:
+def test_poison_marks_missing_pages() -> None:
     require(Feature.POISON)
     with Userfaultfd.new(Feature.POISON) as u, Mapping.anonymous(pages_to_bytes(2)) as dst:
         ioctls = u.register(dst.address, dst.length)

@@ -177,7 +177,7 @@ def recv_msg(sock: socket.socket, timeout: float = DEFAULT_TIMEOUT) -> tuple[Any
     ready, _, _ = select.select([sock], [], [], timeout)
     if not ready:
         raise TimeoutError("no message from the peer in time")
-    data, fds, _, _ = socket.recv_fds(sock, MSG_MAX, 8)
+    data, fds, _, _ = socket.recv_fds(sock, MSG_MAX, 8, socket.MSG_CMSG_CLOEXEC)
     if not data:
         raise EOFError("the peer closed the channel")
     return pickle.loads(data), list(fds)
