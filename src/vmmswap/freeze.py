@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Final, Protocol
 
 _log = logging.getLogger(__name__)
 
@@ -124,11 +124,21 @@ def _kill(pid: int, sig: int) -> bool:
     return True
 
 
+class FreezeWitness(Protocol):
+    """Someone outside this process who resumes the tree if this process dies while it is
+    frozen (:class:`vmmswap.thaw_guard.ThawGuard`)."""
+
+    def will_stop(self, pid: int) -> None: ...
+
+    def thawed(self) -> None: ...
+
+
 class FrozenTree:
     """A stopped process tree; :meth:`thaw` (or leaving the ``with`` block) resumes it."""
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], witness: FreezeWitness | None = None) -> None:
         self.pids = pids
+        self._witness = witness
         self._thawed = False
 
     def thaw(self) -> None:
@@ -138,6 +148,8 @@ class FrozenTree:
         self._thawed = True
         for pid in self.pids:
             _kill(pid, signal.SIGCONT)
+        if self._witness is not None:
+            self._witness.thawed()
 
     def __enter__(self) -> FrozenTree:
         return self
@@ -149,15 +161,17 @@ class FrozenTree:
 
 def freeze_tree(roots: int | Collection[int], exclude: Collection[int] = (), *,
                 timeout: float = STOP_TIMEOUT, rounds: int = FREEZE_ROUNDS,
-                while_waiting: Callable[[], object] | None = None) -> FrozenTree:
+                while_waiting: Callable[[], object] | None = None,
+                witness: FreezeWitness | None = None) -> FrozenTree:
     """Stop ``roots`` and their descendants (except ``exclude`` and theirs); wait until every
     thread is stopped.
 
     ``while_waiting`` runs between polls: the monitor serves page faults there, since a thread
     blocked in a userfaultfd fault may need its fault served before it can take the signal.
     On any failure every process stopped so far gets SIGCONT before FreezeError is raised.
+    ``witness`` learns each pid before it is stopped, and when the tree is thawed.
     """
-    frozen = FrozenTree([])
+    frozen = FrozenTree([], witness)
     try:
         for _ in range(rounds):
             pids = process_tree(roots, exclude)
@@ -165,6 +179,8 @@ def freeze_tree(roots: int | Collection[int], exclude: Collection[int] = (), *,
                 raise FreezeError(errno.ESRCH, f"process {roots} does not exist")
             new = [p for p in pids if p not in frozen.pids]
             for pid in new:
+                if witness is not None:
+                    witness.will_stop(pid)
                 if _kill(pid, signal.SIGSTOP):
                     frozen.pids.append(pid)
             _wait_stopped(frozen.pids, timeout, while_waiting)

@@ -63,6 +63,7 @@ from vmmswap.protocol import (
 from vmmswap.status import SwapState, SwapStatus
 from vmmswap.swap_cleanup import FileTruncator
 from vmmswap.swap_file import SwapFile
+from vmmswap.thaw_guard import ThawGuard
 from vmmswap.uffd_errors import MappingChangingError, ProcessGoneError
 from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
@@ -137,6 +138,7 @@ class Monitor:
         self._done = False
         self._exit_client: Client | None = None
         self._exiting = False
+        self._thaw_guard: ThawGuard | None = None  # started at the first freeze
         self._watch(self.vmm_pidfd, self._vmm_exited)
         self._watch(main.fd, lambda: self._serve_watched(main))
         self._add_client(Client(controller, public=False, peer_pid=init.vmm_pid))
@@ -150,7 +152,10 @@ class Monitor:
     def freeze(self) -> AbstractContextManager[object]:
         # Registered devices too: a hot-plugged one need not descend from the VMM.
         roots = [self.init.vmm_pid, *(d.pid for d in self.uffds.devices)]
-        return freeze_tree(roots, exclude=(os.getpid(),), while_waiting=self._serve_all)
+        if self._thaw_guard is None:
+            self._thaw_guard = ThawGuard.start()
+        return freeze_tree(roots, exclude=(os.getpid(),), while_waiting=self._serve_all,
+                           witness=self._thaw_guard)
 
     def register_all(self) -> None:
         self.uffds.register_all()
@@ -506,6 +511,8 @@ class Monitor:
                 handler.close()
         self.uffds.close()
         self.truncator.close()
+        if self._thaw_guard is not None:
+            self._thaw_guard.close()
         os.close(self.vmm_pidfd)
         for fd in self.memfds:
             os.close(fd)

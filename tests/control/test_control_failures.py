@@ -3,13 +3,17 @@ a failed move. Nothing may ever come back as a zero page where data was."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from control_helpers import MIB, Model, TestVmm, wait_gone
+from control_helpers import FAKE_FACTORY, MIB, Model, TestVmm, wait_gone
+
+from vmmswap.freeze import thread_states
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -177,3 +181,26 @@ def test_bug_handling_remove_keeps_the_monitor_serving(
     assert vmm.ok("disable")["status"]["state"] == "Ready"
     model.verify()
     os.kill(monitor, 0)  # still alive
+
+
+def test_monitor_killed_during_enable_thaws_the_vmm(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
+    """The VMM is SIGSTOPped while the monitor moves memory; if the monitor dies then, its thaw
+    guard resumes the VMM, which learns of the death instead of staying stopped for good."""
+    vmm = make_vmm(VMMSWAP_TEST_HANDLER_FACTORY=FAKE_FACTORY, FAKE_SLOW_MOVE="30")
+    monitor = vmm.launch(swap_dir)
+    assert vmm.proc.stdin is not None
+    vmm.proc.stdin.write(json.dumps({"op": "enable"}) + "\n")
+    vmm.proc.stdin.flush()
+    deadline = time.monotonic() + 20
+    while not all(s == "T" for s in thread_states(vmm.pid).values()):
+        assert time.monotonic() < deadline, "enable never froze the VMM"
+        time.sleep(0.01)
+    os.kill(monitor, signal.SIGKILL)
+    assert wait_gone(monitor, 10)
+    while any(s == "T" for s in thread_states(vmm.pid).values()):
+        assert time.monotonic() < deadline + 10, "the VMM stayed stopped after the monitor died"
+        time.sleep(0.01)
+    result = vmm._readline(30)
+    assert not result["ok"] and result["error"] == "MonitorDiedError", result
+    assert vmm.call("status")["error"] == "MonitorDiedError"

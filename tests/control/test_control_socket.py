@@ -129,7 +129,8 @@ def test_fuzz_control_socket(running: tuple[TestVmm, Path, Model]) -> None:
     refused = 0
     for i in range(1500):
         data, nfds = _malformed(rng, i)
-        fds = [os.pipe()[0] for _ in range(nfds)] if nfds else []
+        pipes = [os.pipe() for _ in range(nfds)]
+        fds = [r for r, _ in pipes]
         try:
             if fds:
                 conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
@@ -142,8 +143,9 @@ def test_fuzz_control_socket(running: tuple[TestVmm, Path, Model]) -> None:
             conn = _connect(sock)
             continue
         finally:
-            for fd in fds:
-                os.close(fd)
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
         response = decode_response(reply)
         if response.ok:
             # a corrupted byte can still spell a valid status request

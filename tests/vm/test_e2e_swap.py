@@ -94,6 +94,7 @@ def test_vm_stopped_while_active(tmp_path: Path) -> None:
     result = scenario("stop-while-active", tmp_path)
     assert result["vm_stopped"]
     assert result["controller_closed"]
+    assert result["monitor_exited"] and result["monitor_pid_gone"], result
     assert "Active" in result["states"]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -152,8 +153,15 @@ def stop_while_active(run: Run) -> dict[str, Any]:
     run.out()
     run.vm.shutdown()
     out: dict[str, Any] = {"vm_stopped": not run.vm.machine.running}
+    monitor = run.ctl.monitor_pid
     run.close_controller()
     out["controller_closed"] = True
+    out["monitor_exited"] = not run.ctl.monitor_alive()
+    try:  # close() reaps the monitor: a pid that still exists would be a leak
+        os.kill(monitor, 0)
+        out["monitor_pid_gone"] = False
+    except ProcessLookupError:
+        out["monitor_pid_gone"] = True
     return out
 
 
