@@ -40,6 +40,9 @@ EXIT_USAGE: Final = 2
 EXIT_UNREACHABLE: Final = 3
 
 _MIB: Final = 1024 * 1024
+#: Per request. ``enable`` answers when the whole move is done: ~3 GB/s here, so even a large
+#: guest answers well within it; a monitor that does not is stuck, and the user should know.
+DEFAULT_TIMEOUT: Final = 120.0
 
 #: What a waited-for command is waiting out, and the state it should end in.
 _WAITS: Final[dict[Command, tuple[SwapState, SwapState]]] = {
@@ -197,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     def add(name: str, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("socket", metavar="SOCKET", help="the VM's vmm-swap control socket")
+        p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help="give up when the monitor does not answer a request within SECONDS "
+                       f"(default {DEFAULT_TIMEOUT:g}; 0 waits for ever)")
         return p
 
     add("enable", "Enable vmm-swap of a VM. The guest memory is moved to staging memory.")
@@ -240,7 +246,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return int(exc.code or 0) and EXIT_USAGE
     command = Command(args.command)
     try:
-        client = Client(args.socket)
+        client = Client(args.socket, args.timeout if args.timeout > 0 else None)
     except UnreachableError as err:
         print(f"vmmswap: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -268,6 +274,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return EXIT_OK
     except UnreachableError as err:
         print(f"vmmswap: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except TimeoutError:
+        print(f"vmmswap: {args.socket}: the monitor did not answer within {args.timeout:g} s "
+              "(see --timeout)", file=sys.stderr)
         return EXIT_UNREACHABLE
     except (ProtocolError, OSError) as err:
         print(f"vmmswap: {err}", file=sys.stderr)

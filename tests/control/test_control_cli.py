@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -82,6 +83,20 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     assert vmmswap("frobnicate", "x").returncode == cli.EXIT_USAGE
     assert vmmswap("status").returncode == cli.EXIT_USAGE
     assert vmmswap("--help").returncode == 0
+
+
+def test_cli_gives_up_on_a_monitor_that_does_not_answer(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "stuck.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
+        server.bind(path)
+        server.listen(1)  # accepted by the kernel, never answered
+        started = time.monotonic()
+        code = cli.main(["status", "--timeout", "0.3", path])
+        elapsed = time.monotonic() - started
+    assert code == cli.EXIT_UNREACHABLE
+    assert "did not answer within 0.3 s" in capsys.readouterr().err
+    assert elapsed < 30
 
 
 def test_cli_demo_missing_module(monkeypatch: pytest.MonkeyPatch,
