@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
+from vmmswap.kernel import libc
 from vmmswap.memory import Mapping
 from vmmswap.pagesize import check_page_range
 
@@ -152,6 +153,23 @@ class GuestMemory:
         """Copy out of guest memory (GIL released: safe even if the range is registered)."""
         region = self.region_of(guest_addr, max(1, length))
         return region.mapping.read(guest_addr - region.guest_addr, length)
+
+    def discard(self, guest_addr: int, length: int) -> None:
+        """Give ``[guest_addr, +length)`` back to the host (a balloon's inflate): the pages
+        read as zeros afterwards. The one way guest pages should leave while vmm-swap may be
+        enabled; ValueError on an unaligned range or one not inside a single region.
+
+        Why MADV_REMOVE and nothing else: the monitor sees every discard as the same
+        UFFD_EVENT_REMOVE and drops its staged or swapped copy. MADV_REMOVE punches the pages
+        out of the memfd, so that is right; MADV_DONTNEED / MADV_FREE on this MAP_SHARED memory
+        keep the data in the memfd, and the monitor dropping its copy would turn a page that
+        should still hold data into zeros.
+
+        **Safety**: the contents are gone for good; only memory the guest gave up qualifies.
+        """
+        check_page_range(guest_addr, length, "discard")
+        region = self.region_of(guest_addr, length)
+        region.mapping.madvise(libc.MADV_REMOVE, guest_addr - region.guest_addr, length)
 
     def resident_bytes(self) -> int:
         """Bytes of data (not holes) in the memfds, from SEEK_DATA/SEEK_HOLE."""

@@ -107,7 +107,9 @@ class Mapping:
     def madvise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
         """madvise(2) on part of the mapping.
 
-        **Safety**: MADV_REMOVE / MADV_DONTNEED discard the contents of the range.
+        **Safety**: MADV_REMOVE discards the contents of the range, and so does MADV_DONTNEED
+        on a private mapping (on a shared one it only drops this process's page-table entries;
+        the data stays in the file). On guest memory use :meth:`GuestMemory.discard`.
         """
         if length is None:
             length = self.length - offset

@@ -78,7 +78,11 @@ class Remap:
 
 @dataclass(frozen=True, slots=True)
 class Remove:
-    """``madvise(MADV_REMOVE/DONTNEED)`` dropped ``[start, end)``; it stays registered."""
+    """``madvise(MADV_REMOVE / DONTNEED / FREE)`` on ``[start, end)``; it stays registered.
+
+    The event does not say which advice it was. Only MADV_REMOVE (and DONTNEED/FREE on private
+    memory) really drops data; on a shared mapping DONTNEED and FREE keep it in the file.
+    """
 
     start: int
     end: int

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmmswap import pagesize
+from vmmswap.guest_memory import GuestMemory
 from vmmswap.kernel import libc
 from vmmswap.memory import Mapping
 from vmmswap.pagesize import PAGE_SIZE, THP_SIZE
@@ -103,3 +104,18 @@ def test_huge_page_advice() -> None:
 def test_reserve_is_inaccessible_placeholder() -> None:
     with Mapping.reserve(PAGE_SIZE) as r:
         assert r.length == PAGE_SIZE
+
+
+def test_guest_memory_discard_drops_pages_and_refuses_bad_ranges() -> None:
+    with GuestMemory.create([(0, 4 * PAGE_SIZE), (1 << 30, 2 * PAGE_SIZE)]) as memory:
+        memory.write(0, b"\x5a" * (4 * PAGE_SIZE))
+        for addr, length in ((1, PAGE_SIZE), (0, 100), (0, 0), (3 * PAGE_SIZE, 2 * PAGE_SIZE),
+                             (8 * PAGE_SIZE, PAGE_SIZE)):
+            with pytest.raises(ValueError):
+                memory.discard(addr, length)
+        assert memory.read(0, 4 * PAGE_SIZE) == b"\x5a" * (4 * PAGE_SIZE)  # nothing changed
+        memory.discard(PAGE_SIZE, 2 * PAGE_SIZE)
+        assert memory.resident_bytes() == 2 * PAGE_SIZE  # punched out of the memfd
+        assert memory.read(0, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+        assert memory.read(3 * PAGE_SIZE, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+        assert memory.read(PAGE_SIZE, 2 * PAGE_SIZE) == bytes(2 * PAGE_SIZE)

@@ -17,7 +17,6 @@ import threading
 from dataclasses import dataclass
 
 from vmmswap.guest_memory import GuestMemory
-from vmmswap.kernel import libc
 from vmmswap.pagesize import is_page_aligned
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm.layout import GuestLayout
@@ -77,7 +76,7 @@ class BalloonDevice:
         # Safety: the guest asked for this range to be discarded; it is page aligned, inside
         # one region's data area, and the guest treats it as zero from now on.
         try:
-            libc.madvise(self._memory.host_address(guest_addr), length, libc.MADV_REMOVE)
+            self._memory.discard(guest_addr, length)
         except OSError as exc:
             return self._refuse(exc.errno or errno.EIO)
         with self._lock:
