@@ -37,7 +37,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
@@ -55,6 +55,7 @@ from vmmswap.pagesize import (
 from vmmswap.present_list import PresentList
 from vmmswap.readahead import UP, Readahead
 from vmmswap.staging import StagingMemory
+from vmmswap.status import SwapMetrics
 from vmmswap.swap_file import MAX_PAGES, SwapFile
 from vmmswap.swap_out import SwapOutWriter
 from vmmswap.uffd_errors import (
@@ -94,29 +95,13 @@ class InvalidAddressError(ValueError):
     """
 
 
-@dataclass(frozen=True, slots=True)
-class PageHandlerMetrics:
-    """crosvm's seven counters, plus readahead's two.
-
-    The fault counters (``copied_*``, ``zeroed``, ``redundant``, ``readahead``,
-    ``faults_avoided``) count since the last :meth:`PageHandler.move_to_staging`, like crosvm.
-    ``copied_from_*_pages`` count every page a fault filled from that source, readahead pages
-    included; ``readahead_pages`` is the part filled beyond the faulting pages, and
-    ``faults_avoided`` the part the guest then walked through without faulting.
-    """
-
-    resident_pages: int = 0
-    copied_from_file_pages: int = 0
-    copied_from_staging_pages: int = 0
-    zeroed_pages: int = 0
-    redundant_pages: int = 0
-    staging_pages: int = 0
-    swap_pages: int = 0
-    readahead_pages: int = 0
-    faults_avoided: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+#: The handler's counters are the status's (:class:`vmmswap.status.SwapMetrics`, crosvm's seven
+#: plus readahead's two). The fault counters (``copied_*``, ``zeroed``, ``redundant``,
+#: ``readahead``, ``faults_avoided``) count since the last :meth:`PageHandler.move_to_staging`,
+#: like crosvm. ``copied_from_*_pages`` count every page a fault filled from that source,
+#: readahead pages included; ``readahead_pages`` is the part filled beyond the faulting pages,
+#: and ``faults_avoided`` the part the guest then walked through without faulting.
+PageHandlerMetrics = SwapMetrics
 
 
 @dataclass(frozen=True, slots=True)
