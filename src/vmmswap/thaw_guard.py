@@ -89,8 +89,9 @@ def _guard(stream: IO[bytes]) -> None:
         line = raw.strip()
         if line.startswith(b"+"):
             pid = int(line[1:])
-            with contextlib.suppress(OSError):
-                frozen.setdefault(pid, os.pidfd_open(pid))
+            if pid not in frozen:
+                with contextlib.suppress(OSError):  # already gone: nothing to resume
+                    frozen[pid] = os.pidfd_open(pid)
         elif line == b"-":
             for fd in frozen.values():
                 os.close(fd)

@@ -14,6 +14,7 @@ import pytest
 
 from vmmswap import freeze
 from vmmswap.freeze import FreezeError, freeze_tree, process_tree, thread_states
+from vmmswap.thaw_guard import ThawGuard
 
 # A parent with a spinning thread and two spinning children, one of which forks a grandchild.
 TREE = textwrap.dedent("""
@@ -127,3 +128,52 @@ def test_timeout_thaws_what_was_stopped(tree: subprocess.Popen[str],
     monkeypatch.undo()
     time.sleep(0.2)
     assert "T" not in _all_states(process_tree(tree.pid))
+
+
+def _state(pid: int) -> set[str]:
+    return set(thread_states(pid).values())
+
+
+def _wait_state(pid: int, stopped: bool, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while (_state(pid) == {"T"}) != stopped:
+        assert time.monotonic() < deadline, f"pid {pid} states {_state(pid)}, stopped={stopped}"
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(60)
+def test_thaw_guard_resumes_what_a_dead_monitor_left_stopped() -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    guard = ThawGuard.start()
+    assert guard is not None
+    try:
+        with freeze_tree(sleeper.pid, witness=guard):
+            _wait_state(sleeper.pid, stopped=True)
+            # The monitor "dies": its end of the pipe closes without a thaw.
+            guard._pipe.close()  # type: ignore[union-attr]
+            guard._pipe = None
+            _wait_state(sleeper.pid, stopped=False)
+    finally:
+        guard.close()
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.timeout(60)
+def test_thaw_guard_forgets_a_thawed_tree() -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    guard = ThawGuard.start()
+    assert guard is not None
+    try:
+        with freeze_tree(sleeper.pid, witness=guard):
+            _wait_state(sleeper.pid, stopped=True)
+        _wait_state(sleeper.pid, stopped=False)
+        os.kill(sleeper.pid, signal.SIGSTOP)  # stopped by someone else, later
+        _wait_state(sleeper.pid, stopped=True)
+        guard.close()  # EOF after a thaw: nothing to resume
+        time.sleep(0.2)
+        assert _state(sleeper.pid) == {"T"}
+    finally:
+        guard.close()
+        sleeper.kill()
+        sleeper.wait()
