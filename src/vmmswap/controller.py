@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import select
 import socket
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -51,6 +54,7 @@ _SRC_ROOT: Final = str(Path(__file__).resolve().parent.parent)
 
 #: uffds of VMMs whose monitor died while memory was registered: kept open on purpose, forever.
 _ORPHANED_UFFDS: list[Userfaultfd] = []
+_log = logging.getLogger(__name__)
 
 
 class SwapError(RuntimeError):
@@ -136,29 +140,101 @@ def _registered_ranges(ranges: Iterable[tuple[int, int]]) -> bool:
     return False
 
 
+#: Called from a helper thread when the monitor dies while the controller is open.
+DeathCallback = Callable[[MonitorDiedError], None]
+
+
+def _log_death(err: MonitorDiedError) -> None:
+    _log.error("%s", err)
+
+
+class _DeathWatch:
+    """A thread that waits on the monitor's pidfd, so a VMM learns of the monitor's death when
+    it happens -- its vCPUs may be blocked in faults and never make another request."""
+
+    def __init__(self, pid: int, on_death: Callable[[], None]) -> None:
+        self._pidfd = os.pidfd_open(pid)  # close-on-exec, like every pidfd
+        self._stop_r, self._stop_w = os.pipe()
+        self._on_death = on_death
+        self._thread = threading.Thread(target=self._run, name=f"vmmswap-monitor-{pid}-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with select.epoll() as ep:
+            ep.register(self._pidfd, select.EPOLLIN)
+            ep.register(self._stop_r, select.EPOLLIN)
+            while True:
+                ready = {fd for fd, _ in ep.poll()}
+                if self._stop_r in ready:
+                    return
+                if self._pidfd in ready:
+                    self._on_death()
+                    return
+
+    def stop(self) -> None:
+        """Stop watching (an orderly close is not a death). Idempotent."""
+        if self._stop_w < 0:
+            return
+        os.write(self._stop_w, b"x")
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        for fd in (self._stop_w, self._stop_r, self._pidfd):
+            os.close(fd)
+        self._stop_w = -1
+
+
 class SwapController:
     """Handle on a running monitor. Thread-safe: one request at a time over the socketpair."""
 
     def __init__(self, memory: GuestMemory, uffd: Userfaultfd, sock: socket.socket,
-                 process: subprocess.Popen[bytes], control_socket: str | None) -> None:
+                 process: subprocess.Popen[bytes], control_socket: str | None,
+                 on_monitor_died: DeathCallback | None = _log_death) -> None:
         self._memory = memory  # kept so guest memory outlives the monitor's swap-in
         self._uffd = uffd
         self._sock = sock
         self._process = process
         self._lock = threading.Lock()
         self._closed = False
+        self._closing = False
         self._dead = False
         self._owner = os.getpid()
         self.control_socket = control_socket
+        self._on_monitor_died = on_monitor_died
+        self._watch: _DeathWatch | None = None
+        if on_monitor_died is not None:
+            # A weak reference: the watch must not keep a dropped controller alive (its
+            # finaliser is what swaps everything back in).
+            ref = weakref.ref(self)
+
+            def exited() -> None:
+                controller = ref()
+                if controller is not None:
+                    controller._monitor_exited()
+
+            self._watch = _DeathWatch(process.pid, exited)
+
+    def _monitor_exited(self) -> None:
+        """From the watch thread: the monitor is gone, and nobody asked it to go."""
+        if self._closing or self._on_monitor_died is None:
+            return
+        self._dead = True
+        try:
+            self._on_monitor_died(self._died())
+        except Exception:
+            _log.exception("the on_monitor_died callback failed")
 
     # --- launch ---------------------------------------------------------------------------------
     @classmethod
     def launch(cls, memory: GuestMemory, swap_dir: str | os.PathLike[str], *,
-               readahead: bool = True, control_socket: str | None = None) -> SwapController:
+               readahead: bool = True, control_socket: str | None = None,
+               on_monitor_died: DeathCallback | None = _log_death) -> SwapController:
         """Start the monitor for ``memory`` and wait until it is Ready.
 
         Call it before guest memory is touched by anything but this process, and before any
-        device process is forked (those use :meth:`prepare_fork`).
+        device process is forked (those use :meth:`prepare_fork`). ``on_monitor_died`` is
+        called (from a helper thread) with the error as soon as the monitor dies unasked;
+        the default logs it; None turns the watch off (commands still raise).
         """
         swap_fd = open_swap_file(swap_dir)
         uffd: Userfaultfd | None = None
@@ -195,7 +271,7 @@ class SwapController:
             raise
         finally:
             os.close(swap_fd)  # the monitor's copy is the only one: the file dies with it
-        return cls(memory, uffd, ours, process, control_socket)
+        return cls(memory, uffd, ours, process, control_socket, on_monitor_died)
 
     # --- properties -----------------------------------------------------------------------------
     @property
@@ -340,13 +416,17 @@ class SwapController:
         if self._closed:
             return
         died: MonitorDiedError | None = None
+        self._closing = True
         try:
             response = self._request(Request(Command.EXIT))
             raise_for(response)
         except MonitorDiedError as err:
             died = err
         except SwapError:
+            self._closing = False
             raise  # e.g. swap-in failed: the monitor keeps serving; nothing is released
+        if self._watch is not None:
+            self._watch.stop()
         with self._lock:
             self._closed = True
             self._sock.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 from control_helpers import FAKE_FACTORY, MIB, Model, TestVmm, wait_gone
 
+from vmmswap.controller import MonitorDiedError, SwapController
 from vmmswap.freeze import thread_states
+from vmmswap.guest_memory import GuestMemory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -204,3 +207,34 @@ def test_monitor_killed_during_enable_thaws_the_vmm(
     result = vmm._readline(30)
     assert not result["ok"] and result["error"] == "MonitorDiedError", result
     assert vmm.call("status")["error"] == "MonitorDiedError"
+
+
+def test_controller_reports_a_monitor_death_as_it_happens(tmp_path: Path) -> None:
+    """The VMM learns of a dead monitor without making a request: its vCPUs may all be
+    blocked in faults. (In-process: nothing here ever touches registered memory.)"""
+    deaths: list[MonitorDiedError] = []
+    told = threading.Event()
+
+    def on_death(err: MonitorDiedError) -> None:
+        deaths.append(err)
+        told.set()
+
+    with GuestMemory.create([(0, 1 * MIB)]) as memory:
+        ctl = SwapController.launch(memory, tmp_path, on_monitor_died=on_death)
+        os.kill(ctl.monitor_pid, signal.SIGKILL)
+        assert told.wait(10), "the controller did not notice the monitor's death"
+        assert "killed by signal 9" in str(deaths[0])
+        assert not ctl.monitor_alive()
+        with pytest.raises(MonitorDiedError):
+            ctl.status()
+        ctl.close()  # nothing was registered: the uffd can go
+    assert len(deaths) == 1
+
+
+def test_orderly_close_is_not_reported_as_a_death(tmp_path: Path) -> None:
+    deaths: list[MonitorDiedError] = []
+    with GuestMemory.create([(0, 1 * MIB)]) as memory:
+        with SwapController.launch(memory, tmp_path, on_monitor_died=deaths.append):
+            pass
+        time.sleep(0.2)
+    assert deaths == []
