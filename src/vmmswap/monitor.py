@@ -29,9 +29,10 @@ import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from vmmswap.control_socket import (
@@ -70,6 +71,8 @@ from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 _log = logging.getLogger("vmmswap.monitor")
 
 MAX_CLIENTS: Final = 32
+#: A connection silent this long may be closed to admit a new one when all slots are taken.
+MIN_IDLE_TO_EVICT: Final = 5.0
 MAX_DEVICES: Final = 256
 INIT_TIMEOUT: Final = 30.0
 #: Test-only hook: "module:function" building the page handler (fault injection in tests).
@@ -111,6 +114,8 @@ class Client:
     peer_pid: int = 0
     #: Refused by the peer check: its first request gets a PERMISSION error, then it is closed.
     refusal: str | None = None
+    #: When it last sent anything (time.monotonic()): the idlest goes first when slots run out.
+    last_active: float = field(default_factory=time.monotonic)
 
 
 class Monitor:
@@ -331,7 +336,7 @@ class Monitor:
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         pid, uid = peer_credentials(conn)
-        if len(self.clients) >= MAX_CLIENTS:
+        if len(self.clients) >= MAX_CLIENTS and not self._evict_idlest():
             self._send_and_close(conn, Response.failure(ErrorKind.BUSY, "too many clients"))
             return
         client = Client(conn, public=True, peer_pid=pid)
@@ -339,6 +344,23 @@ class Monitor:
             _log.warning("refusing control connection from pid %d uid %d", pid, uid)
             client.refusal = f"uid {uid} may not control this VM (only uid {os.geteuid()})"
         self._add_client(client)
+
+    def _evict_idlest(self) -> bool:
+        """Make room by closing the public connection idle longest (refused peers first), so
+        connections that never send cannot lock the VM's user out. False if none qualifies."""
+        now = time.monotonic()
+        candidates = [c for c in self.clients.values() if c.public and c is not self._exit_client
+                      and (c.refusal is not None or now - c.last_active >= MIN_IDLE_TO_EVICT)]
+        if not candidates:
+            return False
+        victim = min(candidates, key=lambda c: (c.refusal is None, c.last_active))
+        _log.info("closing control connection of pid %d, idle for %.0f s: too many clients",
+                  victim.peer_pid, now - victim.last_active)
+        with contextlib.suppress(OSError, ProtocolError):
+            send_message(victim.sock, encode_response(Response.failure(
+                ErrorKind.BUSY, "closed: idle while too many clients were connected")))
+        self._close_client(victim)
+        return True
 
     @staticmethod
     def _send_and_close(conn: socket.socket, response: Response) -> None:
@@ -380,6 +402,7 @@ class Monitor:
         return status
 
     def _on_client(self, client: Client) -> None:
+        client.last_active = time.monotonic()
         try:
             received = recv_message(client.sock)
         except (BlockingIOError, InterruptedError):

@@ -6,6 +6,7 @@ import array
 import json
 import os
 import random
+import select
 import shutil
 import socket
 import stat
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from control_helpers import FAKE_FACTORY, MIB, Model, TestVmm
 
+from vmmswap.monitor import MAX_CLIENTS, MIN_IDLE_TO_EVICT
 from vmmswap.protocol import MAX_MESSAGE, Command, Request, decode_response, request
 
 pytestmark = pytest.mark.timeout(180)
@@ -176,6 +178,24 @@ def test_many_clients_are_capped(running: tuple[TestVmm, Path, Model]) -> None:
         assert any(a.error == "busy" for a in answers)
     finally:
         for c in conns:
+            c.close()
+    assert vmm.ok("status")["ok"]
+
+
+def test_idle_connections_cannot_lock_the_user_out(running: tuple[TestVmm, Path, Model]) -> None:
+    vmm, sock, _ = running
+    idle = [_connect(sock) for _ in range(MAX_CLIENTS - 1)]  # + the controller's: all slots
+    try:
+        with _connect(sock) as late:
+            assert request(late, Request(Command.STATUS)).error == "busy"
+        time.sleep(MIN_IDLE_TO_EVICT + 0.5)
+        with _connect(sock) as late:
+            assert request(late, Request(Command.STATUS)).ok  # the idlest made room
+        evicted = [c for c in idle if select.select([c], [], [], 0)[0]]
+        assert len(evicted) == 1
+        assert decode_response(evicted[0].recv(MAX_MESSAGE)).error == "busy"
+    finally:
+        for c in idle:
             c.close()
     assert vmm.ok("status")["ok"]
 
