@@ -13,6 +13,9 @@ import os
 import socket
 import stat
 import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Final
 
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -86,3 +89,33 @@ def pidfd_pid(pidfd: int) -> int:
             if line.startswith("Pid:"):
                 return int(line.split()[1])
     raise ValueError("not a pidfd")
+
+
+# --- connections ----------------------------------------------------------------------------------
+#: A connection silent this long may be closed to admit a new one when all slots are taken.
+MIN_IDLE_TO_EVICT: Final = 5.0
+
+
+@dataclass(eq=False)
+class Client:
+    """A connection: the controller's socketpair (``public`` False) or a control-socket peer."""
+
+    sock: socket.socket
+    public: bool
+    peer_pid: int = 0
+    #: Refused by the peer check: its first request gets a PERMISSION error, then it is closed.
+    refusal: str | None = None
+    #: When it last sent anything (time.monotonic()): the idlest goes first when slots run out.
+    last_active: float = field(default_factory=time.monotonic)
+
+
+def idlest_client(clients: Iterable[Client], keep: Client | None = None) -> Client | None:
+    """The public connection to close when every slot is taken: a refused peer if any, else the
+    one silent longest, if silent for :data:`MIN_IDLE_TO_EVICT`; never ``keep`` (a client
+    waiting for an answer). None when nobody qualifies."""
+    now = time.monotonic()
+    candidates = [c for c in clients if c.public and c is not keep
+                  and (c.refusal is not None or now - c.last_active >= MIN_IDLE_TO_EVICT)]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda c: (c.refusal is None, c.last_active))

@@ -32,12 +32,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from typing import Final
 
 from vmmswap.control_socket import (
+    Client,
     bind_control_socket,
     fd_kind,
+    idlest_client,
     peer_credentials,
     pidfd_pid,
     unlink_if_ours,
@@ -71,8 +72,6 @@ from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 _log = logging.getLogger("vmmswap.monitor")
 
 MAX_CLIENTS: Final = 32
-#: A connection silent this long may be closed to admit a new one when all slots are taken.
-MIN_IDLE_TO_EVICT: Final = 5.0
 MAX_DEVICES: Final = 256
 INIT_TIMEOUT: Final = 30.0
 #: Test-only hook: "module:function" building the page handler (fault injection in tests).
@@ -103,19 +102,6 @@ def load_handler_factory() -> HandlerFactory:
     factory: HandlerFactory = getattr(importlib.import_module(module), name)
     _log.warning("using the test page-handler factory %s", spec)
     return factory
-
-
-@dataclass(eq=False)
-class Client:
-    """A connection: the controller's socketpair (``public`` False) or a control-socket peer."""
-
-    sock: socket.socket
-    public: bool
-    peer_pid: int = 0
-    #: Refused by the peer check: its first request gets a PERMISSION error, then it is closed.
-    refusal: str | None = None
-    #: When it last sent anything (time.monotonic()): the idlest goes first when slots run out.
-    last_active: float = field(default_factory=time.monotonic)
 
 
 class Monitor:
@@ -348,14 +334,11 @@ class Monitor:
     def _evict_idlest(self) -> bool:
         """Make room by closing the public connection idle longest (refused peers first), so
         connections that never send cannot lock the VM's user out. False if none qualifies."""
-        now = time.monotonic()
-        candidates = [c for c in self.clients.values() if c.public and c is not self._exit_client
-                      and (c.refusal is not None or now - c.last_active >= MIN_IDLE_TO_EVICT)]
-        if not candidates:
+        victim = idlest_client(self.clients.values(), keep=self._exit_client)
+        if victim is None:
             return False
-        victim = min(candidates, key=lambda c: (c.refusal is None, c.last_active))
         _log.info("closing control connection of pid %d, idle for %.0f s: too many clients",
-                  victim.peer_pid, now - victim.last_active)
+                  victim.peer_pid, time.monotonic() - victim.last_active)
         with contextlib.suppress(OSError, ProtocolError):
             send_message(victim.sock, encode_response(Response.failure(
                 ErrorKind.BUSY, "closed: idle while too many clients were connected")))
