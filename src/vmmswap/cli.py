@@ -75,7 +75,7 @@ class Client:
                               "VM's user)") from None
         except OSError as err:
             self.sock.close()
-            raise UnreachableError(f"{path}: cannot connect: {err.strerror}") from None
+            raise UnreachableError(f"{path}: cannot connect: {err.strerror or err}") from None
 
     def send(self, req: Request) -> Response:
         try:

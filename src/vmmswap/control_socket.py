@@ -107,6 +107,8 @@ class Client:
     refusal: str | None = None
     #: When it last sent anything (time.monotonic()): the idlest goes first when slots run out.
     last_active: float = field(default_factory=time.monotonic)
+    #: False for a device registrar's connection, silent by design until its child registers.
+    evictable: bool = True
 
 
 def idlest_client(clients: Iterable[Client], keep: Client | None = None) -> Client | None:
@@ -114,7 +116,7 @@ def idlest_client(clients: Iterable[Client], keep: Client | None = None) -> Clie
     one silent longest, if silent for :data:`MIN_IDLE_TO_EVICT`; never ``keep`` (a client
     waiting for an answer). None when nobody qualifies."""
     now = time.monotonic()
-    candidates = [c for c in clients if c.public and c is not keep
+    candidates = [c for c in clients if c.public and c.evictable and c is not keep
                   and (c.refusal is not None or now - c.last_active >= MIN_IDLE_TO_EVICT)]
     if not candidates:
         return None

@@ -155,6 +155,8 @@ class _DeathWatch:
     def __init__(self, pid: int, on_death: Callable[[], None]) -> None:
         self._pidfd = os.pidfd_open(pid)  # close-on-exec, like every pidfd
         self._stop_r, self._stop_w = os.pipe()
+        self._stopped = False
+        self._stop_lock = threading.Lock()
         self._on_death = on_death
         self._thread = threading.Thread(target=self._run, name=f"vmmswap-monitor-{pid}-watch",
                                         daemon=True)
@@ -172,16 +174,21 @@ class _DeathWatch:
                     self._on_death()
                     return
 
+    def is_current_thread(self) -> bool:
+        return self._thread is threading.current_thread()
+
     def stop(self) -> None:
-        """Stop watching (an orderly close is not a death). Idempotent."""
-        if self._stop_w < 0:
-            return
-        os.write(self._stop_w, b"x")
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-        for fd in (self._stop_w, self._stop_r, self._pidfd):
-            os.close(fd)
-        self._stop_w = -1
+        """Stop watching (an orderly close is not a death). Idempotent and thread-safe: the
+        death callback itself may close the controller while the VMM's thread does too."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            os.write(self._stop_w, b"x")
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=10)
+            for fd in (self._stop_w, self._stop_r, self._pidfd):
+                os.close(fd)
 
 
 class SwapController:
@@ -197,6 +204,7 @@ class SwapController:
         self._lock = threading.Lock()
         self._closed = False
         self._closing = False
+        self._close_done = threading.Event()
         self._dead = False
         self._owner = os.getpid()
         self.control_socket = control_socket
@@ -413,18 +421,35 @@ class SwapController:
         open (closing it would let the kernel zero-fill swapped-out pages) and
         MonitorDiedError is raised.
         """
-        if self._closed:
+        with self._lock:
+            if self._closed:
+                return
+            busy = self._closing
+            if not busy:
+                self._closing = True
+                self._close_done = threading.Event()
+            done = self._close_done
+        if busy:  # another thread is closing: wait for it (unless it is waiting for us)
+            if self._watch is None or not self._watch.is_current_thread():
+                done.wait()
             return
+        try:
+            self._close()
+        finally:
+            self._close_done.set()
+
+    def _close(self) -> None:
         died: MonitorDiedError | None = None
-        self._closing = True
         try:
             response = self._request(Request(Command.EXIT))
             raise_for(response)
         except MonitorDiedError as err:
             died = err
-        except SwapError:
+        except BaseException:
+            # e.g. swap-in failed: the monitor keeps serving, nothing is released, and a later
+            # death must still be reported.
             self._closing = False
-            raise  # e.g. swap-in failed: the monitor keeps serving; nothing is released
+            raise
         if self._watch is not None:
             self._watch.stop()
         with self._lock:

@@ -143,7 +143,9 @@ class Monitor:
     def freeze(self) -> AbstractContextManager[object]:
         # Registered devices too: a hot-plugged one need not descend from the VMM.
         roots = [self.init.vmm_pid, *(d.pid for d in self.uffds.devices)]
-        if self._thaw_guard is None:
+        if self._thaw_guard is None or not self._thaw_guard.alive:
+            if self._thaw_guard is not None:
+                self._thaw_guard.close()
             self._thaw_guard = ThawGuard.start()
         return freeze_tree(roots, exclude=(os.getpid(),), while_waiting=self._serve_all,
                            witness=self._thaw_guard)
@@ -322,14 +324,15 @@ class Monitor:
     def _admit(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         pid, uid = peer_credentials(conn)
-        if len(self.clients) >= MAX_CLIENTS and not self._evict_idlest():
-            self._send_and_close(conn, Response.failure(ErrorKind.BUSY, "too many clients"))
-            return
-        client = Client(conn, public=True, peer_pid=pid)
+        refusal = None
         if uid != os.geteuid():
             _log.warning("refusing control connection from pid %d uid %d", pid, uid)
-            client.refusal = f"uid {uid} may not control this VM (only uid {os.geteuid()})"
-        self._add_client(client)
+            refusal = f"uid {uid} may not control this VM (only uid {os.geteuid()})"
+        if len(self.clients) >= MAX_CLIENTS and (refusal is not None or not self._evict_idlest()):
+            # A peer that will be refused never makes room for itself.
+            self._send_and_close(conn, Response.failure(ErrorKind.BUSY, "too many clients"))
+            return
+        self._add_client(Client(conn, public=True, peer_pid=pid, refusal=refusal))
 
     def _evict_idlest(self) -> bool:
         """Make room by closing the public connection idle longest (refused peers first), so
@@ -499,7 +502,8 @@ class Monitor:
             return Response.failure(ErrorKind.REQUEST, "attach needs an AF_UNIX SEQPACKET "
                                     "socket")
         sock.setblocking(False)
-        self._add_client(Client(sock, public=True))
+        # A device registrar stays silent until its child registers: never evicted for that.
+        self._add_client(Client(sock, public=True, evictable=False))
         return Response(True, "attached")
 
     def close(self) -> None:

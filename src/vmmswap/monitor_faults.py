@@ -216,22 +216,33 @@ class UffdSet:
         faults = deque(self.drain(entry))
         seen = len(faults)
         retries = 0
-        while faults:
-            fault = faults.popleft()
-            outcome = self._serve_one(entry, fault)
-            if outcome == "changing":
-                retries += 1
-                more = self.drain(entry)
-                seen += len(more)
-                faults.extendleft(reversed([fault, *more]))
-                if retries > _CHANGING_RETRIES:
-                    self._stuck.append(_Stuck(entry, faults.popleft(), "address space "
-                                              "changing", time.monotonic()))
-            elif outcome == "gone":
-                if entry.main:
-                    raise VmmGoneError(f"the VMM (pid {entry.pid}) has exited")
-                self.drop(entry)
-                return seen
+        try:
+            while faults:
+                fault = faults.popleft()
+                outcome = self._serve_one(entry, fault)
+                if outcome == "changing":
+                    retries += 1
+                    faults.appendleft(fault)
+                    more = self.drain(entry)
+                    seen += len(more)
+                    faults.popleft()
+                    faults.extendleft(reversed([fault, *more]))
+                    if retries > _CHANGING_RETRIES:
+                        self._stuck.append(_Stuck(entry, faults.popleft(), "address space "
+                                                  "changing", time.monotonic()))
+                elif outcome == "gone":
+                    if entry.main:
+                        raise VmmGoneError(f"the VMM (pid {entry.pid}) has exited")
+                    self.drop(entry)
+                    return seen
+        except VmmGoneError:
+            raise
+        except Exception as err:
+            # The kernel never sends a fault twice: every one read and not yet served is a
+            # thread that would otherwise stay blocked for good. Keep them for a retry.
+            later = time.monotonic() + STUCK_RETRY_INTERVAL
+            self._stuck.extend(_Stuck(entry, f, f"interrupted: {err!r}", later) for f in faults)
+            raise
         return seen
 
     def _serve_one(self, entry: UffdEntry, fault: PageFault) -> str:
@@ -273,21 +284,33 @@ class UffdSet:
         if not due:
             return
         self._stuck = deque(s for s in self._stuck if s.next_try > now)
-        for stuck in due:
-            if stuck.entry.uffd.closed:
-                continue
-            outcome = self._serve_one(stuck.entry, stuck.fault)
-            if outcome == "changing":
-                # Read the events the kernel wants read first; new faults among them join the
-                # queue (none may be dropped: each is a blocked thread).
-                self._stuck.extend(_Stuck(stuck.entry, f, "new", now)
-                                   for f in self.drain(stuck.entry))
-                stuck.next_try = now
-                self._stuck.append(stuck)
-            elif outcome == "gone":
-                if stuck.entry.main:
-                    raise VmmGoneError(f"the VMM (pid {stuck.entry.pid}) has exited")
-                self.drop(stuck.entry)
+        for i, stuck in enumerate(due):
+            try:
+                self._retry_one(stuck, now)
+            except VmmGoneError:
+                raise
+            except Exception:
+                # Those not retried yet (this one included) must not be forgotten.
+                for rest in due[i:]:
+                    rest.next_try = now + STUCK_RETRY_INTERVAL
+                    self._stuck.append(rest)
+                raise
+
+    def _retry_one(self, stuck: _Stuck, now: float) -> None:
+        if stuck.entry.uffd.closed:
+            return
+        outcome = self._serve_one(stuck.entry, stuck.fault)
+        if outcome == "changing":
+            # Read the events the kernel wants read first; new faults among them join the
+            # queue (none may be dropped: each is a blocked thread).
+            self._stuck.extend([_Stuck(stuck.entry, f, "new", now)
+                                for f in self.drain(stuck.entry)])
+            stuck.next_try = now
+            self._stuck.append(stuck)
+        elif outcome == "gone":
+            if stuck.entry.main:
+                raise VmmGoneError(f"the VMM (pid {stuck.entry.pid}) has exited")
+            self.drop(stuck.entry)
 
     @property
     def stuck_count(self) -> int:

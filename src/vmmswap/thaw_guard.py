@@ -52,6 +52,11 @@ class ThawGuard:
     def pid(self) -> int:
         return self._proc.pid
 
+    @property
+    def alive(self) -> bool:
+        """Still running and still listening (else the monitor starts a new one)."""
+        return self._pipe is not None and self._proc.poll() is None
+
     def _send(self, line: str) -> None:
         if self._pipe is None:
             return

@@ -238,3 +238,28 @@ def test_orderly_close_is_not_reported_as_a_death(tmp_path: Path) -> None:
             pass
         time.sleep(0.2)
     assert deaths == []
+
+
+def test_close_from_the_death_callback_races_the_vmm_safely(tmp_path: Path) -> None:
+    """The README's advice -- stop the VM from on_monitor_died -- closes the controller on the
+    watch thread, maybe while the VMM's own thread closes it too: neither may fail."""
+    errors: list[BaseException] = []
+    holder: dict[str, SwapController] = {}
+
+    def on_death(_: MonitorDiedError) -> None:
+        try:
+            holder["ctl"].close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    with GuestMemory.create([(0, 1 * MIB)]) as memory:
+        for attempt in range(6):
+            holder["ctl"] = ctl = SwapController.launch(memory, tmp_path,
+                                                        on_monitor_died=on_death)
+            os.kill(ctl.monitor_pid, signal.SIGKILL)
+            time.sleep(attempt * 0.02)  # from "VMM first" to "callback first"
+            ctl.close()  # nothing registered: no error, whoever gets there first
+            # The callback ran (its close waited or returned) or was skipped: close() had begun.
+            assert not ctl.monitor_alive()
+        time.sleep(0.5)
+    assert errors == []

@@ -166,3 +166,52 @@ def test_failed_registration_is_rolled_back(setup: Any) -> None:
     with pytest.raises(OSError, match="not mapped"):
         uffds.register_all()
     assert bad.registered == [] and not uffds.main.registered
+
+
+def test_faults_read_before_an_unexpected_error_are_kept(setup: Any,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception in the middle of a batch (here: reading events after a changing address
+    space) must not forget the faults already read: the kernel never sends them again."""
+    uffds, uffd, handler, _ = setup
+    monkeypatch.setattr(monitor_faults, "STUCK_RETRY_INTERVAL", 0.0)
+    handler.errors = [MappingChangingError(errno.EAGAIN, "changing")]
+    uffd.queue = [[fault(1), fault(2), fault(3)]]
+    reads = [0]
+    original = uffd.read_events
+
+    def read_events() -> list[Event]:
+        reads[0] += 1
+        if reads[0] == 3:  # the drain after the changing error
+            raise OSError(errno.ENOMEM, "injected")
+        return original()
+
+    uffd.read_events = read_events
+    with pytest.raises(OSError, match="injected"):
+        uffds.serve(uffds.main)
+    assert uffds.stuck_count == 3  # faults 1 (unserved), 2 and 3
+    uffd.read_events = original
+    uffds.retry_stuck()
+    assert sorted(handler.served) == [BASE + 4096, BASE + 2 * 4096, BASE + 3 * 4096]
+    assert uffds.stuck_count == 0
+
+
+def test_retry_keeps_what_it_did_not_reach(setup: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    uffds, uffd, handler, _ = setup
+    monkeypatch.setattr(monitor_faults, "STUCK_RETRY_INTERVAL", 0.0)
+    handler.errors = [OSError(errno.EIO, "disk")] * 3
+    uffd.queue = [[fault(1), fault(2), fault(3)]]
+    uffds.serve(uffds.main)
+    assert uffds.stuck_count == 3
+    handler.errors = [MappingChangingError(errno.EAGAIN, "changing")]
+    original = uffd.read_events
+
+    def broken() -> list[Event]:
+        raise OSError(errno.ENOMEM, "injected")
+
+    uffd.read_events = broken
+    with pytest.raises(OSError, match="injected"):
+        uffds.retry_stuck()
+    assert uffds.stuck_count == 3
+    uffd.read_events = original
+    uffds.retry_stuck()
+    assert sorted(handler.served) == [BASE + 4096, BASE + 2 * 4096, BASE + 3 * 4096]
