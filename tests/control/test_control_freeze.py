@@ -141,18 +141,13 @@ def _wait_state(pid: int, stopped: bool, timeout: float = 10) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.timeout(60)
-def test_thaw_guard_resumes_what_a_dead_monitor_left_stopped() -> None:
+@pytest.fixture
+def sleeper_and_guard() -> Iterator[tuple[int, ThawGuard]]:
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     guard = ThawGuard.start()
     assert guard is not None
     try:
-        with freeze_tree(sleeper.pid, witness=guard):
-            _wait_state(sleeper.pid, stopped=True)
-            # The monitor "dies": its end of the pipe closes without a thaw.
-            guard._pipe.close()  # type: ignore[union-attr]
-            guard._pipe = None
-            _wait_state(sleeper.pid, stopped=False)
+        yield sleeper.pid, guard
     finally:
         guard.close()
         sleeper.kill()
@@ -160,20 +155,25 @@ def test_thaw_guard_resumes_what_a_dead_monitor_left_stopped() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_thaw_guard_forgets_a_thawed_tree() -> None:
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    guard = ThawGuard.start()
-    assert guard is not None
-    try:
-        with freeze_tree(sleeper.pid, witness=guard):
-            _wait_state(sleeper.pid, stopped=True)
-        _wait_state(sleeper.pid, stopped=False)
-        os.kill(sleeper.pid, signal.SIGSTOP)  # stopped by someone else, later
-        _wait_state(sleeper.pid, stopped=True)
-        guard.close()  # EOF after a thaw: nothing to resume
-        time.sleep(0.2)
-        assert _state(sleeper.pid) == {"T"}
-    finally:
-        guard.close()
-        sleeper.kill()
-        sleeper.wait()
+def test_thaw_guard_resumes_what_a_dead_monitor_left_stopped(
+        sleeper_and_guard: tuple[int, ThawGuard]) -> None:
+    pid, guard = sleeper_and_guard
+    with freeze_tree(pid, witness=guard):
+        _wait_state(pid, stopped=True)
+        # The monitor "dies": its end of the pipe closes without a thaw.
+        guard._pipe.close()  # type: ignore[union-attr]
+        guard._pipe = None
+        _wait_state(pid, stopped=False)
+
+
+@pytest.mark.timeout(60)
+def test_thaw_guard_forgets_a_thawed_tree(sleeper_and_guard: tuple[int, ThawGuard]) -> None:
+    pid, guard = sleeper_and_guard
+    with freeze_tree(pid, witness=guard):
+        _wait_state(pid, stopped=True)
+    _wait_state(pid, stopped=False)
+    os.kill(pid, signal.SIGSTOP)  # stopped by someone else, later
+    _wait_state(pid, stopped=True)
+    guard.close()  # EOF after a thaw: nothing to resume
+    time.sleep(0.2)
+    assert _state(pid) == {"T"}
