@@ -239,10 +239,8 @@ class Monitor:
         except VmmGoneError:
             raise
         except Exception as err:
-            message = f"serving the uffd of pid {entry.pid} failed unexpectedly: {err!r}"
-            if self.uffds.last_error != message:
-                _log.exception("%s; still serving", message)
-            self.uffds.last_error = message
+            self.uffds.report(f"serving the uffd of pid {entry.pid} failed unexpectedly: "
+                              f"{err!r}", traceback=True, aside="; still serving")
             return 0
 
     def _serve_watched(self, entry: UffdEntry) -> None:

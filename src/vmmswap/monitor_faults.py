@@ -211,6 +211,13 @@ class UffdSet:
             self.last_error = f"handling REMOVE [{event.start:#x}, {event.end:#x}): {err}"
             _log.error("%s", self.last_error, exc_info=not isinstance(err, OSError))
 
+    def report(self, message: str, *, traceback: bool, aside: str = "") -> None:
+        """Make ``message`` the error the status shows, and log it once (not at every retry
+        of the same fault). Call it from the ``except`` block that caught the error."""
+        if self.last_error != message:
+            _log.error("%s%s", message, aside, exc_info=traceback)
+        self.last_error = message
+
     def serve(self, entry: UffdEntry) -> int:
         """Drain ``entry`` and serve its faults; returns how many faults were seen."""
         faults = deque(self.drain(entry))
@@ -222,11 +229,11 @@ class UffdSet:
                 outcome = self._serve_one(entry, fault)
                 if outcome == "changing":
                     retries += 1
-                    faults.appendleft(fault)
+                    faults.appendleft(fault)  # first again, and kept if reading events fails
                     more = self.drain(entry)
                     seen += len(more)
-                    faults.popleft()
-                    faults.extendleft(reversed([fault, *more]))
+                    for new in reversed(more):  # right after it, before the older ones
+                        faults.insert(1, new)
                     if retries > _CHANGING_RETRIES:
                         self._stuck.append(_Stuck(entry, faults.popleft(), "address space "
                                                   "changing", time.monotonic()))
@@ -258,11 +265,9 @@ class UffdSet:
             return "gone"
         except Exception as err:
             message = f"cannot serve the fault at {fault.address:#x} of pid {entry.pid}: {err}"
-            if self.last_error != message:
-                # A non-OSError is a bug somewhere: keep its traceback.
-                _log.error("%s (the thread stays blocked; retrying)", message,
-                           exc_info=not isinstance(err, OSError))
-            self.last_error = message
+            # A non-OSError is a bug somewhere: keep its traceback.
+            self.report(message, traceback=not isinstance(err, OSError),
+                        aside=" (the thread stays blocked; retrying)")
             self._stuck.append(_Stuck(entry, fault, message,
                                       time.monotonic() + STUCK_RETRY_INTERVAL))
         return "done"
