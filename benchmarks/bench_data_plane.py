@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -46,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from c_build import build_c
 from vmmswap.kernel import libc
 from vmmswap.memory import Mapping
 from vmmswap.page_handler import PageHandler
@@ -77,22 +76,6 @@ TARGETS = {
 
 
 # --- helpers --------------------------------------------------------------------------------------
-def build(source: Path, name: str) -> Path:
-    """Compile a C baseline once per source version."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise SystemExit("bench_data_plane: gcc is needed to build the C reference handler")
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vmmswap-bench"
-    base.mkdir(parents=True, exist_ok=True)
-    binary = base / f"{name}-{digest}"
-    if not binary.exists():
-        tmp = base / f".{name}-{os.getpid()}"
-        subprocess.run([gcc, "-O2", "-Wall", "-o", str(tmp), str(source)], check=True)
-        tmp.replace(binary)
-    return binary
-
-
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
@@ -472,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size * MIB
     global _warm_bytes
     _warm_bytes = 0 if args.no_prewarm else 2 * max(size, 512 * MIB)
-    ref = build(REF_SOURCE, "dataplane_ref_handler")
-    uffd_bench = build(UFFD_BENCH_SOURCE, "uffd_bench") if UFFD_BENCH_SOURCE.exists() else None
+    ref = build_c(REF_SOURCE)
+    uffd_bench = build_c(UFFD_BENCH_SOURCE) if UFFD_BENCH_SOURCE.exists() else None
     results: dict[str, Any] = {"size_bytes": size}
     with tempfile.TemporaryDirectory(prefix="vmmswap-bench-", dir=args.swap_dir) as swap_dir, \
             Vmm() as vmm:

@@ -19,20 +19,18 @@ noisy; compare the ratios, which are measured back to back, not the absolute num
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import shutil
 import socket
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from c_build import build_c
 from vmmswap.kernel import libc
 from vmmswap.memory import Mapping
 from vmmswap.pagesize import PAGE_SIZE, bytes_to_pages
@@ -51,28 +49,6 @@ RUN_TIMEOUT_S = 120.0
 # Targets from the issue: Python within these factors of C.
 ROUND_TRIP_TARGET = 1.2
 COPY_2M_TARGET = 1.1
-
-
-def build_c(cache_dir: Path | None = None) -> Path:
-    """Compile ``uffd_bench.c`` once per source version; returns the binary's path."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise SystemExit("bench_uffd: gcc is needed to build the C reference handler")
-    source = C_SOURCE.read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:16]
-    base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    out_dir = base / "vmmswap-bench"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    binary = out_dir / f"uffd_bench-{digest}"
-    if not binary.exists():
-        with tempfile.NamedTemporaryFile(dir=out_dir, delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            subprocess.run([gcc, "-O2", "-Wall", "-o", str(tmp_path), str(C_SOURCE)], check=True)
-            tmp_path.replace(binary)
-        finally:
-            tmp_path.unlink(missing_ok=True)
-    return binary
 
 
 # --- the Python handler (runs in its own process, like the C one) -------------------------------
@@ -244,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "_python-handler":
         return python_handler(args.sock, args.cpu)
 
-    binary = build_c()
+    binary = build_c(C_SOURCE)
     rts = round_trips(binary, args.pages, args.repeat)
     rates = copy_rates(binary, args.copy_mib * MIB, args.passes, args.repeat)
     ratios: dict[str, float] = {}

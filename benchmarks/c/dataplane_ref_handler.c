@@ -10,7 +10,7 @@
  * served and prints {"faults":N,"elapsed_ns":T} (T from the first fault to the last).
  *
  * Build: gcc -O2 -Wall -o dataplane_ref_handler dataplane_ref_handler.c
- * The uAPI bits are defined here: the installed header may be older than the kernel.
+ * The uAPI bits come from uffd_uapi.h beside it: the installed header may be older than the kernel.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -21,27 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
-#define UFFDIO 0xAA
-#define UFFD_EVENT_PAGEFAULT 0x12
-
-struct uffdio_range { uint64_t start, len; };
-struct uffdio_copy { uint64_t dst, src, len, mode; int64_t copy; };
-struct uffd_msg {
-	uint8_t event, reserved1;
-	uint16_t reserved2;
-	uint32_t reserved3;
-	union {
-		struct { uint64_t flags, address; uint32_t ptid; } __attribute__((packed)) pagefault;
-		uint64_t reserved[3];
-	} arg;
-} __attribute__((packed));
-
-#define UFFDIO_WAKE _IOR(UFFDIO, 0x02, struct uffdio_range)
-#define UFFDIO_COPY _IOWR(UFFDIO, 0x03, struct uffdio_copy)
-#define MAX_MSGS 64
+#include "uffd_uapi.h"
 
 static uint64_t now_ns(void)
 {
