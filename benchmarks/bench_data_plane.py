@@ -6,7 +6,8 @@
 (default: a 1 GiB guest, about 3 minutes; ``--size 256 --skip-sparse`` for a quick look).
 
 A child process (the test agent of ``tests/dataplane``) owns guest memory and its uffd, exactly
-like a VMM; this process runs the :class:`~vmmswap.page_handler.PageHandler` and serves its
+like a VMM; this process runs the :class:`~vmmswap.dataplane.page_handler.PageHandler` and serves
+its
 faults. Every figure is compared with a baseline measured in the same run, back to back:
 
 * page-in (sequential read of the whole guest by the child) after ``enable`` (from staging) and
@@ -45,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from c_build import build_c
+from vmmswap.dataplane.page_handler import PageHandler
 from vmmswap.kernel import libc
-from vmmswap.memory import Mapping
-from vmmswap.page_handler import PageHandler
-from vmmswap.pagesize import PAGE_SIZE, bytes_to_pages
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, bytes_to_pages
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

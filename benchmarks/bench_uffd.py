@@ -6,7 +6,8 @@ What is measured (each figure is the median of ``--repeat`` runs):
 
 * **single-page fault round trip**: a C faulter (``benchmarks/c/uffd_bench.c``) touches N missing
   pages one after the other; a handler in another process reads each fault and answers with a
-  4 KiB UFFDIO_COPY. The handler is either the C reference or ``vmmswap.userfaultfd`` driven from
+  4 KiB UFFDIO_COPY. The handler is either the C reference or ``vmmswap.uffd.userfaultfd`` driven
+  from
   Python (``read_events`` + ``copy``). Two placements: handler pinned on the faulter's CPU, and on
   the other CPU.
 * **UFFDIO_COPY throughput** with no waiters, at 4 KiB, 64 KiB and 2 MiB per call: C ioctls against
@@ -32,11 +33,11 @@ from pathlib import Path
 
 from c_build import build_c
 from vmmswap.kernel import libc
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import PAGE_SIZE, bytes_to_pages
-from vmmswap.uffd_errors import PageExistsError
-from vmmswap.uffd_events import PageFault
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.errors import PageExistsError
+from vmmswap.uffd.events import PageFault
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, bytes_to_pages
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "c" / "uffd_bench.c"

@@ -23,8 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final, TextIO
 
-from vmmswap.pagesize import pages_to_bytes
-from vmmswap.protocol import (
+from vmmswap.control.protocol import (
     Command,
     ErrorKind,
     ProtocolError,
@@ -32,7 +31,8 @@ from vmmswap.protocol import (
     Response,
     request,
 )
-from vmmswap.status import SwapState, SwapStatus
+from vmmswap.control.status import SwapState, SwapStatus
+from vmmswap.uffd.pagesize import pages_to_bytes
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1

@@ -12,7 +12,7 @@ from control_helpers import FAKE_FACTORY, TestVmm
 
 
 def real_handler_available() -> bool:
-    return importlib.util.find_spec("vmmswap.page_handler") is not None
+    return importlib.util.find_spec("vmmswap.dataplane.page_handler") is not None
 
 
 @pytest.fixture(params=["fake", "real"])
@@ -21,7 +21,7 @@ def handler_env(request: pytest.FixtureRequest) -> dict[str, str]:
     if request.param == "fake":
         return {"VMMSWAP_TEST_HANDLER_FACTORY": FAKE_FACTORY}
     if not real_handler_available():
-        pytest.skip("vmmswap.page_handler (the data plane) is not there yet")
+        pytest.skip("vmmswap.dataplane.page_handler (the data plane) is not there yet")
     return {}
 
 

@@ -19,12 +19,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vmmswap.guest_memory import RegionSpec, data_ranges
+from vmmswap.dataplane.guest_memory import RegionSpec, data_ranges
 from vmmswap.kernel import libc
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import PAGE_SIZE, page_base
-from vmmswap.uffd_errors import PageExistsError
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.errors import PageExistsError
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, page_base
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 
 @dataclass

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmmswap.pagesize import PAGE_SIZE
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent.parent / "src"

@@ -21,8 +21,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from vmmswap.guest_memory import RegionSpec
-from vmmswap.monitor import default_handler_factory
+from vmmswap.control.monitor import default_handler_factory
+from vmmswap.dataplane.guest_memory import RegionSpec
 
 
 class Injected:

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from vmmswap.controller import SwapController, SwapError
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.control.controller import SwapController, SwapError
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import libc
-from vmmswap.pagesize import PAGE_SIZE
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 MIB = 1024 * 1024
 #: Two regions, with a gap between them in guest-physical space.

@@ -15,8 +15,8 @@ import pytest
 from control_helpers import MIB, SRC, Model, TestVmm
 
 from vmmswap import cli
-from vmmswap.protocol import Command
-from vmmswap.status import SwapMetrics, SwapState, SwapStateTransition, SwapStatus
+from vmmswap.control.protocol import Command
+from vmmswap.control.status import SwapMetrics, SwapState, SwapStateTransition, SwapStatus
 
 pytestmark = pytest.mark.timeout(120)
 

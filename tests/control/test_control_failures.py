@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from control_helpers import FAKE_FACTORY, MIB, Model, TestVmm, wait_gone
 
-from vmmswap.controller import MonitorDiedError, SwapController
-from vmmswap.freeze import thread_states
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.control.controller import MonitorDiedError, SwapController
+from vmmswap.control.freeze import thread_states
+from vmmswap.dataplane.guest_memory import GuestMemory
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from vmmswap import monitor_faults
-from vmmswap.guest_memory import RegionSpec
+from vmmswap.control import monitor_faults
+from vmmswap.control.monitor_faults import UffdEntry, UffdSet, VmmGoneError
+from vmmswap.dataplane.guest_memory import RegionSpec
 from vmmswap.kernel.uffd import PagefaultFlag
-from vmmswap.monitor_faults import UffdEntry, UffdSet, VmmGoneError
-from vmmswap.uffd_errors import MappingChangingError, ProcessGoneError
-from vmmswap.uffd_events import Event, PageFault, Remove
+from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
+from vmmswap.uffd.events import Event, PageFault, Remove
 
 BASE = 0x7F0000000000
 REGION = RegionSpec(0, BASE, 0x100000)

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmmswap import freeze
-from vmmswap.freeze import FreezeError, freeze_tree, process_tree, thread_states
-from vmmswap.thaw_guard import ThawGuard
+from vmmswap.control import freeze
+from vmmswap.control.freeze import FreezeError, freeze_tree, process_tree, thread_states
+from vmmswap.control.thaw_guard import ThawGuard
 
 # A parent with a spinning thread and two spinning children, one of which forks a grandchild.
 TREE = textwrap.dedent("""

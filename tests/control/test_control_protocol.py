@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmmswap.guest_memory import RegionSpec
-from vmmswap.protocol import (
+from vmmswap.control.protocol import (
     MAX_MESSAGE,
     Command,
     ErrorKind,
@@ -28,7 +27,8 @@ from vmmswap.protocol import (
     send_message,
     seqpacket_pair,
 )
-from vmmswap.status import SwapState, SwapStatus
+from vmmswap.control.status import SwapState, SwapStatus
+from vmmswap.dataplane.guest_memory import RegionSpec
 
 
 @pytest.mark.parametrize("command", [Command.ENABLE, Command.TRIM, Command.OUT,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from control_helpers import MIB, Model, TestVmm, wait_gone
 
-from vmmswap.pagesize import PAGE_SIZE
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from control_helpers import FAKE_FACTORY, MIB, Model, TestVmm
 
-from vmmswap.control_socket import MIN_IDLE_TO_EVICT
-from vmmswap.monitor import MAX_CLIENTS
-from vmmswap.protocol import MAX_MESSAGE, Command, Request, decode_response, request
+from vmmswap.control.control_socket import MIN_IDLE_TO_EVICT
+from vmmswap.control.monitor import MAX_CLIENTS
+from vmmswap.control.protocol import MAX_MESSAGE, Command, Request, decode_response, request
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from vmmswap.monitor_state import CommandError, StateMachine
-from vmmswap.protocol import ErrorKind
-from vmmswap.status import SwapState
+from vmmswap.control.monitor_state import CommandError, StateMachine
+from vmmswap.control.protocol import ErrorKind
+from vmmswap.control.status import SwapState
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vmmswap.status import (
+from vmmswap.control.status import (
     CROSVM_METRICS,
     StatusFormatError,
     SwapMetrics,

@@ -23,10 +23,10 @@ import threading
 import time
 from typing import Any
 
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import libc
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 MAX_MESSAGE = 1 << 20
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from vmmswap.page_handler import PageHandler
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.trim import TrimContext
+from vmmswap.dataplane.page_handler import PageHandler
+from vmmswap.dataplane.trim import TrimContext
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 from .agent import page_content, page_digest
 from .harness import FaultServer, Guest, Vmm

@@ -21,12 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from vmmswap.guest_memory import RegionSpec
-from vmmswap.page_handler import PageHandler
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.uffd_errors import MappingChangingError
-from vmmswap.uffd_events import PageFault, Remove
-from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.dataplane.guest_memory import RegionSpec
+from vmmswap.dataplane.page_handler import PageHandler
+from vmmswap.uffd.errors import MappingChangingError
+from vmmswap.uffd.events import PageFault, Remove
+from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 AGENT = Path(__file__).with_name("agent.py")
 DEFAULT_TIMEOUT = 30.0

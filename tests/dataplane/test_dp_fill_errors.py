@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from vmmswap.guest_memory import RegionSpec
-from vmmswap.page_handler import PageHandler
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.uffd_errors import (
+from vmmswap.dataplane.guest_memory import RegionSpec
+from vmmswap.dataplane.page_handler import PageHandler
+from vmmswap.uffd.errors import (
     MappingChangingError,
     PageExistsError,
     PartialFillError,
     ProcessGoneError,
 )
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 P = PAGE_SIZE
 BASE = 0x7F00_0000_0000

@@ -21,11 +21,11 @@ from hypothesis.stateful import (
     rule,
 )
 
-from vmmswap.guest_memory import data_ranges
-from vmmswap.page_handler import PageHandler
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.swap_in import SwapInContext
-from vmmswap.trim import TrimContext
+from vmmswap.dataplane.guest_memory import data_ranges
+from vmmswap.dataplane.page_handler import PageHandler
+from vmmswap.dataplane.swap_in import SwapInContext
+from vmmswap.dataplane.trim import TrimContext
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 from .agent import page_content, page_digest
 from .harness import FaultServer, Vmm

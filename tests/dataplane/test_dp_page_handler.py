@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from vmmswap.guest_memory import RegionOverlapError, RegionSpec, data_ranges
-from vmmswap.page_handler import InvalidAddressError, PageHandler
-from vmmswap.pagesize import PAGE_SIZE
+from vmmswap.dataplane.guest_memory import RegionOverlapError, RegionSpec, data_ranges
+from vmmswap.dataplane.page_handler import InvalidAddressError, PageHandler
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 from .conftest import MiB, Rig, RigFactory
 from .harness import FaultServer, Vmm

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmmswap.present_list import PresentList, consecutive_runs, runs_of
+from vmmswap.dataplane.present_list import PresentList, consecutive_runs, runs_of
 
 
 def test_empty_list_has_nothing() -> None:

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
+from vmmswap.dataplane.readahead import DOWN, UP, Readahead
 from vmmswap.kernel import libc
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.readahead import DOWN, UP, Readahead
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 from .agent import page_digest
 from .conftest import MiB, RigFactory

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmmswap import move as move_module
-from vmmswap.guest_memory import data_ranges
-from vmmswap.memory import Mapping
-from vmmswap.move import MoveRegion, move_to_staging, plan_batches
-from vmmswap.pagesize import PAGE_SIZE, THP_SIZE
-from vmmswap.staging import StagingMemory
+from vmmswap.dataplane import move as move_module
+from vmmswap.dataplane.guest_memory import data_ranges
+from vmmswap.dataplane.move import MoveRegion, move_to_staging, plan_batches
+from vmmswap.dataplane.staging import StagingMemory
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, THP_SIZE
 
 MiB = 1024 * 1024
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.swap_file import SwapFile
+from vmmswap.dataplane.swap_file import SwapFile
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 
 def pages_data(*tags: int) -> memoryview:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vmmswap.guest_memory import data_ranges
+from vmmswap.dataplane.guest_memory import data_ranges
 from vmmswap.kernel import libc
-from vmmswap.pagesize import PAGE_SIZE
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 from .conftest import RigFactory
 

@@ -8,7 +8,7 @@ import struct
 import pytest
 from linux_helpers import make_bzimage
 
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import bootparam as bp
 from vmmswap.kernel import mptable as mp
 from vmmswap.vm.linux import bootparams as layout

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from vmmswap.controller import SwapController
-from vmmswap.status import SwapState
+from vmmswap.control.controller import SwapController
+from vmmswap.control.status import SwapState
 from vmmswap.vm.kvm import kvm_flavour, kvm_unavailable_reason
 from vmmswap.vm.linux.demo import PVM_LIMITATION
 from vmmswap.vm.linux.guest import GuestImages, LinuxGuest, LinuxGuestConfig, find_images

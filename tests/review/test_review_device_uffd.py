@@ -29,8 +29,8 @@ from control_helpers import (  # type: ignore[import-not-found]  # noqa: E402
     wait_gone,
 )
 
-from vmmswap.protocol import Command, Request, request  # noqa: E402
-from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd  # noqa: E402
+from vmmswap.control.protocol import Command, Request, request  # noqa: E402
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 

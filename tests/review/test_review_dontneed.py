@@ -13,7 +13,7 @@ import pytest
 
 from dataplane.conftest import RigFactory
 from vmmswap.kernel import libc
-from vmmswap.pagesize import PAGE_SIZE
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 pytestmark = pytest.mark.timeout(60)
 P = PAGE_SIZE

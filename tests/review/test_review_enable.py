@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from vmmswap.monitor_state import CommandError, StateMachine
+from vmmswap.control.monitor_state import CommandError, StateMachine
 
 pytestmark = pytest.mark.timeout(30)
 

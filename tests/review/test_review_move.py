@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from dataplane.conftest import RigFactory
-from vmmswap import move
-from vmmswap.pagesize import PAGE_SIZE
+from vmmswap.dataplane import move
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 pytestmark = pytest.mark.timeout(120)
 P = PAGE_SIZE

@@ -13,8 +13,8 @@ import errno
 import pytest
 
 from dataplane.conftest import RigFactory
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.swap_file import SwapFile
+from vmmswap.dataplane.swap_file import SwapFile
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 pytestmark = pytest.mark.timeout(120)
 P = PAGE_SIZE

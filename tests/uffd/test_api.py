@@ -14,8 +14,8 @@ from uffd_helpers import run_in_child
 from vmmswap.kernel import libc
 from vmmswap.kernel import uffd as abi
 from vmmswap.kernel.uffd import Feature, Ioctls
-from vmmswap.uffd_errors import UffdPermissionError
-from vmmswap.userfaultfd import VMM_SWAP_FEATURES, KernelSupport, Userfaultfd
+from vmmswap.uffd.errors import UffdPermissionError
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, KernelSupport, Userfaultfd
 
 UFFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK | abi.UFFD_USER_MODE_ONLY
 NOBODY = 65534

@@ -6,8 +6,7 @@ import errno
 
 import pytest
 
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.uffd_errors import (
+from vmmswap.uffd.errors import (
     MappingChangingError,
     PageExistsError,
     PartialCopyError,
@@ -19,6 +18,7 @@ from vmmswap.uffd_errors import (
     invalid_argument_detail,
     range_error,
 )
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 
 def test_eexist_is_a_file_exists_error() -> None:

@@ -25,10 +25,10 @@ from uffd_helpers import (
 
 from vmmswap.kernel import libc
 from vmmswap.kernel.uffd import Feature
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import PAGE_SIZE, pages_to_bytes
-from vmmswap.uffd_events import Event, PageFault, Remap, Remove, Unmap
-from vmmswap.userfaultfd import ForkedUffd, Userfaultfd
+from vmmswap.uffd.events import Event, PageFault, Remap, Remove, Unmap
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, pages_to_bytes
+from vmmswap.uffd.userfaultfd import ForkedUffd, Userfaultfd
 
 PAGES = 16
 EVENTS = Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.MISSING_SHMEM

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmmswap.kernel.uffd import PagefaultFlag
-from vmmswap.uffd_events import (
+from vmmswap.uffd.events import (
     Fork,
     PageFault,
     Remap,

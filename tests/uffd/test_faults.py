@@ -20,9 +20,9 @@ from uffd_helpers import (
 )
 
 from vmmswap.kernel.uffd import Feature, PagefaultFlag
-from vmmswap.pagesize import PAGE_SIZE, page_base, pages_to_bytes
-from vmmswap.uffd_events import Event, PageFault
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.events import Event, PageFault
+from vmmswap.uffd.pagesize import PAGE_SIZE, page_base, pages_to_bytes
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 PAGES = 8
 

@@ -17,15 +17,15 @@ from uffd_helpers import Area, is_present, make_area, pagemap_entry, read_presen
 
 from vmmswap.kernel import libc
 from vmmswap.kernel.uffd import PM_UFFD_WP, Feature, Ioctls, RegisterMode
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import PAGE_SIZE, pages_to_bytes
-from vmmswap.uffd_errors import (
+from vmmswap.uffd.errors import (
     PageExistsError,
     PartialCopyError,
     PartialFillError,
     UffdFillError,
 )
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, pages_to_bytes
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 FEATURES = Feature.MISSING_SHMEM | Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM \
     | Feature.MINOR_SHMEM

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmmswap import pagesize
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import libc
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import PAGE_SIZE, THP_SIZE
+from vmmswap.uffd import pagesize
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, THP_SIZE
 
 
 def test_page_constants() -> None:

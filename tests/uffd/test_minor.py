@@ -15,11 +15,11 @@ from uffd_helpers import Peer, make_area, pagemap_entry, read_bytes, recv_msg, r
 from uffd_helpers import serve as serve_peer
 
 from vmmswap.kernel.uffd import PM_UFFD_WP, Feature, RegisterMode
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import PAGE_SIZE, pages_to_bytes
-from vmmswap.uffd_errors import PageExistsError
-from vmmswap.uffd_events import Event, PageFault
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.errors import PageExistsError
+from vmmswap.uffd.events import Event, PageFault
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, pages_to_bytes
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 PAGES = 8
 

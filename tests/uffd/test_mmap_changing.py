@@ -16,11 +16,11 @@ from uffd_helpers import make_area, require, run_in_child
 
 from vmmswap.kernel import libc
 from vmmswap.kernel.uffd import Feature, RegisterMode
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.uffd_errors import MappingChangingError, PartialFillError
-from vmmswap.uffd_events import Remove
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.errors import MappingChangingError, PartialFillError
+from vmmswap.uffd.events import Remove
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 FEATURES = (Feature.EVENT_REMOVE | Feature.MOVE | Feature.POISON | Feature.MINOR_SHMEM
             | Feature.MISSING_SHMEM | Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM)

@@ -15,16 +15,16 @@ from uffd_helpers import handler_thread, keep_alive, read_bytes, require, run_in
 
 from vmmswap.kernel import libc
 from vmmswap.kernel.uffd import Feature
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import (
+from vmmswap.uffd.events import Event, PageFault
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import (
     PAGE_SIZE,
     THP_SIZE,
     bytes_to_pages,
     hugepage_round_up,
     pages_to_bytes,
 )
-from vmmswap.uffd_events import Event, PageFault
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 COUNTER = struct.Struct("=Q")
 

@@ -10,9 +10,9 @@ import pytest
 from uffd_helpers import Peer, make_area, send_msg
 
 from vmmswap.kernel.uffd import Feature
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.uffd_errors import ProcessGoneError
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.errors import ProcessGoneError
+from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 
 @pytest.mark.timeout(30)

@@ -10,9 +10,9 @@ import pytest
 from uffd_helpers import Area, make_area, require
 
 from vmmswap.kernel.uffd import Feature, Ioctls, RegisterMode
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.uffd_errors import ProcessGoneError
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.errors import ProcessGoneError
+from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 KINDS = ["anon", "shmem", "shmem-private"]
 ALL = (Feature.MISSING_SHMEM | Feature.PAGEFAULT_FLAG_WP | Feature.WP_HUGETLBFS_SHMEM

@@ -14,9 +14,9 @@ from uffd_helpers import Peer, Probe, make_area, recv_msg, require, send_msg, se
 
 from vmmswap.kernel import libc
 from vmmswap.kernel.uffd import Feature
-from vmmswap.pagesize import PAGE_SIZE, bytes_to_pages
-from vmmswap.uffd_events import Event, PageFault
-from vmmswap.userfaultfd import ForkedUffd, Userfaultfd
+from vmmswap.uffd.events import Event, PageFault
+from vmmswap.uffd.pagesize import PAGE_SIZE, bytes_to_pages
+from vmmswap.uffd.userfaultfd import ForkedUffd, Userfaultfd
 
 PAGES = 8
 

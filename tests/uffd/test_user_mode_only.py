@@ -11,8 +11,8 @@ import pytest
 from uffd_helpers import make_area, run_in_child
 
 from vmmswap.kernel import libc
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 
 def kernel_write_into_missing_page() -> tuple[int, int, object]:

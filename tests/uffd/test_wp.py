@@ -20,9 +20,9 @@ from uffd_helpers import (
 
 from vmmswap.kernel import libc
 from vmmswap.kernel.uffd import PM_UFFD_WP, Feature, RegisterMode
-from vmmswap.pagesize import PAGE_SIZE
-from vmmswap.uffd_events import Event, PageFault
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.events import Event, PageFault
+from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 WP = Feature.PAGEFAULT_FLAG_WP
 

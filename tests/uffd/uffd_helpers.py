@@ -30,10 +30,10 @@ import pytest
 
 from vmmswap.kernel import libc
 from vmmswap.kernel.uffd import Feature
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import PAGE_SIZE, bytes_to_pages, pages_to_bytes
-from vmmswap.uffd_events import Event
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.events import Event
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE, bytes_to_pages, pages_to_bytes
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 HERE = Path(__file__).resolve().parent
 MSG_MAX = 1 << 16

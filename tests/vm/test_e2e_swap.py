@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from vm_helpers import KVM_REASON
 
-CONTROLLER = importlib.util.find_spec("vmmswap.controller") is not None
+CONTROLLER = importlib.util.find_spec("vmmswap.control.controller") is not None
 
 pytestmark = [
     pytest.mark.kvm,
     pytest.mark.slow,
     pytest.mark.skipif(KVM_REASON is not None, reason=f"needs a usable /dev/kvm: {KVM_REASON}"),
-    pytest.mark.skipif(not CONTROLLER, reason="vmmswap.controller (the control plane) is absent"),
+    pytest.mark.skipif(not CONTROLLER, reason="the control plane is absent"),
 ]
 
 SCENARIO_TIMEOUT = 150

@@ -16,8 +16,8 @@ import errno
 import threading
 from dataclasses import dataclass
 
-from vmmswap.guest_memory import GuestMemory
-from vmmswap.pagesize import is_page_aligned
+from vmmswap.dataplane.guest_memory import GuestMemory
+from vmmswap.uffd.pagesize import is_page_aligned
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm.layout import GuestLayout
 from vmmswap.vm.machine import current_vcpu

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmmswap.pagesize import PAGE_SIZE, check_page_range
+from vmmswap.uffd.pagesize import PAGE_SIZE, check_page_range
 
 MIB = 1 << 20
 GIB = 1 << 30

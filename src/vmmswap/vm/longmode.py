@@ -12,7 +12,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import kvm as k
 from vmmswap.vm.kvm import VcpuFd
 

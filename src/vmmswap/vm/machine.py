@@ -11,7 +11,7 @@ Public API
     TSS and identity-map addresses, creates the in-kernel irqchip (``irqchip=True``,
     KVM_CREATE_IRQCHIP) and PIT (``pit=True``, KVM_CREATE_PIT2; implies the irqchip) *before*
     the vCPUs, installs one memory slot per region of ``memory`` (a
-    :class:`~vmmswap.guest_memory.GuestMemory`; slot ``i`` = ``memory.regions[i]``), then
+    :class:`~vmmswap.dataplane.guest_memory.GuestMemory`; slot ``i`` = ``memory.regions[i]``), then
     creates ``vcpus`` vCPUs (APIC ids 0..n-1), each with KVM_GET_SUPPORTED_CPUID set through
     KVM_SET_CPUID2 (APIC id patched into leaves 1, 0xB and 0x1F; the hypervisor bit set).
     Raises :class:`~vmmswap.vm.kvm.KvmUnavailableError` when /dev/kvm is missing or not
@@ -86,7 +86,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import kvm as k
 from vmmswap.vm.kvm import Kvm, VcpuFd, VmFd
 

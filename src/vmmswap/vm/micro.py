@@ -1,7 +1,7 @@
 """The micro-VM: guest memory, a :class:`Machine`, the built-in guest and its devices, assembled.
 
 Order matters for vmm-swap, and this class keeps it: guest memory is created first (so a
-:class:`~vmmswap.controller.SwapController` can be launched on it before any vCPU runs), the
+:class:`~vmmswap.control.controller.SwapController` can be launched on it before any vCPU runs), the
 program, GDT and page tables are written while nothing is registered with userfaultfd, and from
 :meth:`MicroVM.start` on the VMM's Python code never touches guest memory again -- the guest is
 driven through port I/O only (:class:`~vmmswap.vm.workload.Workload`).
@@ -13,7 +13,7 @@ import logging
 from types import TracebackType
 from typing import Self
 
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm import layout as lay
 from vmmswap.vm.balloon import BalloonDevice

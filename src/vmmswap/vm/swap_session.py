@@ -1,6 +1,7 @@
 """Putting the micro-VM under vmm-swap: launching the controller and waiting for its states.
 
-The VMM side of vmm-swap is :class:`vmmswap.controller.SwapController`; this module adds what a
+The VMM side of vmm-swap is :class:`vmmswap.control.controller.SwapController`; this module adds
+what a
 VMM driving it from a script needs: a clear "unavailable" answer when the controller cannot be
 imported or launched, and waits for the asynchronous commands (trim, out, disable) to reach
 their end state, with a timeout so that nothing hangs silently.
@@ -15,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, TypeVar
 
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 
 T = TypeVar("T")
 
@@ -40,10 +41,10 @@ def launch_controller(memory: GuestMemory, swap_dir: str | os.PathLike[str], *,
     guest memory.
     """
     try:
-        module = importlib.import_module("vmmswap.controller")
+        module = importlib.import_module("vmmswap.control.controller")
         controller = module.SwapController
     except (ImportError, AttributeError) as exc:
-        raise SwapUnavailableError(f"vmmswap.controller is not usable: {exc}") from exc
+        raise SwapUnavailableError(f"vmmswap.control.controller is not usable: {exc}") from exc
     return controller.launch(memory, swap_dir, readahead=readahead)
 
 

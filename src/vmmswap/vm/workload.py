@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vmmswap.pagesize import PAGE_SIZE, bytes_to_pages, pages_to_bytes
+from vmmswap.uffd.pagesize import PAGE_SIZE, bytes_to_pages, pages_to_bytes
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm.guest_abi import Op
 from vmmswap.vm.latency import LatencyHistogram

@@ -24,9 +24,9 @@ import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import bootparam as bp
-from vmmswap.pagesize import PAGE_SIZE, is_page_aligned, page_base, page_round_up
+from vmmswap.uffd.pagesize import PAGE_SIZE, is_page_aligned, page_base, page_round_up
 from vmmswap.vm.linux.bzimage import BzImage
 
 MIB = 1024 * 1024

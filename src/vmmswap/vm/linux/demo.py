@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vmmswap.controller import SwapController
+from vmmswap.control.controller import SwapController
 from vmmswap.vm.kvm import KvmUnavailableError, kvm_flavour
 from vmmswap.vm.linux.guest import GuestImages, LinuxGuest, LinuxGuestConfig, find_images
 from vmmswap.vm.linux.session import Report, Timeouts, measure_boot, run_swap_cycle

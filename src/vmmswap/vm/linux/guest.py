@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from vmmswap.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.vm.kvm import kvm_flavour
 from vmmswap.vm.linux import bootparams as layout
 from vmmswap.vm.linux.bzimage import BzImage

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmmswap.controller import SwapController
-from vmmswap.status import SwapState, SwapStatus
+from vmmswap.control.controller import SwapController
+from vmmswap.control.status import SwapState, SwapStatus
 from vmmswap.vm.linux.guest import GuestImages, LinuxGuest, LinuxGuestConfig, ReadyInfo
 
 Report = Callable[[str], None]

@@ -3,7 +3,8 @@
 Model: crosvm's ``SwapController``. :meth:`SwapController.launch` runs in the VMM right after
 guest memory exists and before anything touches it: it creates the VMM's userfaultfd (full mode:
 KVM faults on guest memory from inside the kernel), opens the swap file (O_TMPFILE, 0600) in the
-swap directory, starts ``python -m vmmswap.monitor`` as a subprocess (never a fork of a possibly
+swap directory, starts ``python -m vmmswap.control.monitor`` as a subprocess (never a fork of a
+possibly
 threaded VMM) and sends it the uffd, the swap file and the region memfds over a SOCK_SEQPACKET
 socketpair with SCM_RIGHTS. The monitor then serves every fault and runs every command.
 
@@ -30,8 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-from vmmswap.guest_memory import GuestMemory
-from vmmswap.protocol import (
+from vmmswap.control.protocol import (
     Command,
     ErrorKind,
     InitRequest,
@@ -45,9 +45,10 @@ from vmmswap.protocol import (
     send_message,
     seqpacket_pair,
 )
-from vmmswap.status import SwapState, SwapStatus
-from vmmswap.swap_device import DeviceRegistrar
-from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.control.status import SwapState, SwapStatus
+from vmmswap.control.swap_device import DeviceRegistrar
+from vmmswap.dataplane.guest_memory import GuestMemory
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 LAUNCH_TIMEOUT: Final = 60.0
 _SRC_ROOT: Final = str(Path(__file__).resolve().parent.parent)
@@ -500,7 +501,7 @@ def _start_monitor(theirs: socket.socket) -> subprocess.Popen[bytes]:
     # The monitor must import this very package, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
     return subprocess.Popen(
-        [sys.executable, "-m", "vmmswap.monitor", "--control-fd", str(fd),
+        [sys.executable, "-m", "vmmswap.control.monitor", "--control-fd", str(fd),
          "--vmm-pid", str(os.getpid())],
         # stdout is the VMM's (maybe a protocol pipe): the monitor only ever logs to stderr.
         pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,

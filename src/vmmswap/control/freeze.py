@@ -126,7 +126,7 @@ def _kill(pid: int, sig: int) -> bool:
 
 class FreezeWitness(Protocol):
     """Someone outside this process who resumes the tree if this process dies while it is
-    frozen (:class:`vmmswap.thaw_guard.ThawGuard`)."""
+    frozen (:class:`vmmswap.control.thaw_guard.ThawGuard`)."""
 
     def will_stop(self, pid: int) -> None: ...
 

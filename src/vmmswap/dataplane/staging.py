@@ -7,7 +7,8 @@ A memfd rather than anonymous memory so the pages count as shmem, as crosvm does
 Nothing maps staging, so nothing ever pays a page-table update per staging page -- which is the
 dominant cost of memory operations on nested-virtualisation hosts like the CI machine.
 
-Which pages staging holds is a bitmap (:class:`~vmmswap.present_list.PresentList`); pages are
+Which pages staging holds is a bitmap (:class:`~vmmswap.dataplane.present_list.PresentList`); pages
+are
 indexed like the swap file's, all regions back to back.
 """
 
@@ -22,9 +23,9 @@ import time
 from types import TracebackType
 from typing import Final
 
+from vmmswap.dataplane.present_list import Indices, PresentList, runs_of
 from vmmswap.kernel import libc
-from vmmswap.pagesize import pages_to_bytes
-from vmmswap.present_list import Indices, PresentList, runs_of
+from vmmswap.uffd.pagesize import pages_to_bytes
 
 _log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
 
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import bytes_to_pages, pages_to_bytes
-from vmmswap.uffd_errors import PageExistsError, PartialFillError
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.errors import PageExistsError, PartialFillError
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import bytes_to_pages, pages_to_bytes
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 
 class Bounce:

@@ -27,16 +27,16 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from vmmswap.guest_memory import data_ranges
+from vmmswap.dataplane.guest_memory import data_ranges
+from vmmswap.dataplane.present_list import runs_of
+from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.kernel import libc
-from vmmswap.pagesize import (
+from vmmswap.uffd.pagesize import (
     THP_SIZE,
     bytes_to_pages,
     hugepage_round_down,
     hugepage_round_up,
 )
-from vmmswap.present_list import runs_of
-from vmmswap.staging import StagingMemory
 
 _log = logging.getLogger(__name__)
 

@@ -8,17 +8,20 @@ between them on the monitor's command (:meth:`PageHandler.move_to_staging`, ``sw
 
 * **Readahead.** crosvm fills one 4 KiB page per fault. Here a fault fills the run of
   neighbouring pages (above or below, following the access pattern) that sit in the same source,
-  up to an adaptive window (:mod:`vmmswap.readahead`): sequential page-in costs one round trip
+  up to an adaptive window (:mod:`vmmswap.dataplane.readahead`): sequential page-in costs one round
+  trip
   per 2 MiB instead of per page. A long run is filled by two threads, one half each
-  (:class:`~vmmswap.page_fill.RunFiller`), since the faulting guest leaves the second CPU idle.
+  (:class:`~vmmswap.dataplane.page_fill.RunFiller`), since the faulting guest leaves the second CPU
+  idle.
 * **No mapping per page.** Staging and the swap file are read with ``preadv`` into one bounce
   buffer this process populated once, and COPY reads from there. Nothing maps staging, the swap
   file or guest memory, so no page table of the monitor changes per page (on this project's
   nested-virtualisation CI host a page-table update costs more than copying the page). Staging
-  memory that pages leave is freed in batches by a helper thread (:mod:`vmmswap.staging`).
+  memory that pages leave is freed in batches by a helper thread (:mod:`vmmswap.dataplane.staging`).
 * **Page state in bits.** 4.25 bytes per guest page in total (crosvm: about 9).
 
-**Safety rule** (the guest-memory one, see :mod:`vmmswap.guest_memory`): the monitor's own access
+**Safety rule** (the guest-memory one, see :mod:`vmmswap.dataplane.guest_memory`): the monitor's
+own access
 to guest memory is not registered with userfaultfd. Reading a hole through a mapping of the memfd
 makes the kernel allocate a zero page in the shared file, after which the VMM's access no longer
 faults and the guest silently sees zeros. The handler therefore never maps guest memory: it reads
@@ -41,33 +44,33 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Final
 
-from vmmswap import move
-from vmmswap.guest_memory import RegionSpec, data_bytes, validate_regions
-from vmmswap.memory import Mapping
-from vmmswap.page_fill import Bounce, Part, RunFiller, copy_run, settled_block
-from vmmswap.pagesize import (
+from vmmswap.control.status import SwapMetrics
+from vmmswap.dataplane import move
+from vmmswap.dataplane.guest_memory import RegionSpec, data_bytes, validate_regions
+from vmmswap.dataplane.page_fill import Bounce, Part, RunFiller, copy_run, settled_block
+from vmmswap.dataplane.present_list import PresentList
+from vmmswap.dataplane.readahead import UP, Readahead
+from vmmswap.dataplane.staging import StagingMemory
+from vmmswap.dataplane.swap_file import MAX_PAGES, SwapFile
+from vmmswap.dataplane.swap_out import SwapOutWriter
+from vmmswap.uffd.errors import (
+    MappingChangingError,
+    PageExistsError,
+    ProcessGoneError,
+)
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import (
     PAGE_SIZE,
     bytes_to_pages,
     is_page_aligned,
     page_base,
     pages_to_bytes,
 )
-from vmmswap.present_list import PresentList
-from vmmswap.readahead import UP, Readahead
-from vmmswap.staging import StagingMemory
-from vmmswap.status import SwapMetrics
-from vmmswap.swap_file import MAX_PAGES, SwapFile
-from vmmswap.swap_out import SwapOutWriter
-from vmmswap.uffd_errors import (
-    MappingChangingError,
-    PageExistsError,
-    ProcessGoneError,
-)
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 if TYPE_CHECKING:
-    from vmmswap.swap_in import SwapInContext
-    from vmmswap.trim import TrimContext
+    from vmmswap.dataplane.swap_in import SwapInContext
+    from vmmswap.dataplane.trim import TrimContext
 
 __all__ = [
     "DEFAULT_MAX_READAHEAD_BYTES",
@@ -95,7 +98,8 @@ class InvalidAddressError(ValueError):
     """
 
 
-#: The handler's counters are the status's (:class:`vmmswap.status.SwapMetrics`, crosvm's seven
+#: The handler's counters are the status's (:class:`vmmswap.control.status.SwapMetrics`, crosvm's
+#: seven
 #: plus readahead's two). The fault counters (``copied_*``, ``zeroed``, ``redundant``,
 #: ``readahead``, ``faults_avoided``) count since the last :meth:`PageHandler.move_to_staging`,
 #: like crosvm. ``copied_from_*_pages`` count every page a fault filled from that source,
@@ -455,7 +459,7 @@ class PageHandler:
     # --- trim, swap out, swap in ----------------------------------------------------------------
     def start_trim(self) -> TrimContext:
         """A resumable trim of staging: drop zero pages and pages equal to their file copy."""
-        from vmmswap.trim import TrimContext  # noqa: PLC0415 (trim imports this module)
+        from vmmswap.dataplane.trim import TrimContext  # noqa: PLC0415 (trim imports this module)
 
         self.check_open()
         return TrimContext(self)
@@ -464,7 +468,7 @@ class PageHandler:
         """Write up to ``max_bytes`` of staging to the swap file; returns pages written.
 
         0 means staging is empty. One chunk per call, so the monitor serves faults in between
-        (the next chunk is read ahead meanwhile, see :mod:`vmmswap.swap_out`). On OSError
+        (the next chunk is read ahead meanwhile, see :mod:`vmmswap.dataplane.swap_out`). On OSError
         (ENOSPC, EIO) nothing changed: every page is still in staging.
         """
         self.check_open()
@@ -473,7 +477,7 @@ class PageHandler:
 
     def start_swap_in(self) -> SwapInContext:
         """A resumable swap-in of every staged and swapped page (see :class:`SwapInContext`)."""
-        from vmmswap.swap_in import SwapInContext  # noqa: PLC0415 (swap_in imports this module)
+        from vmmswap.dataplane.swap_in import SwapInContext  # noqa: PLC0415 (swap_in imports this module)
 
         self.check_open()
         return SwapInContext(self)

@@ -25,7 +25,8 @@ So the window follows the access pattern, like the kernel's file readahead:
   while random faults stay cheap.
 
 The window is only an upper bound: the handler fills the run of pages that sit in the same
-source as the faulting page (see :mod:`vmmswap.page_handler`), never a page the source does not
+source as the faulting page (see :mod:`vmmswap.dataplane.page_handler`), never a page the source
+does not
 hold, and never across a region boundary.
 """
 

@@ -25,8 +25,8 @@ import os
 import socket
 from types import TracebackType
 
-from vmmswap.protocol import Command, ProtocolError, Request, request
-from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.control.protocol import Command, ProtocolError, Request, request
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 #: This process's uffd(s) once registered: never closed while the process lives.
 _REGISTERED_UFFDS: list[Userfaultfd] = []

@@ -23,9 +23,9 @@ from contextlib import AbstractContextManager
 from dataclasses import fields
 from typing import Any, Final, Protocol
 
-from vmmswap.protocol import ErrorKind
-from vmmswap.status import SwapMetrics, SwapState, SwapStateTransition, SwapStatus
-from vmmswap.uffd_errors import MappingChangingError, ProcessGoneError
+from vmmswap.control.protocol import ErrorKind
+from vmmswap.control.status import SwapMetrics, SwapState, SwapStateTransition, SwapStatus
+from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
 
 _log = logging.getLogger(__name__)
 

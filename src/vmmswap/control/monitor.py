@@ -1,8 +1,8 @@
 """The vmm-swap monitor: a separate process that serves every page fault and runs every command.
 
-Started by :meth:`vmmswap.controller.SwapController.launch` as ``python -m vmmswap.monitor
---control-fd N --vmm-pid P``. It is a process of its own because the VMM's Python threads may
-touch guest memory while holding the GIL: a fault there would block the thread that has to
+Started by :meth:`vmmswap.control.controller.SwapController.launch` as
+``python -m vmmswap.control.monitor --control-fd N --vmm-pid P``. It is a process of its own
+because the VMM's Python threads may touch guest memory while holding the GIL: a fault there would block the thread that has to
 serve it.
 
 One thread, one epoll. Tokens: every uffd (the VMM's and each device's), a pidfd per device
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Final
 
-from vmmswap.control_socket import (
+from vmmswap.control.control_socket import (
     Client,
     bind_control_socket,
     fd_kind,
@@ -43,14 +43,10 @@ from vmmswap.control_socket import (
     pidfd_pid,
     unlink_if_ours,
 )
-from vmmswap.freeze import freeze_tree
-from vmmswap.guest_memory import RegionSpec, data_bytes, validate_regions
-from vmmswap.kernel import libc
-from vmmswap.monitor_faults import UffdEntry, UffdSet, VmmGoneError
-from vmmswap.monitor_state import CommandError, PageHandlerLike, StateMachine
-from vmmswap.page_handler import PageHandler
-from vmmswap.pagesize import bytes_to_pages
-from vmmswap.protocol import (
+from vmmswap.control.freeze import freeze_tree
+from vmmswap.control.monitor_faults import UffdEntry, UffdSet, VmmGoneError
+from vmmswap.control.monitor_state import CommandError, PageHandlerLike, StateMachine
+from vmmswap.control.protocol import (
     Command,
     ErrorKind,
     InitRequest,
@@ -62,14 +58,18 @@ from vmmswap.protocol import (
     recv_message,
     send_message,
 )
-from vmmswap.status import SwapState, SwapStatus
-from vmmswap.swap_cleanup import FileTruncator
-from vmmswap.swap_file import SwapFile
-from vmmswap.thaw_guard import ThawGuard
-from vmmswap.uffd_errors import MappingChangingError, ProcessGoneError
-from vmmswap.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.control.status import SwapState, SwapStatus
+from vmmswap.control.swap_cleanup import FileTruncator
+from vmmswap.control.thaw_guard import ThawGuard
+from vmmswap.dataplane.guest_memory import RegionSpec, data_bytes, validate_regions
+from vmmswap.dataplane.page_handler import PageHandler
+from vmmswap.dataplane.swap_file import SwapFile
+from vmmswap.kernel import libc
+from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
+from vmmswap.uffd.pagesize import bytes_to_pages
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
-_log = logging.getLogger("vmmswap.monitor")
+_log = logging.getLogger("vmmswap.control.monitor")
 
 MAX_CLIENTS: Final = 32
 MAX_DEVICES: Final = 256
@@ -305,7 +305,7 @@ class Monitor:
 
     # --- clients --------------------------------------------------------------------------------
     def listen(self, path: str) -> None:
-        """Serve the public control socket at ``path`` (see :mod:`vmmswap.control_socket`)."""
+        """Serve the public control socket at ``path`` (see :mod:`.control_socket`)."""
         sock, self._listener_id = bind_control_socket(path)
         self.listener = sock
         self._watch(sock.fileno(), self._accept)
@@ -561,7 +561,7 @@ def _receive_init(sock: socket.socket, vmm_pid: int) -> tuple[InitRequest, list[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vmmswap.monitor",
+    parser = argparse.ArgumentParser(prog="python -m vmmswap.control.monitor",
                                      description="vmm-swap monitor (started by SwapController)")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--vmm-pid", type=int, required=True)

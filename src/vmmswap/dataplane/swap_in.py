@@ -8,7 +8,7 @@ Pages are filled with UFFDIO_COPY in DONTWAKE mode: nobody is waiting for them. 
 is waiting for one has a fault event queued; when the monitor serves it the page is found in no
 source, ZEROPAGE answers EEXIST, and the handler wakes the thread (a redundant fault). A step
 gathers up to 64 runs (fragmented memory still moves a whole chunk per call) and fills them on
-two threads (:meth:`~vmmswap.page_fill.RunFiller.fill_runs`). Pages that already exist are
+two threads (:meth:`~vmmswap.dataplane.page_fill.RunFiller.fill_runs`). Pages that already exist are
 skipped (the guest's copy wins). A COPY refused as a whole (ENOENT: the run crosses a VMA
 boundary of the VMM's mapping, e.g. after an ``madvise`` split it) is retried in ever shorter
 pieces, where crosvm's 2 MiB chunk would fail the swap-in.
@@ -27,14 +27,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from vmmswap.page_fill import ReadFn, settled_block
-from vmmswap.pagesize import bytes_to_pages
-from vmmswap.present_list import PresentList
-from vmmswap.uffd_errors import MappingChangingError, ProcessGoneError
-from vmmswap.userfaultfd import Userfaultfd
+from vmmswap.dataplane.page_fill import ReadFn, settled_block
+from vmmswap.dataplane.present_list import PresentList
+from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
+from vmmswap.uffd.pagesize import bytes_to_pages
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 if TYPE_CHECKING:
-    from vmmswap.page_handler import PageHandler
+    from vmmswap.dataplane.page_handler import PageHandler
 
 DEFAULT_PREFETCH_BYTES: Final = 16 * 1024 * 1024
 MAX_SWAP_IN_BYTES: Final = 2 * 1024 * 1024

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import numpy.typing as npt
 
-from vmmswap.pagesize import PAGE_SIZE, pages_to_bytes
-from vmmswap.present_list import consecutive_runs, runs_of
+from vmmswap.dataplane.present_list import consecutive_runs, runs_of
+from vmmswap.uffd.pagesize import PAGE_SIZE, pages_to_bytes
 
 if TYPE_CHECKING:
-    from vmmswap.page_handler import PageHandler
+    from vmmswap.dataplane.page_handler import PageHandler
 
 #: crosvm's MAX_TRIM_PAGES.
 MAX_TRIM_PAGES: Final = 1024

@@ -25,7 +25,7 @@ import errno
 import os
 from typing import Final
 
-from vmmswap.pagesize import PAGE_SIZE, is_page_aligned
+from vmmswap.uffd.pagesize import PAGE_SIZE, is_page_aligned
 
 
 class UffdFillError(OSError):

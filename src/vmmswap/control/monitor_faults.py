@@ -23,13 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from vmmswap.guest_memory import RegionSpec
+from vmmswap.control.monitor_state import PageHandlerLike
+from vmmswap.dataplane.guest_memory import RegionSpec
 from vmmswap.kernel.uffd import RegisterMode
-from vmmswap.monitor_state import PageHandlerLike
-from vmmswap.pagesize import PAGE_SIZE, page_base
-from vmmswap.uffd_errors import MappingChangingError, PageExistsError, ProcessGoneError
-from vmmswap.uffd_events import Fork, PageFault, Remove
-from vmmswap.userfaultfd import ForkedUffd, Userfaultfd
+from vmmswap.uffd.errors import MappingChangingError, PageExistsError, ProcessGoneError
+from vmmswap.uffd.events import Fork, PageFault, Remove
+from vmmswap.uffd.pagesize import PAGE_SIZE, page_base
+from vmmswap.uffd.userfaultfd import ForkedUffd, Userfaultfd
 
 _log = logging.getLogger(__name__)
 

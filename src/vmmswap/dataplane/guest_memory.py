@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from vmmswap.kernel import libc
-from vmmswap.memory import Mapping
-from vmmswap.pagesize import check_page_range
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import check_page_range
 
 
 class RegionOverlapError(ValueError):

@@ -33,7 +33,7 @@ from typing import Final, SupportsIndex
 from vmmswap.kernel import libc
 from vmmswap.kernel import uffd as abi
 from vmmswap.kernel.uffd import FEATURE_SINCE, Feature, Ioctls, RegisterMode
-from vmmswap.uffd_errors import (
+from vmmswap.uffd.errors import (
     PageExistsError,
     UffdFillError,
     UffdPermissionError,
@@ -41,7 +41,7 @@ from vmmswap.uffd_errors import (
     invalid_argument_detail,
     range_error,
 )
-from vmmswap.uffd_events import (
+from vmmswap.uffd.events import (
     _FLAGS,
     _PAGEFAULT,
     Event,

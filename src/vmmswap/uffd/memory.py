@@ -14,7 +14,7 @@ import os
 from types import TracebackType
 
 from vmmswap.kernel import libc
-from vmmswap.pagesize import check_page_range, is_page_aligned, page_round_up
+from vmmswap.uffd.pagesize import check_page_range, is_page_aligned, page_round_up
 
 
 def _check_length(length: int) -> None:

@@ -26,11 +26,11 @@ from typing import Final
 
 import numpy as np
 
-from vmmswap.page_fill import Bounce
-from vmmswap.pagesize import PAGE_SIZE, bytes_to_pages, pages_to_bytes
-from vmmswap.present_list import Indices, runs_of
-from vmmswap.staging import StagingMemory
-from vmmswap.swap_file import SwapFile
+from vmmswap.dataplane.page_fill import Bounce
+from vmmswap.dataplane.present_list import Indices, runs_of
+from vmmswap.dataplane.staging import StagingMemory
+from vmmswap.dataplane.swap_file import SwapFile
+from vmmswap.uffd.pagesize import PAGE_SIZE, bytes_to_pages, pages_to_bytes
 
 #: crosvm's MAX_SWAP_CHUNK_SIZE.
 MAX_CHUNK_BYTES: Final = 2 * 1024 * 1024

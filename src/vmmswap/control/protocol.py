@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from vmmswap.guest_memory import RegionSpec
-from vmmswap.status import StatusFormatError, SwapStatus
+from vmmswap.control.status import StatusFormatError, SwapStatus
+from vmmswap.dataplane.guest_memory import RegionSpec
 
 PROTOCOL_VERSION: Final = 1
 #: Largest message either side accepts; requests are tiny, an init with 64 regions is ~4 KiB.

@@ -20,7 +20,8 @@ cannot be linked into the tree, cannot be opened by another user, and disappears
 descriptor closes -- including when the process dies.
 
 I/O goes through ``pwrite``/``preadv`` on the descriptor, never through a mapping: a caller reads
-into a buffer it already populated (see :mod:`vmmswap.page_handler`), so no page table of this
+into a buffer it already populated (see :mod:`vmmswap.dataplane.page_handler`), so no page table of
+this
 process is touched per page, and a read never lands in userfaultfd-registered memory.
 """
 
@@ -35,8 +36,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from vmmswap.pagesize import pages_to_bytes
-from vmmswap.present_list import Indices, PresentList, consecutive_runs
+from vmmswap.dataplane.present_list import Indices, PresentList, consecutive_runs
+from vmmswap.uffd.pagesize import pages_to_bytes
 
 #: The largest guest a u32 slot array can describe (slot + 1 must fit; 0 means "none").
 MAX_PAGES: Final = (1 << 32) - 2
@@ -85,7 +86,8 @@ class SwapFile:
         """Take ownership of an open swap file (e.g. one the VMM created and sent over).
 
         The file is truncated: its old content is never trusted. Without ``num_pages`` the
-        page state is sized by the :class:`~vmmswap.page_handler.PageHandler` it is given to.
+        page state is sized by the :class:`~vmmswap.dataplane.page_handler.PageHandler` it is given
+        to.
         """
         try:
             return cls(fd, num_pages, owns_fd=True)
