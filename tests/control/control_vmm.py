@@ -27,6 +27,16 @@ from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 MIB = 1024 * 1024
+#: Test-only: "module:function" building the monitor's page handler (a fake or an injector).
+#: Read here, by the test VMM, which then starts the monitor through ``monitor_entry.py``.
+HANDLER_FACTORY_ENV = "VMMSWAP_TEST_HANDLER_FACTORY"
+_MONITOR_ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "monitor_entry.py")
+
+
+def monitor_command() -> list[str] | None:
+    """The monitor command for this test VMM: the test entry when a factory is named."""
+    factory = os.environ.get(HANDLER_FACTORY_ENV)
+    return [sys.executable, _MONITOR_ENTRY, factory] if factory else None
 #: Two regions, with a gap between them in guest-physical space.
 LAYOUT = [(0, 4 * MIB), (16 * MIB, 2 * MIB)]
 _WORDS = PAGE_SIZE // 8
@@ -54,7 +64,8 @@ class Vmm:
     def op_launch(self, swap_dir: str, control_socket: str | None = None,
                   readahead: bool = True) -> dict[str, Any]:
         self.ctl = SwapController.launch(self.memory, swap_dir, readahead=readahead,
-                                         control_socket=control_socket)
+                                         control_socket=control_socket,
+                                         monitor_command=monitor_command())
         return {"monitor_pid": self.ctl.monitor_pid}
 
     def op_write(self, region: int, offset: int, length: int, seed: int) -> dict[str, Any]:

@@ -51,7 +51,10 @@ from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 LAUNCH_TIMEOUT: Final = 60.0
-_SRC_ROOT: Final = str(Path(__file__).resolve().parent.parent)
+#: The folder holding the ``vmmswap`` package (src/ in a checkout): vmmswap/control/controller.py.
+_SRC_ROOT: Final = str(Path(__file__).resolve().parents[2])
+#: How the monitor is started unless the VMM says otherwise.
+MONITOR_COMMAND: Final = (sys.executable, "-m", "vmmswap.control.monitor")
 
 #: uffds of VMMs whose monitor died while memory was registered: kept open on purpose, forever.
 _ORPHANED_UFFDS: list[Userfaultfd] = []
@@ -237,13 +240,18 @@ class SwapController:
     @classmethod
     def launch(cls, memory: GuestMemory, swap_dir: str | os.PathLike[str], *,
                readahead: bool = True, control_socket: str | None = None,
-               on_monitor_died: DeathCallback | None = _log_death) -> SwapController:
+               on_monitor_died: DeathCallback | None = _log_death,
+               monitor_command: Sequence[str] | None = None) -> SwapController:
         """Start the monitor for ``memory`` and wait until it is Ready.
 
         Call it before guest memory is touched by anything but this process, and before any
         device process is forked (those use :meth:`prepare_fork`). ``on_monitor_died`` is
         called (from a helper thread) with the error as soon as the monitor dies unasked;
         the default logs it; None turns the watch off (commands still raise).
+        ``monitor_command`` is the program that runs the monitor, default
+        ``[sys.executable, "-m", "vmmswap.control.monitor"]``; a VMM may name a wrapper of its
+        own (a sandbox, a test entry with a fake page handler). It gets ``--control-fd N
+        --vmm-pid P`` appended and must end up in :func:`vmmswap.control.monitor.main`.
         """
         swap_fd = open_swap_file(swap_dir)
         uffd: Userfaultfd | None = None
@@ -253,7 +261,7 @@ class SwapController:
             uffd = Userfaultfd.new(VMM_SWAP_FEATURES)
             if control_socket is not None:
                 control_socket = os.path.abspath(control_socket)
-            process = _start_monitor(theirs)
+            process = _start_monitor(theirs, monitor_command)
             theirs.close()
             init = InitRequest(tuple(memory.specs()), os.getpid(), readahead, control_socket)
             send_message(ours, encode_init(init),
@@ -495,14 +503,18 @@ def wait_while(status_fn: Callable[[], SwapStatus], running: SwapState,
         time.sleep(poll)
 
 
-def _start_monitor(theirs: socket.socket) -> subprocess.Popen[bytes]:
+def _start_monitor(theirs: socket.socket,
+                   command: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
     fd = theirs.fileno()
+    if command is None:
+        command = MONITOR_COMMAND
+    elif not command or not all(isinstance(word, str) and word for word in command):
+        raise ValueError(f"monitor_command must be a non-empty list of strings, got {command!r}")
     env = dict(os.environ)
     # The monitor must import this very package, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
     return subprocess.Popen(
-        [sys.executable, "-m", "vmmswap.control.monitor", "--control-fd", str(fd),
-         "--vmm-pid", str(os.getpid())],
+        [*command, "--control-fd", str(fd), "--vmm-pid", str(os.getpid())],
         # stdout is the VMM's (maybe a protocol pipe): the monitor only ever logs to stderr.
         pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
         close_fds=True,

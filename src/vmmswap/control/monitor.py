@@ -2,8 +2,8 @@
 
 Started by :meth:`vmmswap.control.controller.SwapController.launch` as
 ``python -m vmmswap.control.monitor --control-fd N --vmm-pid P``. It is a process of its own
-because the VMM's Python threads may touch guest memory while holding the GIL: a fault there would block the thread that has to
-serve it.
+because the VMM's Python threads may touch guest memory while holding the GIL: a fault there
+would block the thread that has to serve it.
 
 One thread, one epoll. Tokens: every uffd (the VMM's and each device's), a pidfd per device
 process and one for the VMM, the controller's socketpair, the public control socket and its
@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
-import importlib
 import logging
 import os
 import select
@@ -74,8 +73,6 @@ _log = logging.getLogger("vmmswap.control.monitor")
 MAX_CLIENTS: Final = 32
 MAX_DEVICES: Final = 256
 INIT_TIMEOUT: Final = 30.0
-#: Test-only hook: "module:function" building the page handler (fault injection in tests).
-HANDLER_FACTORY_ENV: Final = "VMMSWAP_TEST_HANDLER_FACTORY"
 #: What ``ps`` and /proc/<pid>/comm show, like crosvm's "swap monitor".
 _PROCESS_NAME: Final = ctypes.create_string_buffer(b"swap monitor")
 
@@ -92,16 +89,6 @@ def default_handler_factory(regions: Sequence[tuple[RegionSpec, int]], swap_fd: 
     """
     return PageHandler.create(regions, swap_file=SwapFile(swap_fd, None, owns_fd=False),
                               readahead=readahead)
-
-
-def load_handler_factory() -> HandlerFactory:
-    spec = os.environ.get(HANDLER_FACTORY_ENV)
-    if not spec:
-        return default_handler_factory
-    module, _, name = spec.partition(":")
-    factory: HandlerFactory = getattr(importlib.import_module(module), name)
-    _log.warning("using the test page-handler factory %s", spec)
-    return factory
 
 
 class Monitor:
@@ -560,7 +547,15 @@ def _receive_init(sock: socket.socket, vmm_pid: int) -> tuple[InitRequest, list[
     return init, received.fds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None,
+         handler_factory: HandlerFactory = default_handler_factory) -> int:
+    """Run the monitor process until the VMM leaves; returns the exit status.
+
+    ``handler_factory`` builds the page handler over the received descriptors. Production
+    runs the data plane's; a test entry module (``tests/control/monitor_entry.py``) passes a
+    fake or fault-injecting one. Nothing in the environment can choose it: a production process
+    never imports code that its environment names.
+    """
     parser = argparse.ArgumentParser(prog="python -m vmmswap.control.monitor",
                                      description="vmm-swap monitor (started by SwapController)")
     parser.add_argument("--control-fd", type=int, required=True)
@@ -576,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = socket.socket(fileno=args.control_fd)
     try:
         init, fds = _receive_init(sock, args.vmm_pid)
-        monitor = Monitor(sock, init, fds, load_handler_factory())
+        monitor = Monitor(sock, init, fds, handler_factory)
     except (ProtocolError, ValueError, OSError) as err:
         _log.error("start-up failed: %s", err)
         with contextlib.suppress(OSError):

@@ -17,6 +17,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from vmmswap.dataplane.metrics import (
+    CROSVM_METRICS,
+    READAHEAD_METRICS,
+    StatusFormatError,
+    SwapMetrics,
+    parse_object,
+    parse_u64,
+)
+
 
 class SwapState(enum.StrEnum):
     """The state of vmm-swap; the string value is crosvm's serialised name.
@@ -76,81 +85,6 @@ _CODES: Final[dict[SwapState, int]] = {
     SwapState.SWAP_IN_IN_PROGRESS: 6,
 }
 
-#: The counters crosvm's ``SwapMetrics`` has, in its order: the only keys of ``"metrics"``.
-CROSVM_METRICS: Final = (
-    "resident_pages",
-    "copied_from_file_pages",
-    "copied_from_staging_pages",
-    "zeroed_pages",
-    "redundant_pages",
-    "staging_pages",
-    "swap_pages",
-)
-#: Counters this project adds; reported under the top-level ``"readahead"`` key.
-READAHEAD_METRICS: Final = ("readahead_pages", "faults_avoided")
-
-_U64_MAX: Final = 2**64 - 1
-
-
-class StatusFormatError(ValueError):
-    """A status document does not have crosvm's shape (or this project's extensions)."""
-
-
-def _u64(value: Any, where: str) -> int:
-    # bool is an int subclass; True is not a page count.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64_MAX:
-        raise StatusFormatError(f"{where} must be an unsigned 64-bit integer, got {value!r}")
-    return value
-
-
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise StatusFormatError(f"{where} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class SwapMetrics:
-    """Page counters. The fault counters count since the last ``enable`` (crosvm resets them
-    at every move to staging); ``resident_pages`` is measured even while disabled."""
-
-    resident_pages: int = 0
-    copied_from_file_pages: int = 0
-    copied_from_staging_pages: int = 0
-    zeroed_pages: int = 0
-    redundant_pages: int = 0
-    staging_pages: int = 0
-    swap_pages: int = 0
-    readahead_pages: int = 0
-    faults_avoided: int = 0
-
-    def crosvm_dict(self) -> dict[str, int]:
-        """The seven counters crosvm reports, in crosvm's order."""
-        return {name: getattr(self, name) for name in CROSVM_METRICS}
-
-    def readahead_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in READAHEAD_METRICS}
-
-    @classmethod
-    def from_dicts(cls, metrics: dict[str, Any], readahead: dict[str, Any] | None = None,
-                   ) -> SwapMetrics:
-        """Parse the ``metrics`` object (all seven counters required, no others allowed) and
-        the optional ``readahead`` object (missing counters are 0, as from crosvm itself)."""
-        metrics = _object(metrics, "metrics")
-        missing = [n for n in CROSVM_METRICS if n not in metrics]
-        extra = sorted(set(metrics) - set(CROSVM_METRICS))
-        if missing or extra:
-            raise StatusFormatError(f"metrics: missing {missing}, unexpected {extra}")
-        values = {n: _u64(metrics[n], f"metrics.{n}") for n in CROSVM_METRICS}
-        if readahead is not None:
-            readahead = _object(readahead, "readahead")
-            extra = sorted(set(readahead) - set(READAHEAD_METRICS))
-            if extra:
-                raise StatusFormatError(f"readahead: unexpected {extra}")
-            values.update({n: _u64(v, f"readahead.{n}") for n, v in readahead.items()})
-        return cls(**values)
-
-
 @dataclass(frozen=True, slots=True)
 class SwapStateTransition:
     """The last (or running) state transition: pages it handled and how long it took.
@@ -168,12 +102,12 @@ class SwapStateTransition:
 
     @classmethod
     def from_dict(cls, value: Any) -> SwapStateTransition:
-        value = _object(value, "state_transition")
+        value = parse_object(value, "state_transition")
         if set(value) != {"pages", "time_ms"}:
             raise StatusFormatError(
                 f"state_transition must have exactly pages and time_ms, got {sorted(value)}")
-        return cls(_u64(value["pages"], "state_transition.pages"),
-                   _u64(value["time_ms"], "state_transition.time_ms"))
+        return cls(parse_u64(value["pages"], "state_transition.pages"),
+                   parse_u64(value["time_ms"], "state_transition.time_ms"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +141,7 @@ class SwapStatus:
 
     @classmethod
     def from_dict(cls, value: Any) -> SwapStatus:
-        value = _object(value, "status")
+        value = parse_object(value, "status")
         known = {"state", "metrics", "state_transition", "readahead", "devices", "error"}
         extra = sorted(set(value) - known)
         if extra:
@@ -226,7 +160,7 @@ class SwapStatus:
             state=_BY_NAME[state],
             metrics=SwapMetrics.from_dicts(value["metrics"], value.get("readahead")),
             state_transition=SwapStateTransition.from_dict(value["state_transition"]),
-            devices=_u64(value.get("devices", 0), "devices"),
+            devices=parse_u64(value.get("devices", 0), "devices"),
             error=error,
         )
 

@@ -40,19 +40,21 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from vmmswap.control.status import SwapMetrics
 from vmmswap.dataplane import move
 from vmmswap.dataplane.guest_memory import RegionSpec, data_bytes, validate_regions
+from vmmswap.dataplane.metrics import SwapMetrics
 from vmmswap.dataplane.page_fill import Bounce, Part, RunFiller, copy_run, settled_block
+from vmmswap.dataplane.page_store import Region
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.dataplane.readahead import UP, Readahead
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.dataplane.swap_file import MAX_PAGES, SwapFile
+from vmmswap.dataplane.swap_in import SwapInContext
 from vmmswap.dataplane.swap_out import SwapOutWriter
+from vmmswap.dataplane.trim import TrimContext
 from vmmswap.uffd.errors import (
     MappingChangingError,
     PageExistsError,
@@ -64,13 +66,8 @@ from vmmswap.uffd.pagesize import (
     bytes_to_pages,
     is_page_aligned,
     page_base,
-    pages_to_bytes,
 )
 from vmmswap.uffd.userfaultfd import Userfaultfd
-
-if TYPE_CHECKING:
-    from vmmswap.dataplane.swap_in import SwapInContext
-    from vmmswap.dataplane.trim import TrimContext
 
 __all__ = [
     "DEFAULT_MAX_READAHEAD_BYTES",
@@ -98,51 +95,8 @@ class InvalidAddressError(ValueError):
     """
 
 
-#: The handler's counters are the status's (:class:`vmmswap.control.status.SwapMetrics`, crosvm's
-#: seven
-#: plus readahead's two). The fault counters (``copied_*``, ``zeroed``, ``redundant``,
-#: ``readahead``, ``faults_avoided``) count since the last :meth:`PageHandler.move_to_staging`,
-#: like crosvm. ``copied_from_*_pages`` count every page a fault filled from that source,
-#: readahead pages included; ``readahead_pages`` is the part filled beyond the faulting pages,
-#: and ``faults_avoided`` the part the guest then walked through without faulting.
+#: The handler's counters (see :mod:`vmmswap.dataplane.metrics`).
 PageHandlerMetrics = SwapMetrics
-
-
-@dataclass(frozen=True, slots=True)
-class Region:
-    """One guest region as the handler sees it: VMM address range, memfd, first page index."""
-
-    spec: RegionSpec
-    memfd: int
-    base_page: int
-
-    @property
-    def host_addr(self) -> int:
-        return self.spec.host_addr
-
-    @property
-    def host_end(self) -> int:
-        return self.spec.host_end
-
-    @property
-    def size(self) -> int:
-        return self.spec.size
-
-    @property
-    def num_pages(self) -> int:
-        return bytes_to_pages(self.spec.size)
-
-    @property
-    def end_page(self) -> int:
-        return self.base_page + self.num_pages
-
-    def page_of(self, addr: int) -> int:
-        """The handler's page index of a VMM address inside this region."""
-        return self.base_page + bytes_to_pages(addr - self.spec.host_addr)
-
-    def addr_of(self, page: int) -> int:
-        """The VMM address of one of this region's page indexes."""
-        return self.spec.host_addr + pages_to_bytes(page - self.base_page)
 
 
 class PageHandler:
@@ -459,8 +413,6 @@ class PageHandler:
     # --- trim, swap out, swap in ----------------------------------------------------------------
     def start_trim(self) -> TrimContext:
         """A resumable trim of staging: drop zero pages and pages equal to their file copy."""
-        from vmmswap.dataplane.trim import TrimContext  # noqa: PLC0415 (trim imports this module)
-
         self.check_open()
         return TrimContext(self)
 
@@ -477,8 +429,6 @@ class PageHandler:
 
     def start_swap_in(self) -> SwapInContext:
         """A resumable swap-in of every staged and swapped page (see :class:`SwapInContext`)."""
-        from vmmswap.dataplane.swap_in import SwapInContext  # noqa: PLC0415 (swap_in imports this module)
-
         self.check_open()
         return SwapInContext(self)
 

@@ -25,16 +25,14 @@ and the slot stay, so a later trim can still find clean pages.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from vmmswap.dataplane.page_fill import ReadFn, settled_block
+from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
 from vmmswap.uffd.pagesize import bytes_to_pages
 from vmmswap.uffd.userfaultfd import Userfaultfd
-
-if TYPE_CHECKING:
-    from vmmswap.dataplane.page_handler import PageHandler
 
 DEFAULT_PREFETCH_BYTES: Final = 16 * 1024 * 1024
 MAX_SWAP_IN_BYTES: Final = 2 * 1024 * 1024
@@ -45,7 +43,7 @@ _MAX_RUNS_PER_STEP: Final = 64
 class SwapInContext:
     """A resumable swap-in; see the module docstring."""
 
-    def __init__(self, handler: PageHandler,
+    def __init__(self, handler: PageStore,
                  prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> None:
         self._handler = handler
         self._epoch = handler.epoch

@@ -16,16 +16,14 @@ which settles almost every page with data. Only the rest get a full check.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
+from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import consecutive_runs, runs_of
 from vmmswap.uffd.pagesize import PAGE_SIZE, pages_to_bytes
-
-if TYPE_CHECKING:
-    from vmmswap.dataplane.page_handler import PageHandler
 
 #: crosvm's MAX_TRIM_PAGES.
 MAX_TRIM_PAGES: Final = 1024
@@ -55,7 +53,7 @@ def zero_page_mask(data: Pages) -> npt.NDArray[np.bool_]:
 class TrimContext:
     """A resumable trim over staging; the monitor calls :meth:`trim_pages` between faults."""
 
-    def __init__(self, handler: PageHandler) -> None:
+    def __init__(self, handler: PageStore) -> None:
         self._handler = handler
         self._cursor = 0
         self._epoch = handler.epoch

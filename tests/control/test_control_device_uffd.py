@@ -14,23 +14,18 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "control"))
-
-from control_helpers import (  # type: ignore[import-not-found]  # noqa: E402
+from control_helpers import (
     FAKE_FACTORY,
     TestVmm,
     VmmTimeoutError,
     wait_gone,
 )
 
-from vmmswap.control.protocol import Command, Request, request  # noqa: E402
-from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd  # noqa: E402
+from vmmswap.control.protocol import Command, Request, request
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -1,0 +1,80 @@
+"""What the resumable contexts (trim, swap-in) see of the page handler: regions and stores.
+
+:class:`~vmmswap.dataplane.page_handler.PageHandler` creates the contexts, so they cannot import
+it without a circle. They are written against :class:`PageStore`, the handful of attributes they
+use, which the handler satisfies structurally; a test can hand them any object that does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from vmmswap.dataplane.guest_memory import RegionSpec
+from vmmswap.dataplane.page_fill import Bounce, RunFiller
+from vmmswap.dataplane.staging import StagingMemory
+from vmmswap.dataplane.swap_file import SwapFile
+from vmmswap.uffd.pagesize import bytes_to_pages, pages_to_bytes
+
+__all__ = ["PageStore", "Region"]
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One guest region as the handler sees it: VMM address range, memfd, first page index."""
+
+    spec: RegionSpec
+    memfd: int
+    base_page: int
+
+    @property
+    def host_addr(self) -> int:
+        return self.spec.host_addr
+
+    @property
+    def host_end(self) -> int:
+        return self.spec.host_end
+
+    @property
+    def size(self) -> int:
+        return self.spec.size
+
+    @property
+    def num_pages(self) -> int:
+        return bytes_to_pages(self.spec.size)
+
+    @property
+    def end_page(self) -> int:
+        return self.base_page + self.num_pages
+
+    def page_of(self, addr: int) -> int:
+        """The handler's page index of a VMM address inside this region."""
+        return self.base_page + bytes_to_pages(addr - self.spec.host_addr)
+
+    def addr_of(self, page: int) -> int:
+        """The VMM address of one of this region's page indexes."""
+        return self.spec.host_addr + pages_to_bytes(page - self.base_page)
+
+
+class PageStore(Protocol):
+    """The page handler as trim and swap-in use it.
+
+    ``epoch`` changes at every move to staging: a context started before it restarts its scan,
+    since the pages it had looked at may have moved since.
+    """
+
+    staging: StagingMemory
+    swap_file: SwapFile
+    bounce: Bounce
+    filler: RunFiller
+    num_pages: int
+    epoch: int
+
+    def check_open(self) -> None:
+        """Raise ValueError when the handler is closed."""
+
+    def region_of_page(self, page: int) -> Region:
+        """The region holding page index ``page``."""
+
+    def note_swapped_in(self, pages: int) -> None:
+        """Count pages brought back by swap-in."""
