@@ -26,7 +26,7 @@ MAX_RUN: Final = 320
 LOG_OPS: Final = 12
 
 
-class Failure(Exception):
+class Failure(Exception):  # noqa: N818 (a scenario failure, not an error of the harness)
     """A wrong page (or a broken actor): the scenario fails with this message."""
 
 

@@ -54,12 +54,12 @@ def small_tmpfs() -> Iterator[str | None]:
     """A 1 MiB tmpfs (the full disk), or None where mounting is not allowed."""
     path = tempfile.mkdtemp(prefix="vmmswap-torture-full-")
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_TMPFS},mode=0700",
-                              "tmpfs", path], capture_output=True).returncode == 0
+                              "tmpfs", path], capture_output=True, check=False).returncode == 0
     try:
         yield path if mounted else None
     finally:
         if mounted:
-            subprocess.run(["umount", "-l", path], capture_output=True)
+            subprocess.run(["umount", "-l", path], capture_output=True, check=False)
         with contextlib.suppress(OSError):
             os.rmdir(path)
 
