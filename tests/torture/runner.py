@@ -1,0 +1,153 @@
+"""The runner side: VMM processes fed with seeds, a hard timeout per scenario, a tiny tmpfs
+for the disk-full scenarios, and the summary.
+
+The runner never touches guest memory; a VMM process that does not answer in time (a fault
+that is never served) is killed and its seed reported as a hang, which fails the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+SCENARIO_TIMEOUT: Final = 90.0
+ROOT: Final = Path(__file__).resolve().parents[2]
+SMALL_TMPFS: Final = "1m"
+
+
+@dataclass
+class Summary:
+    results: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        return [r for r in self.results if not r["ok"]]
+
+    def total(self, key: str) -> int:
+        return sum(int(r.get(key, 0)) for r in self.results)
+
+    def line(self) -> str:
+        return (f"{len(self.results)} scenarios, {len(self.failures)} failed, "
+                f"{self.seconds:.1f} s; commands {self.total('commands')}, refused "
+                f"{self.total('refused')}, disk-full failures {self.total('disk_full_failures')}"
+                f", devices forked {self.total('devices_forked')} / killed "
+                f"{self.total('devices_killed')} (while faulting "
+                f"{self.total('killed_while_faulting')}), worker ops {self.total('worker_ops')}"
+                f", pages checked {self.total('pages_checked')}")
+
+
+@contextlib.contextmanager
+def small_tmpfs() -> Iterator[str | None]:
+    """A 1 MiB tmpfs (the full disk), or None where mounting is not allowed."""
+    path = tempfile.mkdtemp(prefix="vmmswap-torture-full-")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_TMPFS},mode=0700",
+                              "tmpfs", path], capture_output=True, check=False).returncode == 0
+    try:
+        yield path if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", path], capture_output=True, check=False)
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+class VmmProcess:
+    def __init__(self, swap_dir: str, small: str | None) -> None:
+        env = dict(os.environ)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.torture.vmm", swap_dir, small or ""], cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        self._readline(60.0)
+
+    def _readline(self, timeout: float) -> str | None:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        return self.proc.stdout.readline() or None
+
+    def run(self, seed: int, corrupt: bool) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"seed": seed, "corrupt": corrupt}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return {"seed": seed, "ok": False, "error": f"SEED {seed}: the VMM process died"}
+        line = self._readline(SCENARIO_TIMEOUT)
+        if line is None:
+            self.kill()
+            return {"seed": seed, "ok": False,
+                    "error": f"SEED {seed}: no answer in {SCENARIO_TIMEOUT} s (hang)"}
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.alive():
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str | None = None,
+              progress: bool = False) -> Summary:
+    """Run every seed of ``seeds`` on ``jobs`` VMM processes; the summary in seed order."""
+    summary = Summary()
+    start = time.monotonic()
+    todo: queue.Queue[int] = queue.Queue()
+    for seed in seeds:
+        todo.put(seed)
+    lock = threading.Lock()
+    with small_tmpfs() as small, tempfile.TemporaryDirectory(prefix="vmmswap-torture-",
+                                                             dir=swap_dir) as big:
+        def job() -> None:
+            vmm = VmmProcess(big, small)
+            try:
+                while True:
+                    try:
+                        seed = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    if not vmm.alive():
+                        vmm = VmmProcess(big, small)
+                    result = vmm.run(seed, corrupt)
+                    with lock:
+                        summary.results.append(result)
+                        if progress and not result["ok"]:
+                            print(result["error"], file=sys.stderr, flush=True)
+                        if progress and len(summary.results) % 100 == 0:
+                            print(f"... {len(summary.results)} done, "
+                                  f"{len(summary.failures)} failed", file=sys.stderr, flush=True)
+            finally:
+                vmm.close()
+
+        threads = [threading.Thread(target=job) for _ in range(max(1, jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    summary.results.sort(key=lambda r: int(r["seed"]))
+    summary.seconds = time.monotonic() - start
+    return summary

@@ -1,0 +1,370 @@
+"""One torture scenario, run inside the VMM process: guest memory, a real monitor launched
+through ``SwapController``, worker threads, device processes, and the host's random commands.
+
+The host's decisions (commands, waits, device births and deaths, failures) all come from
+``random.Random(seed)``, so a seed replays the same script; the interleaving with the workers
+is the machine's, which is the point. Expectations the host checks on every command:
+
+* trim / out are accepted exactly in Pending (or in a trim that just finished); in any other
+  state they are refused with SwapStateError and the state does not change (in-progress work
+  may only move on to its own end);
+* enable and disable are accepted in every state; only a swap-out onto the full disk may fail;
+* at the end, disable brings everything back: every page of every actor verifies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+
+from vmmswap.control.controller import SwapController, SwapFailedError, SwapStateError
+from vmmswap.control.status import SwapState
+from vmmswap.dataplane.guest_memory import GuestMemory
+from vmmswap.uffd.pagesize import PAGE_SIZE
+
+from .actors import Actor, Failure, Worker, device_main
+from .model import LAYOUT, SHARED, UNKNOWN, Ownership, check, content
+
+TIMEOUT: Final = 30.0
+S = SwapState
+STABLE: Final = (S.READY, S.PENDING, S.ACTIVE, S.FAILED)
+#: Where each in-progress state may go on its own while a refused command was answered.
+MAY_BECOME: Final = {S.TRIM_IN_PROGRESS: {S.PENDING}, S.SWAP_OUT_IN_PROGRESS: {S.ACTIVE, S.FAILED},
+                     S.SWAP_IN_IN_PROGRESS: {S.READY, S.FAILED}}
+
+
+@dataclass
+class Options:
+    """What a scenario may do; ``small_swap_dir`` is a tiny tmpfs (disk full), or None."""
+
+    swap_dir: str
+    small_swap_dir: str | None = None
+    corrupt: bool = False  # negative control: a worker drops a page behind the model's back
+
+
+@dataclass
+class Device:
+    slot: int
+    pid: int
+    result_fd: int
+    started_in: SwapState
+
+
+@dataclass
+class Stats:
+    commands: int = 0
+    refused: int = 0
+    disk_full_failures: int = 0
+    devices_forked: int = 0
+    devices_exited: int = 0
+    devices_killed: int = 0
+    killed_while_faulting: int = 0
+    worker_ops: int = 0
+    pages_checked: int = 0
+    states: list[str] = field(default_factory=list)
+
+
+class Scenario:
+    def __init__(self, seed: int, options: Options) -> None:
+        self.seed = seed
+        self.options = options
+        self.rng = random.Random(seed)
+        rng = self.rng
+        self.workers_n = rng.choice((2, 2, 3))
+        self.slots = rng.choice((1, 2))
+        self.disk_full = options.small_swap_dir is not None and rng.random() < 0.15
+        self.own = Ownership(rng, self.workers_n, self.slots)
+        self.versions = self.own.initial.copy()
+        self.stats = Stats()
+        self.devices: dict[int, Device] = {}
+        self.log: list[str] = []
+        self.memory: GuestMemory | None = None
+        self.ctl: SwapController | None = None
+        self.workers: list[Worker] = []
+
+    # --- the run --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        start = time.monotonic()
+        error = None
+        try:
+            self._run()
+        except Failure as err:
+            error = str(err)
+        except Exception as err:
+            error = f"host: {type(err).__name__}: {err}"
+        finally:
+            error = self._teardown(error)
+        return {"seed": self.seed, "ok": error is None, "error": error,
+                "seconds": round(time.monotonic() - start, 3), **self.stats.__dict__}
+
+    def _run(self) -> None:
+        memory = self.memory = GuestMemory.create(list(LAYOUT), name="torture")
+        shared = (self.own.owner == SHARED) & (self.versions != 0)
+        for i in np.flatnonzero(shared):  # written before launch, never again
+            memory.write(self.gaddr(int(i)), content(self.own.gpages[i:i + 1],
+                                                     self.versions[i:i + 1]).tobytes())
+        swap_dir = self.options.small_swap_dir if self.disk_full else self.options.swap_dir
+        assert swap_dir is not None
+        self.ctl = SwapController.launch(memory, swap_dir, readahead=self.rng.random() < 0.8,
+                                         on_monitor_died=None)
+        corrupt_worker = self.rng.randrange(self.workers_n) if self.options.corrupt else -1
+        for w in range(self.workers_n):
+            worker = Worker(f"seed {self.seed} worker {w}", w, memory, self.own, self.versions,
+                            random.Random(self.seed * 1009 + w),
+                            corrupt_at=self.rng.randint(3, 40) if w == corrupt_worker else None)
+            self.workers.append(worker)
+            worker.thread.start()
+        for _ in range(self.rng.randint(6, 14)):
+            self.check_workers()
+            self.reap_devices()
+            self.host_step()
+        self.finish()
+
+    def host_step(self) -> None:
+        rng = self.rng
+        action = rng.choices(
+            ("enable", "trim", "out", "disable", "status", "fork", "kill", "pause"),
+            (5, 3, 4, 3, 1, 2, 1, 2))[0]
+        getattr(self, f"do_{action}")()
+
+    def finish(self) -> None:
+        """Devices finish, disable brings everything back, every page verifies."""
+        for dev in list(self.devices.values()):
+            self.wait_device(dev, TIMEOUT)
+        ctl = self.controller()
+        status = ctl.disable(slow_file_cleanup=self.rng.random() < 0.5, wait=True,
+                             timeout=TIMEOUT)
+        self.note(f"final disable -> {status.state}")
+        for worker in self.workers:
+            worker.stop.set()
+        for worker in self.workers:
+            worker.thread.join(TIMEOUT)
+            if worker.thread.is_alive():
+                raise Failure(f"{worker.name} is stuck (blocked on a fault?) after disable")
+        self.check_workers()
+        self.verify_all("after the final disable")
+        if ctl.status().state is not S.READY:
+            raise Failure(f"not Ready after the final disable: {ctl.status()}")
+
+    def verify_all(self, when: str) -> None:
+        memory = self.memory
+        assert memory is not None
+        base = 0
+        for g, size in LAYOUT:
+            n = size // PAGE_SIZE
+            sl = slice(base, base + n)
+            versions = self.versions[sl]
+            bad = check(memory.read(g, size), self.own.gpages[sl], versions,
+                        versions != UNKNOWN)
+            if bad is not None:
+                raise Failure(f"host, {when}: {bad.describe()} (owner "
+                              f"{int(self.own.owner[self.own.index_of(bad.gpage * PAGE_SIZE)])})")
+            self.stats.pages_checked += n
+            base += n
+
+    def _teardown(self, error: str | None) -> str | None:
+        for worker in self.workers:
+            worker.stop.set()
+        for worker in self.workers:
+            worker.thread.join(TIMEOUT)
+            if worker.error and error is None:
+                error = worker.error
+            self.stats.worker_ops += worker.ops
+            self.stats.pages_checked += worker.pages_checked
+        for dev in list(self.devices.values()):
+            self.kill_device(dev)
+        stuck = any(w.thread.is_alive() for w in self.workers)
+        if self.ctl is not None and not stuck:
+            try:
+                self.ctl.close()
+            except Exception as err:
+                error = error or f"close: {type(err).__name__}: {err}"
+        if error is not None:
+            error = (f"SEED {self.seed}: {error}\nhost log: " + " | ".join(self.log[-15:]))
+        if stuck:
+            error = (error or "") + "\nSTUCK: a worker is blocked; the VMM process must go"
+        elif self.memory is not None:
+            self.memory.close()
+        return error
+
+    # --- helpers --------------------------------------------------------------------------------
+    def gaddr(self, index: int) -> int:
+        return int(self.own.gpages[index]) * PAGE_SIZE
+
+    def controller(self) -> SwapController:
+        assert self.ctl is not None
+        return self.ctl
+
+    def note(self, what: str) -> None:
+        self.log.append(what)
+
+    def state(self) -> SwapState:
+        state = self.controller().status().state
+        if not self.stats.states or self.stats.states[-1] != str(state):
+            self.stats.states.append(str(state))
+        return state
+
+    def check_workers(self) -> None:
+        for worker in self.workers:
+            if worker.error:
+                raise Failure(worker.error)
+
+    # --- commands -------------------------------------------------------------------------------
+    def do_status(self) -> None:
+        self.note(f"status {self.state()}")
+
+    def do_pause(self) -> None:
+        pause = self.rng.choice((0.0, 0.005, 0.02, 0.05))
+        self.note(f"pause {pause}")
+        time.sleep(pause)
+
+    def do_enable(self) -> None:
+        before = self.state()
+        self.stats.commands += 1
+        try:
+            status = self.controller().enable()
+        except SwapFailedError as err:
+            raise Failure(f"enable in {before} failed: {err}") from err
+        self.note(f"enable in {before} -> {status.state}")
+        if status.state is not S.PENDING:
+            raise Failure(f"enable in {before} gave state {status.state}")
+
+    def do_disable(self) -> None:
+        before = self.state()
+        slow, wait = self.rng.random() < 0.5, self.rng.random() < 0.5
+        self.stats.commands += 1
+        status = self.controller().disable(slow_file_cleanup=slow, wait=wait, timeout=TIMEOUT)
+        self.note(f"disable(slow={slow}, wait={wait}) in {before} -> {status.state}")
+        if wait and status.state is not S.READY:
+            raise Failure(f"disable in {before} ended in {status.state}")
+
+    def do_trim(self) -> None:
+        self._pending_only("trim", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.PENDING})
+
+    def do_out(self) -> None:
+        self._pending_only("out", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.ACTIVE})
+
+    def _pending_only(self, name: str, may_accept: set[SwapState], done: set[SwapState]) -> None:
+        ctl = self.controller()
+        wait = self.rng.random() < 0.5
+        before = self.state()
+        self.stats.commands += 1
+        call = ctl.trim if name == "trim" else ctl.swap_out
+        try:
+            status = call(wait=wait, timeout=TIMEOUT)
+        except SwapStateError as err:
+            after = self.state()
+            self.note(f"{name} in {before} refused, now {after}")
+            if before is S.PENDING:
+                raise Failure(f"{name} refused in Pending: {err}") from err
+            if after is not before and after not in MAY_BECOME.get(before, set()):
+                raise Failure(f"a refused {name} changed the state {before} -> {after}") from err
+            self.stats.refused += 1
+            return
+        except SwapFailedError as err:
+            after = self.state()
+            self.note(f"{name} in {before} failed, now {after}: {err}")
+            if name == "out" and self.disk_full and after is S.FAILED:
+                self.stats.disk_full_failures += 1
+                return
+            raise Failure(f"{name} in {before} failed: {err}") from err
+        self.note(f"{name}(wait={wait}) in {before} -> {status.state}")
+        if before not in may_accept:
+            raise Failure(f"{name} accepted in state {before}")
+        if wait and status.state not in done:
+            raise Failure(f"{name} in {before} ended in {status.state}")
+
+    # --- devices --------------------------------------------------------------------------------
+    def do_fork(self) -> None:
+        free = [s for s in range(self.slots) if s not in self.devices]
+        if not free:
+            self.note("fork: no free slot")
+            return
+        slot = self.rng.choice(free)
+        ops = self.rng.randint(2, 30)
+        dev_seed = self.rng.randrange(1 << 30)
+        state = self.state()
+        ctl = self.controller()
+        registrar = ctl.prepare_fork()
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the device process: nothing here returns
+            code = 3
+            try:
+                os.close(read_fd)
+                registrar.register_or_exit()
+                assert self.memory is not None
+                actor = Actor(f"seed {self.seed} device slot {slot}", self.workers_n + slot,
+                              self.memory, self.own, self.versions, random.Random(dev_seed))
+                code = device_main(actor, ops, write_fd)
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        registrar.close()
+        self.devices[slot] = Device(slot, pid, read_fd, state)
+        self.stats.devices_forked += 1
+        self.note(f"fork device slot {slot} pid {pid} ({ops} ops) in {state}")
+
+    def do_kill(self) -> None:
+        if not self.devices:
+            self.note("kill: no device")
+            return
+        dev = self.devices[self.rng.choice(sorted(self.devices))]
+        faulting = False
+        for _ in range(20):  # prefer the moment it waits on a fault
+            with contextlib.suppress(OSError), open(f"/proc/{dev.pid}/wchan") as f:
+                if "userfault" in f.read():
+                    faulting = True
+                    break
+            time.sleep(0.002)
+        self.note(f"kill device slot {dev.slot} (faulting={faulting})")
+        self.stats.killed_while_faulting += faulting
+        self.kill_device(dev)
+
+    def kill_device(self, dev: Device) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(dev.pid, signal.SIGKILL)
+        os.waitpid(dev.pid, 0)
+        os.close(dev.result_fd)
+        del self.devices[dev.slot]
+        # What it wrote last is unknown: its pages are unchecked until written again.
+        self.versions[self.own.owner == self.workers_n + dev.slot] = UNKNOWN
+        self.stats.devices_killed += 1
+
+    def reap_devices(self) -> None:
+        for dev in list(self.devices.values()):
+            pid, _ = os.waitpid(dev.pid, os.WNOHANG)
+            if pid:
+                self._collect(dev, None)
+
+    def wait_device(self, dev: Device, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(dev.pid, os.WNOHANG)
+            if pid:
+                self._collect(dev, status)
+                return
+            time.sleep(0.005)
+        raise Failure(f"device slot {dev.slot} (pid {dev.pid}) did not finish in {timeout} s")
+
+    def _collect(self, dev: Device, status: int | None) -> None:
+        chunks = []
+        while chunk := os.read(dev.result_fd, 1 << 16):
+            chunks.append(chunk)
+        os.close(dev.result_fd)
+        del self.devices[dev.slot]
+        message = b"".join(chunks)
+        self.stats.devices_exited += 1
+        if not message.startswith(b"OK"):
+            raise Failure(f"device slot {dev.slot} (forked in {dev.started_in}): "
+                          f"{message[3:].decode(errors='replace') or 'exited without a word'}")
+        mine = self.own.owner == self.workers_n + dev.slot
+        self.versions[mine] = np.frombuffer(message[2:], dtype=np.uint32)
+        self.note(f"device slot {dev.slot} done")
