@@ -75,7 +75,7 @@ def test_both_field_spellings_serve_the_memory_file(tmp_path: Path, mode: str) -
 
 def test_negative_control_a_different_file_is_seen(tmp_path: Path) -> None:
     """The comparison above can fail: serve another file and the bytes differ."""
-    mem, data = _mem_file(tmp_path)
+    _mem, data = _mem_file(tmp_path)
     other = tmp_path / "other"
     other.write_bytes(bytes(len(data)))
     proc, sock = _handler(tmp_path, other)

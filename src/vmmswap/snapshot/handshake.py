@@ -17,6 +17,7 @@ raises :class:`HandshakeError` before anything is filled.
 from __future__ import annotations
 
 import array
+import itertools
 import json
 import os
 import socket
@@ -95,7 +96,7 @@ def parse_mappings(data: bytes, *, mem_file_size: int | None = None) -> list[Reg
                                  f"the memory file's {mem_file_size:#x} bytes")
         regions.append(RegionMapping(base, size, offset, page_size))
     ordered = sorted(regions, key=lambda r: r.base_host_virt_addr)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         if b.base_host_virt_addr < a.end:
             raise HandshakeError(f"regions at {a.base_host_virt_addr:#x} and "
                                  f"{b.base_host_virt_addr:#x} overlap")
@@ -119,15 +120,16 @@ def receive_handshake(conn: socket.socket, *, mem_file_size: int | None = None,
 
     The descriptor arrives close-on-exec (MSG_CMSG_CLOEXEC). The message may arrive in several
     reads on a stream socket; reading continues while the JSON is merely unfinished (for at
-    most ``timeout`` seconds). On any error every received descriptor is closed and HandshakeError is raised.
+    most ``timeout`` seconds). On any error every received descriptor is closed and
+    HandshakeError is raised.
     """
     fds: list[int] = []
     data = b""
     conn.settimeout(timeout)
     try:
         while True:
-            msg, ancdata, _flags, _addr = conn.recvmsg(
-                65536, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+            msg, ancdata, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4),
+                                                       socket.MSG_CMSG_CLOEXEC)
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     got = array.array("i")
@@ -145,9 +147,9 @@ def receive_handshake(conn: socket.socket, *, mem_file_size: int | None = None,
         regions = parse_mappings(data, mem_file_size=mem_file_size)
         if len(fds) != 1:
             raise HandshakeError(f"handshake must carry exactly one userfaultfd, got {len(fds)}")
-        kind = _fd_kind(fds[0])
-        if "userfaultfd" not in kind:
-            raise HandshakeError(f"the descriptor sent is not a userfaultfd ({kind or '?'})")
+        what = _fd_kind(fds[0])
+        if "userfaultfd" not in what:
+            raise HandshakeError(f"the descriptor sent is not a userfaultfd ({what or '?'})")
     except TimeoutError:
         for fd in fds:
             os.close(fd)

@@ -52,7 +52,7 @@ def bind_stream_socket(path: str) -> socket.socket:
 def _peer_uid(conn: socket.socket) -> int:
     _pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                     _UCRED.size))
-    return uid
+    return int(uid)
 
 
 def serve_one(listener: socket.socket, mem_file: str, *, working_set: str | None = None,

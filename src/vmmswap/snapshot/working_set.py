@@ -31,7 +31,7 @@ def save_working_set(path: str, pages: npt.NDArray[np.uint64]) -> None:
 def load_working_set(path: str, *, file_pages: int | None = None) -> npt.NDArray[np.uint64]:
     """The pages of a working-set file, checked: 1-D, unsigned, inside ``file_pages``."""
     try:
-        data = np.load(path, allow_pickle=False)
+        data: npt.NDArray[np.uint64] = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise WorkingSetError(f"{path} is not a working-set file: {err}") from None
     if data.ndim != 1 or data.dtype != np.uint64:
