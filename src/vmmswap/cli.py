@@ -6,8 +6,7 @@
     vmmswap disable [--slow-file-cleanup] [--wait] SOCKET
     vmmswap status [--watch [SECONDS]] SOCKET
     vmmswap demo [...]            (the micro-VM demo; --linux for the Linux guest)
-    vmmswap serve-snapshot | snapshot | restore [...]   (snapshots: vmmswap.snapshot.serve,
-                                  vmmswap.vm.snapshot_cli)
+    vmmswap serve-snapshot [...]  (a Firecracker-compatible page-fault handler)
 
 Exit codes: 0 success; 1 the command was refused or failed (wrong state, move or swap-out
 failed); 2 usage error or a request the monitor did not understand; 3 the monitor cannot be
@@ -221,11 +220,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="refresh a human-readable table every SECONDS (default 1)")
     sub.add_parser("demo", help="run the micro-VM demo (--linux: boot a Linux guest)",
                    add_help=False)
-    for name, text in (("serve-snapshot", "serve a snapshot's memory to a VMM (Firecracker's "
-                        "page-fault handler handshake)"),
-                       ("snapshot", "run the micro-VM and snapshot it"),
-                       ("restore", "restore a micro-VM snapshot through a handler")):
-        sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("serve-snapshot", add_help=False, help="serve a snapshot's memory to a "
+                   "VMM (Firecracker's page-fault handler handshake)")
     return parser
 
 
@@ -243,15 +239,12 @@ def _demo(argv: list[str]) -> int:
 
 
 #: Snapshot subcommands, each the ``main(argv)`` of its own module.
-_SNAPSHOT_COMMANDS = {"serve-snapshot": "vmmswap.snapshot.serve",
-                      "snapshot": "vmmswap.vm.snapshot_cli", "restore": "vmmswap.vm.snapshot_cli"}
+_SNAPSHOT_COMMANDS = {"serve-snapshot": "vmmswap.snapshot.serve"}
 
 
 def _snapshot_command(name: str, argv: list[str]) -> int:
     module = importlib.import_module(_SNAPSHOT_COMMANDS[name])
-    if name == "serve-snapshot":
-        return int(module.main(argv) or 0)
-    return int(module.main([name, *argv]) or 0)
+    return int(module.main(argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
