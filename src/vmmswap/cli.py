@@ -6,6 +6,7 @@
     vmmswap disable [--slow-file-cleanup] [--wait] SOCKET
     vmmswap status [--watch [SECONDS]] SOCKET
     vmmswap demo [...]            (the micro-VM demo; --linux for the Linux guest)
+    vmmswap serve-snapshot [...]  (a Firecracker-compatible page-fault handler)
 
 Exit codes: 0 success; 1 the command was refused or failed (wrong state, move or swap-out
 failed); 2 usage error or a request the monitor did not understand; 3 the monitor cannot be
@@ -219,6 +220,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="refresh a human-readable table every SECONDS (default 1)")
     sub.add_parser("demo", help="run the micro-VM demo (--linux: boot a Linux guest)",
                    add_help=False)
+    sub.add_parser("serve-snapshot", add_help=False, help="serve a snapshot's memory to a "
+                   "VMM (Firecracker's page-fault handler handshake)")
     return parser
 
 
@@ -235,11 +238,22 @@ def _demo(argv: list[str]) -> int:
     return int(entry(argv) or 0)
 
 
+#: Snapshot subcommands, each the ``main(argv)`` of its own module.
+_SNAPSHOT_COMMANDS = {"serve-snapshot": "vmmswap.snapshot.serve"}
+
+
+def _snapshot_command(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(_SNAPSHOT_COMMANDS[name])
+    return int(module.main(argv) or 0)
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     out = out or sys.stdout
     if args_list and args_list[0] == "demo":
         return _demo(args_list[1:])
+    if args_list and args_list[0] in _SNAPSHOT_COMMANDS:
+        return _snapshot_command(args_list[0], args_list[1:])
     try:
         args = _parser().parse_args(args_list)
     except SystemExit as exc:
