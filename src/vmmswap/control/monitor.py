@@ -46,6 +46,7 @@ from vmmswap.control.freeze import freeze_tree
 from vmmswap.control.monitor_faults import UffdEntry, UffdSet, VmmGoneError
 from vmmswap.control.monitor_state import CommandError, PageHandlerLike, StateMachine
 from vmmswap.control.protocol import (
+    MAX_MESSAGE,
     Command,
     ErrorKind,
     InitRequest,
@@ -335,8 +336,18 @@ class Monitor:
 
     @staticmethod
     def _send_and_close(conn: socket.socket, response: Response) -> None:
+        """Answer a connection that is not admitted, then close it.
+
+        A request already queued on ``conn`` is read first: closing an AF_UNIX socket with
+        unread data resets the peer (ECONNRESET), so the client would lose the answer and see a
+        reset instead of "busy". A request that arrives after the drain can still be reset.
+        """
         with contextlib.suppress(OSError):
             send_message(conn, encode_response(response))
+        with contextlib.suppress(OSError):
+            for _ in range(16):
+                if not conn.recv(MAX_MESSAGE + 1, socket.MSG_DONTWAIT):
+                    break
         conn.close()
 
     def _add_client(self, client: Client) -> None:
