@@ -149,6 +149,48 @@ def test_stray_fault_while_disabled_is_zero_filled(setup: Any) -> None:
     assert uffd.zeroed == [BASE + 7 * 4096]
 
 
+def test_fault_queued_during_unregister_is_woken_not_retried_forever() -> None:
+    """A fault the kernel queued while the range was being unregistered reaches a Ready monitor
+    after the registration is gone: ZEROPAGE says ENOENT. The thread must be woken (it then
+    faults as on plain memory, where every page is back), not kept for retries that can never
+    succeed -- the torture harness's "worker stuck after disable"."""
+
+    class Unregistered(FakeUffd):
+        def __init__(self) -> None:
+            super().__init__()
+            self.woken: list[int] = []
+
+        def zero(self, addr: int, length: int) -> int:
+            raise OSError(errno.ENOENT, "UFFDIO_ZEROPAGE: not registered")
+
+        def wake(self, addr: int, length: int) -> None:
+            self.woken.append(addr)
+
+    uffd = Unregistered()
+    main = UffdEntry(uffd, 1, main=True)  # type: ignore[arg-type]
+    uffds = UffdSet([REGION], main, lambda: None, lambda e: None)
+    uffd.queue = [[fault(3)]]
+    uffds.serve(main)
+    assert uffd.woken == [BASE + 3 * 4096]
+    assert uffds.stuck_count == 0
+
+
+def test_other_errors_while_disabled_keep_the_fault_blocked() -> None:
+    """Only "not registered" means the thread may run on; any other failure keeps it blocked
+    and retried (a wrong wake there could let it read memory that is not back)."""
+
+    class Failing(FakeUffd):
+        def zero(self, addr: int, length: int) -> int:
+            raise OSError(errno.EIO, "UFFDIO_ZEROPAGE: I/O error")
+
+    uffd = Failing()
+    main = UffdEntry(uffd, 1, main=True)  # type: ignore[arg-type]
+    uffds = UffdSet([REGION], main, lambda: None, lambda e: None)
+    uffd.queue = [[fault(3)]]
+    uffds.serve(main)
+    assert uffds.stuck_count == 1
+
+
 def test_failed_registration_is_rolled_back(setup: Any) -> None:
     uffds, _, _, _ = setup
     bad = FakeUffd()

@@ -71,6 +71,25 @@ class Stats:
     states: list[str] = field(default_factory=list)
 
 
+def _uffd_view() -> str:
+    """This process's userfaultfds (fdinfo: pending/total faults) and its registered VMAs."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "userfaultfd" in os.readlink(f"/proc/self/fd/{fd}"):
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    info = " ".join(f.read().split())
+                fds.append(f"fd {fd}: {info}")
+    vmas, head = [], ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if not line[0].isupper() or ":" not in line.split()[0]:
+                head = line.split()[0]
+            elif line.startswith("VmFlags:") and " um" in line:
+                vmas.append(head)
+    return f"uffds [{'; '.join(fds)}], VMAs registered (um) {vmas}"
+
+
 class Scenario:
     def __init__(self, seed: int, options: Options) -> None:
         self.seed = seed
@@ -147,7 +166,8 @@ class Scenario:
         for worker in self.workers:
             worker.thread.join(TIMEOUT)
             if worker.thread.is_alive():
-                raise Failure(f"{worker.name} is stuck (blocked on a fault?) after disable")
+                raise Failure(f"{worker.name} is stuck (blocked on a fault?) after disable; "
+                              f"{self.diagnose(worker)}")
         self.check_workers()
         self.verify_all("after the final disable")
         if ctl.status().state is not S.READY:
@@ -195,6 +215,21 @@ class Scenario:
         return error
 
     # --- helpers --------------------------------------------------------------------------------
+    def diagnose(self, worker: Worker) -> str:
+        """Where a stuck worker waits (its kernel stack) and what the monitor says."""
+        tid = worker.thread.native_id
+        try:
+            with open(f"/proc/self/task/{tid}/stack") as f:
+                stack = " < ".join(line.split()[-1] for line in f.read().splitlines()[:6])
+        except OSError as err:
+            stack = f"(no stack: {err})"
+        try:
+            status = self.controller().status()
+            said = f"monitor: state {status.state}, error {status.error!r}"
+        except Exception as err:
+            said = f"monitor: no status ({err})"
+        return f"kernel stack {stack}; {said}; {_uffd_view()}"
+
     def gaddr(self, index: int) -> int:
         return int(self.own.gpages[index]) * PAGE_SIZE
 

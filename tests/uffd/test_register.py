@@ -9,7 +9,9 @@ from collections.abc import Iterator
 import pytest
 from uffd_helpers import Area, make_area, require
 
+from vmmswap.kernel import uffd as abi
 from vmmswap.kernel.uffd import Feature, Ioctls, RegisterMode
+from vmmswap.uffd import userfaultfd as module
 from vmmswap.uffd.errors import ProcessGoneError
 from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import Userfaultfd
@@ -123,3 +125,24 @@ def test_closed_descriptor_is_a_value_error(area: Area) -> None:
 def test_process_gone_class_exists_for_register() -> None:
     """(The dead-process behaviour itself is in test_process_gone.py.)"""
     assert issubclass(ProcessGoneError, ProcessLookupError)
+
+
+def test_unregister_wakes_the_range_after_clearing_it(
+        uffd: Userfaultfd, area: Area, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel wakes a range's waiters before it clears the registration; a waiter that
+    faults again in between queues itself anew and nobody wakes it (the torture harness found
+    VMM threads blocked for good after disable). So the wrapper wakes the range afterwards."""
+    calls: list[tuple[int, int, int]] = []
+    real = module._ioctl
+
+    def spy(fd: int, request: int, buf: bytearray) -> object:
+        result = real(fd, request, buf)
+        start, length = abi.UFFDIO_RANGE_STRUCT.unpack_from(buf, 0)
+        calls.append((request, start, length))
+        return result
+
+    uffd.register(area.address, area.length, RegisterMode.MISSING)
+    monkeypatch.setattr(module, "_ioctl", spy)
+    uffd.unregister(area.address, area.length)
+    assert calls == [(abi.UFFDIO_UNREGISTER, area.address, area.length),
+                     (abi.UFFDIO_WAKE, area.address, area.length)]

@@ -26,7 +26,11 @@ from typing import Final
 from vmmswap.control.monitor_state import PageHandlerLike
 from vmmswap.dataplane.guest_memory import RegionSpec
 from vmmswap.kernel.uffd import RegisterMode
-from vmmswap.uffd.errors import MappingChangingError, PageExistsError, ProcessGoneError
+from vmmswap.uffd.errors import (
+    MappingChangingError,
+    PageExistsError,
+    ProcessGoneError,
+)
 from vmmswap.uffd.events import Fork, PageFault, Remove
 from vmmswap.uffd.pagesize import PAGE_SIZE, page_base
 from vmmswap.uffd.userfaultfd import ForkedUffd, Userfaultfd
@@ -280,6 +284,12 @@ class UffdSet:
         try:
             entry.uffd.zero(addr, PAGE_SIZE)
         except PageExistsError:
+            entry.uffd.wake(addr, PAGE_SIZE)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            # Not registered any more: a fault queued while the range was being unregistered
+            # (see Userfaultfd.unregister). Woken, the thread faults as on plain memory.
             entry.uffd.wake(addr, PAGE_SIZE)
 
     def retry_stuck(self) -> None:

@@ -366,8 +366,18 @@ class Userfaultfd:
         return Ioctls(abi.UFFDIO_REGISTER_STRUCT.unpack(buf)[3])
 
     def unregister(self, addr: int, length: int) -> None:
-        """Stop reporting faults in the range; waiters there retry under normal kernel rules."""
+        """Stop reporting faults in the range; waiters there retry under normal kernel rules.
+
+        Why the wake after it: the kernel wakes the range's waiters *before* it clears the
+        registration, VMA by VMA. A woken thread that retries its fault in between takes the
+        VMA's lock, still sees the range registered and queues itself again; nothing wakes it
+        after that (found by the torture harness: a VMM thread blocked for good after disable,
+        with no range registered and one fault outstanding on the uffd). UFFDIO_WAKE needs no
+        registration, so waking the range once the unregister has returned releases every such
+        thread, and it then faults as on memory that was never registered.
+        """
         self._range_ioctl("UFFDIO_UNREGISTER", abi.UFFDIO_UNREGISTER, addr, length)
+        self.wake(addr, length)
 
     def wake(self, addr: int, length: int) -> None:
         """Wake threads blocked on the range; they fault again if the page is still missing."""
