@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from huge_settings import HugeSettings
 
 
 def kvm_unavailable_reason() -> str | None:
@@ -24,3 +27,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def huge_settings() -> Iterator[HugeSettings]:
+    """Shmem THP mode and hugetlb reservations for one test, restored afterwards."""
+    with HugeSettings() as settings:
+        yield settings

@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any
 
-from vmmswap.dataplane.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import Backing, GuestMemory
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
@@ -52,6 +52,7 @@ class Agent:
         self.memory: GuestMemory | None = None
         self.uffd: Userfaultfd | None = None
         self._scratch: ctypes.Array[ctypes.c_char] | None = None
+        self.pins: list[tuple[int, int]] = []
 
     def scratch(self, size: int) -> ctypes.Array[ctypes.c_char]:
         """A private, populated buffer for reads (reused: first-touch faults cost)."""
@@ -71,7 +72,8 @@ class Agent:
     # --- commands -------------------------------------------------------------------------------
     def cmd_new(self, cmd: dict[str, Any]) -> dict[str, Any] | None:
         self.close_memory()
-        self.memory = GuestMemory.create([(int(g), int(n)) for g, n in cmd["layout"]])
+        self.memory = GuestMemory.create([(int(g), int(n)) for g, n in cmd["layout"]],
+                                         backing=Backing(cmd.get("backing", "4k")))
         self.uffd = Userfaultfd.new(VMM_SWAP_FEATURES)
         regions = [[r.guest_addr, r.host_addr, r.size] for r in self.memory.regions]
         fds = [self.uffd.fileno(), *self.memory.memfds()]
@@ -101,6 +103,27 @@ class Agent:
             ctypes.memmove(buf, cmd["addr"] + i * PAGE_SIZE, PAGE_SIZE)
             out.append(page_digest(buf.raw))
         return {"digests": out}
+
+    def cmd_pin(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Hold a reference on the page at ``addr`` (vmsplice into a pipe nobody reads), as a
+        device with I/O in flight does; ``unpin`` drops every such reference."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        iov = (ctypes.c_void_p * 2)(cmd["addr"], cmd.get("length", PAGE_SIZE))
+        vmsplice = ctypes.CDLL(None, use_errno=True).vmsplice
+        vmsplice.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_uint]
+        if vmsplice(write_end, iov, 1, 0) < 0:
+            err = ctypes.get_errno()
+            os.close(read_end)
+            os.close(write_end)
+            raise OSError(err, os.strerror(err))
+        self.pins.append((read_end, write_end))
+        return {}
+
+    def cmd_unpin(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        while self.pins:
+            for fd in self.pins.pop():
+                os.close(fd)
+        return {}
 
     def cmd_remove(self, cmd: dict[str, Any]) -> dict[str, Any]:
         # MADV_REMOVE on a registered range sends a REMOVE event and waits until it is read.

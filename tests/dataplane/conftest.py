@@ -22,9 +22,9 @@ class Rig:
     """A guest in the agent, a handler over it, and a fault server; helpers in pages."""
 
     def __init__(self, vmm: Vmm, layout: list[tuple[int, int]], swap_dir: Path,
-                 **handler_kwargs: Any) -> None:
+                 backing: str = "4k", register: bool = True, **handler_kwargs: Any) -> None:
         self.vmm = vmm
-        self.guest: Guest = vmm.new_guest(layout)
+        self.guest: Guest = vmm.new_guest(layout, backing=backing, register=register)
         self.handler = PageHandler.create(self.guest.regions(), swap_dir, **handler_kwargs)
         self.server = FaultServer(self.handler, self.guest.uffd)
 

@@ -113,12 +113,14 @@ class Vmm:
         self.guest: Guest | None = None
 
     def new_guest(self, layout: Sequence[tuple[int, int]], *, register: bool = True,
-                  timeout: float = DEFAULT_TIMEOUT) -> Guest:
-        """Fresh guest memory (one memfd per ``(guest_addr, size)``) and uffd in the child."""
+                  timeout: float = DEFAULT_TIMEOUT, backing: str = "4k") -> Guest:
+        """Fresh guest memory (one memfd per ``(guest_addr, size)``) and uffd in the child;
+        ``backing`` is a :class:`~vmmswap.dataplane.guest_memory.Backing` value."""
         if self.guest is not None:
             self.guest.close()
             self.guest = None
-        self.sock.send(json.dumps({"op": "new", "layout": [list(r) for r in layout]}).encode())
+        self.sock.send(json.dumps({"op": "new", "layout": [list(r) for r in layout],
+                                   "backing": backing}).encode())
         self._wait_readable(timeout, None)
         msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 1 + len(layout),
                                                  socket.MSG_CMSG_CLOEXEC)

@@ -7,6 +7,7 @@ The numbers below were computed from the C headers with a local build (reference
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,30 @@ def test_flags_keep_unknown_bits() -> None:
 def test_every_feature_has_a_release() -> None:
     assert set(abi.FEATURE_SINCE) == set(Feature)
     assert int(abi.KNOWN_FEATURES) == (1 << 17) - 1
+
+
+@pytest.mark.parametrize(("name", "header", "macro"), [
+    ("MFD_CLOEXEC", "linux/memfd.h", "MFD_CLOEXEC"),
+    ("MFD_HUGETLB", "linux/memfd.h", "MFD_HUGETLB"),
+    ("MFD_HUGE_SHIFT", "linux/memfd.h", "MFD_HUGE_SHIFT"),
+    ("MFD_HUGE_2MB", "linux/memfd.h", "MFD_HUGE_2MB"),
+    ("MFD_HUGE_1GB", "linux/memfd.h", "MFD_HUGE_1GB"),
+    ("HUGETLBFS_MAGIC", "linux/magic.h", "HUGETLBFS_MAGIC"),
+])
+def test_huge_page_constants_match_the_installed_headers(name: str, header: str,
+                                                         macro: str) -> None:
+    """memfd and hugetlbfs constants against the C headers, evaluated by the preprocessor."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from vmmswap.kernel import libc  # noqa: PLC0415
+
+    gcc = shutil.which("gcc")
+    if gcc is None or not Path("/usr/include", header).exists():
+        pytest.skip(f"needs gcc and /usr/include/{header}")
+    src = f"#include <{header}>\nunsigned long long v = {macro};\n"
+    out = subprocess.run([gcc, "-E", "-P", "-x", "c", "-"], input=src, capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    expr = out.strip().splitlines()[-1].split("=", 1)[1].rstrip(";").strip()
+    value = eval(expr.replace("U", ""), {})
+    assert getattr(libc, name) == value

@@ -9,10 +9,18 @@ Reading a hole through it makes the kernel allocate a zero page in the shared fi
 the VMM's access no longer faults and the guest silently sees zeros. Only read guest memory at
 ranges the file reports as data (SEEK_DATA / SEEK_HOLE), and only while the guest's processes are
 frozen.
+
+**Backings** (:class:`Backing`): small pages (the default), transparent huge pages (shmem THP,
+asked for with MADV_HUGEPAGE on the VMM's mapping; the kernel forms them only when
+``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` allows it), or hugetlbfs (a memfd with
+MFD_HUGETLB | MFD_HUGE_2MB). A hugetlbfs region's *page* is the huge page: the kernel faults,
+fills and discards it only whole, so every region and discard must be aligned to it.
 """
 
 from __future__ import annotations
 
+import enum
+import errno
 import itertools
 import os
 from collections.abc import Iterator, Sequence
@@ -21,7 +29,43 @@ from types import TracebackType
 
 from vmmswap.kernel import libc
 from vmmswap.uffd.memory import Mapping
-from vmmswap.uffd.pagesize import check_page_range
+from vmmswap.uffd.pagesize import PAGE_SIZE, check_page_range
+
+#: The huge page size of :attr:`Backing.HUGETLB_2M`.
+HUGETLB_2M_SIZE = 2 * 1024 * 1024
+
+
+class Backing(enum.Enum):
+    """What backs guest memory: the page the kernel maps, faults and frees."""
+
+    SMALL = "4k"
+    #: Shmem transparent huge pages: MADV_HUGEPAGE on the mapping; faults stay 4 KiB.
+    THP = "thp"
+    #: hugetlbfs, 2 MiB pages: faults, fills and discards are whole 2 MiB pages.
+    HUGETLB_2M = "2M"
+
+    @property
+    def page_size(self) -> int:
+        """The unit faults are resolved and discards made in."""
+        return HUGETLB_2M_SIZE if self is Backing.HUGETLB_2M else PAGE_SIZE
+
+
+def memfd_page_size(fd: int) -> int:
+    """The page size of a memfd: the huge page size for hugetlbfs, else the base page size.
+
+    hugetlbfs reports its page size as the file's block size; shmem reports the base page.
+    """
+    blksize = os.fstat(fd).st_blksize
+    return blksize if blksize > PAGE_SIZE else PAGE_SIZE
+
+
+def check_aligned(addr: int, length: int, page_size: int, what: str) -> None:
+    """Raise ValueError unless ``[addr, addr + length)`` is non-empty and ``page_size``
+    aligned (a huge-page region or discard must never cut a huge page)."""
+    check_page_range(addr, length, what)
+    if addr % page_size or length % page_size:
+        raise ValueError(f"{what}: [{addr:#x}, {addr + length:#x}) is not aligned to the "
+                         f"{page_size // 1024} KiB huge page of its memory")
 
 
 class RegionOverlapError(ValueError):
@@ -75,6 +119,11 @@ class GuestRegion:
         return self.mapping.length
 
     @property
+    def page_size(self) -> int:
+        """Bytes the kernel faults, fills and discards at a time (2 MiB on hugetlbfs)."""
+        return memfd_page_size(self.memfd)
+
+    @property
     def host_addr(self) -> int:
         return self.mapping.address
 
@@ -98,19 +147,44 @@ class GuestMemory:
 
     def __init__(self, regions: Sequence[GuestRegion]) -> None:
         validate_regions([r.spec for r in regions])
+        sizes = {r.page_size for r in regions}
+        if len(sizes) > 1:
+            raise ValueError(f"guest regions mix page sizes {sorted(sizes)}: one backing per VM")
         self.regions = tuple(sorted(regions, key=lambda r: r.guest_addr))
 
     @classmethod
-    def create(cls, layout: Sequence[tuple[int, int]], name: str = "guest memory") -> GuestMemory:
-        """One memfd per ``(guest_addr, size)`` region, each mapped MAP_SHARED."""
+    def create(cls, layout: Sequence[tuple[int, int]], name: str = "guest memory", *,
+               backing: Backing = Backing.SMALL) -> GuestMemory:
+        """One memfd per ``(guest_addr, size)`` region, each mapped MAP_SHARED.
+
+        With :attr:`Backing.HUGETLB_2M` every address and size must be 2 MiB aligned, and the
+        huge pages must be reserved (``/proc/sys/vm/nr_hugepages``): mapping reserves them, so
+        a shortage is an error here, not a SIGBUS in the guest later.
+        """
         if not layout:
             raise ValueError("guest memory needs at least one region")
         # Checked before anything is allocated; the host side is checked again once mapped.
         validate_regions([RegionSpec(g, g, s) for g, s in layout])
+        if backing is Backing.HUGETLB_2M:
+            for guest_addr, size in layout:
+                check_aligned(guest_addr, size, HUGETLB_2M_SIZE, "hugetlbfs guest region")
+        flags = libc.MFD_HUGETLB | libc.MFD_HUGE_2MB if backing is Backing.HUGETLB_2M else 0
         regions: list[GuestRegion] = []
         try:
             for i, (guest_addr, size) in enumerate(layout):
-                regions.append(GuestRegion(guest_addr, Mapping.memfd(size, f"{name} {i}")))
+                try:
+                    mapping = Mapping.memfd(size, f"{name} {i}", memfd_flags=flags)
+                except OSError as err:
+                    if backing is Backing.HUGETLB_2M and err.errno == errno.ENOMEM:
+                        raise OSError(err.errno, f"cannot reserve {size // HUGETLB_2M_SIZE} "
+                                      "huge pages of 2 MiB for guest memory (see "
+                                      "/proc/sys/vm/nr_hugepages)") from err
+                    raise
+                regions.append(GuestRegion(guest_addr, mapping))
+                if backing is Backing.THP:
+                    # The kernel aligns large shmem mappings to the huge page; the advice lets
+                    # faults allocate huge pages when shmem_enabled is "advise".
+                    mapping.madvise(libc.MADV_HUGEPAGE)
             return cls(regions)
         except BaseException:
             for region in regions:
@@ -120,6 +194,11 @@ class GuestMemory:
     @property
     def size(self) -> int:
         return sum(r.size for r in self.regions)
+
+    @property
+    def page_size(self) -> int:
+        """The page of every region (one backing per VM; mixed backings are refused)."""
+        return self.regions[0].page_size
 
     def __iter__(self) -> Iterator[GuestRegion]:
         return iter(self.regions)
@@ -169,6 +248,8 @@ class GuestMemory:
         """
         check_page_range(guest_addr, length, "discard")
         region = self.region_of(guest_addr, length)
+        # Removing part of a huge page would zero it in place: the guest keeps the page.
+        check_aligned(guest_addr, length, region.page_size, "discard")
         region.mapping.madvise(libc.MADV_REMOVE, guest_addr - region.guest_addr, length)
 
     def resident_bytes(self) -> int:

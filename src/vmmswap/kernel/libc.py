@@ -54,6 +54,16 @@ MADV_POPULATE_READ: Final = 22
 MADV_POPULATE_WRITE: Final = 23
 MADV_COLLAPSE: Final = 25
 
+# --- memfd_create(2): linux/memfd.h, asm-generic/hugetlb_encode.h; linux/magic.h ----------
+MFD_CLOEXEC: Final = 0x0001
+MFD_HUGETLB: Final = 0x0004
+MFD_HUGE_SHIFT: Final = 26
+#: log2 of the huge page size, in the bits above MFD_HUGE_SHIFT: 21 = 2 MiB.
+MFD_HUGE_2MB: Final = 21 << MFD_HUGE_SHIFT
+MFD_HUGE_1GB: Final = 30 << MFD_HUGE_SHIFT
+#: ``f_type`` of a hugetlbfs file (linux/magic.h); a hugetlb memfd reports it too.
+HUGETLBFS_MAGIC: Final = 0x958458F6
+
 # --- mlock2(2) -----------------------------------------------------------------------------------
 MLOCK_ONFAULT: Final = 0x01
 

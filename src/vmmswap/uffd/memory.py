@@ -61,11 +61,16 @@ class Mapping:
         return cls(addr, length)
 
     @classmethod
-    def memfd(cls, length: int, name: str = "vmmswap", *, hint: int = 0) -> Mapping:
-        """A new memfd of ``length`` bytes, mapped MAP_SHARED: the guest-memory layout."""
+    def memfd(cls, length: int, name: str = "vmmswap", *, hint: int = 0,
+              memfd_flags: int = 0) -> Mapping:
+        """A new memfd of ``length`` bytes, mapped MAP_SHARED: the guest-memory layout.
+
+        ``memfd_flags`` are added to MFD_CLOEXEC (MFD_HUGETLB | MFD_HUGE_2MB for hugetlbfs
+        memory; ``length`` must then be a multiple of the huge page size).
+        """
         _check_length(length)
         length = page_round_up(length)
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        fd = os.memfd_create(name, libc.MFD_CLOEXEC | memfd_flags)
         try:
             os.ftruncate(fd, length)
             addr = libc.mmap(hint, length, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED, fd)
