@@ -6,6 +6,7 @@ The numbers below were computed from the C headers with a local build (reference
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -142,3 +143,30 @@ def test_huge_page_constants_match_the_installed_headers(name: str, header: str,
     expr = out.strip().splitlines()[-1].split("=", 1)[1].rstrip(";").strip()
     value = eval(expr.replace("U", ""), {})
     assert getattr(libc, name) == value
+
+
+def test_statfs_layout_matches_the_installed_headers(tmp_path: Path) -> None:
+    """``libc.fs_type`` reads ``f_type`` as the first 8 bytes of a 120-byte ``struct statfs``;
+    a C program built against the headers says whether that is so, and reads a memfd's magic."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from vmmswap.kernel import libc  # noqa: PLC0415
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("needs gcc")
+    src = tmp_path / "statfs.c"
+    src.write_text("#include <stddef.h>\n#include <stdio.h>\n#include <sys/vfs.h>\n"
+                   "int main(void) { printf(\"%zu %zu %zu\\n\", sizeof(struct statfs), "
+                   "offsetof(struct statfs, f_type), sizeof(((struct statfs *)0)->f_type)); }\n")
+    exe = tmp_path / "statfs"
+    subprocess.run([gcc, "-o", str(exe), str(src)], check=True, timeout=60)
+    size, offset, width = map(int, subprocess.run([str(exe)], capture_output=True, text=True,
+                                                  check=True, timeout=60).stdout.split())
+    assert (size, offset, width) == (libc.STATFS_SIZE, 0, 8)
+    fd = os.memfd_create("statfs-check", os.MFD_CLOEXEC)
+    try:
+        assert libc.fs_type(fd) == 0x01021994  # TMPFS_MAGIC: a memfd lives on shmem
+    finally:
+        os.close(fd)

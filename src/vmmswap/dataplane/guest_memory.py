@@ -53,10 +53,13 @@ class Backing(enum.Enum):
 def memfd_page_size(fd: int) -> int:
     """The page size of a memfd: the huge page size for hugetlbfs, else the base page size.
 
-    hugetlbfs reports its page size as the file's block size; shmem reports the base page.
+    The file system decides (statfs magic), not the block size alone: hugetlbfs reports its
+    page size as the block size, but so does shmem (2 MiB) whenever shmem THP is enabled, and
+    THP-backed shmem is still handled in 4 KiB pages.
     """
-    blksize = os.fstat(fd).st_blksize
-    return blksize if blksize > PAGE_SIZE else PAGE_SIZE
+    if libc.fs_type(fd) != libc.HUGETLBFS_MAGIC:
+        return PAGE_SIZE
+    return max(os.fstat(fd).st_blksize, PAGE_SIZE)
 
 
 def check_aligned(addr: int, length: int, page_size: int, what: str) -> None:

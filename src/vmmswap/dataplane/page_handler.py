@@ -44,7 +44,12 @@ from types import TracebackType
 from typing import Final
 
 from vmmswap.dataplane import move
-from vmmswap.dataplane.guest_memory import RegionSpec, data_bytes, validate_regions
+from vmmswap.dataplane.guest_memory import (
+    RegionSpec,
+    data_bytes,
+    memfd_page_size,
+    validate_regions,
+)
 from vmmswap.dataplane.metrics import SwapMetrics
 from vmmswap.dataplane.page_fill import Bounce, Part, RunFiller, copy_run, settled_block
 from vmmswap.dataplane.page_store import Region
@@ -151,6 +156,12 @@ class PageHandler:
         built: list[Region] = []
         base = 0
         for spec, memfd in sorted(regions, key=lambda r: r[0].host_addr):
+            if memfd_page_size(memfd) != PAGE_SIZE:
+                # The data plane works in 4 KiB pages; on hugetlbfs it would move, punch and
+                # fill partial huge pages, which the kernel refuses or silently ignores.
+                raise ValueError(f"region [{spec.host_addr:#x}, {spec.host_end:#x}) is backed "
+                                 f"by {memfd_page_size(memfd) // 1024} KiB huge pages "
+                                 "(hugetlbfs): vm-swap of hugetlbfs memory is not supported yet")
             size = os.fstat(memfd).st_size
             if size < spec.size:
                 raise ValueError(f"region [{spec.host_addr:#x}, {spec.host_end:#x}) is "

@@ -117,6 +117,19 @@ libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ul
                        ctypes.c_ulong]
 libc.fallocate.restype = ctypes.c_int
 libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+libc.fstatfs.restype = ctypes.c_int
+libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+#: ``struct statfs`` on x86_64 is 120 bytes; ``f_type`` (a long) comes first.
+STATFS_SIZE: Final = 120
+
+
+def fs_type(fd: int) -> int:
+    """The file system magic (``statfs.f_type``) of the file open as ``fd``."""
+    buf = ctypes.create_string_buffer(STATFS_SIZE)
+    if libc.fstatfs(fd, buf) != 0:
+        raise raise_errno("fstatfs")
+    return int.from_bytes(buf.raw[:8], "little", signed=True) & 0xFFFFFFFF
 
 
 def raise_errno(what: str, err: int | None = None, hint: str = "") -> OSError:
