@@ -10,7 +10,6 @@ import pytest
 from uffd_helpers import Area, make_area, require
 
 from vmmswap.kernel.uffd import Feature, Ioctls, RegisterMode
-from vmmswap.uffd.errors import ProcessGoneError
 from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
@@ -118,8 +117,3 @@ def test_closed_descriptor_is_a_value_error(area: Area) -> None:
         uffd.register(area.address, area.length)
     with pytest.raises(ValueError, match="closed"):
         uffd.unregister(area.address, area.length)
-
-
-def test_process_gone_class_exists_for_register() -> None:
-    """(The dead-process behaviour itself is in test_process_gone.py.)"""
-    assert issubclass(ProcessGoneError, ProcessLookupError)
