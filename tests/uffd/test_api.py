@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -15,7 +16,13 @@ from vmmswap.kernel import libc
 from vmmswap.kernel import uffd as abi
 from vmmswap.kernel.uffd import Feature, Ioctls
 from vmmswap.uffd.errors import UffdPermissionError
-from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, KernelSupport, Userfaultfd
+from vmmswap.uffd.userfaultfd import (
+    CREATED_BY_DEVICE,
+    CREATED_BY_SYSCALL,
+    VMM_SWAP_FEATURES,
+    KernelSupport,
+    Userfaultfd,
+)
 
 UFFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK | abi.UFFD_USER_MODE_ONLY
 NOBODY = 65534
@@ -77,7 +84,11 @@ def test_failed_handshake_zeroes_the_struct() -> None:
 
 @pytest.mark.parametrize("use_device", [True, False], ids=["dev", "syscall"])
 def test_new_handshakes_and_reports_support(use_device: bool) -> None:
+    if use_device and not os.path.exists(abi.USERFAULTFD_DEVICE):
+        pytest.skip("no /dev/userfaultfd (Linux 6.1+)")
     with Userfaultfd.new(VMM_SWAP_FEATURES, use_device=use_device) as uffd:
+        # The parameter is the path that made the descriptor, not only the one asked for.
+        assert uffd.created_by == (CREATED_BY_DEVICE if use_device else CREATED_BY_SYSCALL)
         assert uffd.features == VMM_SWAP_FEATURES
         assert VMM_SWAP_FEATURES in uffd.supported_features
         assert abi.UFFD_API_IOCTLS in uffd.api_ioctls
@@ -96,8 +107,27 @@ def test_new_options_for_blocking_and_inheritable() -> None:
         assert "blocking" in repr(uffd) and "non-blocking" not in repr(uffd)
 
 
+def test_missing_device_falls_back_to_the_syscall(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    """No /dev/userfaultfd (a kernel before 6.1, a container): the syscall makes the fd."""
+    monkeypatch.setattr(abi, "USERFAULTFD_DEVICE", str(tmp_path / "no-such-device"))
+    with Userfaultfd.new(VMM_SWAP_FEATURES) as uffd:
+        assert uffd.created_by == CREATED_BY_SYSCALL
+        assert uffd.features == VMM_SWAP_FEATURES
+        assert uffd.try_clone().created_by == CREATED_BY_SYSCALL
+    assert Userfaultfd.probe().features  # the probe falls back the same way
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
 def test_probe_does_not_spend_a_handshake() -> None:
+    """The probe's handshake is on its own descriptor, which it closes; a real one still works."""
+    before = _open_fds()
     support = Userfaultfd.probe()
+    assert _open_fds() == before  # its descriptor is closed, not left behind
+    assert VMM_SWAP_FEATURES in support.features  # a zero-feature handshake reports them all
     assert isinstance(support, KernelSupport)
     assert isinstance(support.features, Feature)
     assert abi.UFFD_API_IOCTLS in support.ioctls
@@ -105,6 +135,7 @@ def test_probe_does_not_spend_a_handshake() -> None:
     # The features can then be asked for on a fresh descriptor.
     with Userfaultfd.new(support.features & ~Feature.EVENT_FORK) as uffd:
         assert uffd.features == support.features & ~Feature.EVENT_FORK
+        assert uffd.supported_features == support.features
 
 
 def test_wp_async_turns_on_wp_unpopulated() -> None:

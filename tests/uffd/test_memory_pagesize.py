@@ -91,14 +91,32 @@ def test_private_mapping_of_a_memfd_does_not_write_through() -> None:
             assert m.read(0, 1) == b"\x00"
 
 
+def _vm_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping holding ``address``, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
 def test_huge_page_advice() -> None:
+    """The advice reaches the kernel: the range's VMA carries ``hg``, then ``nh``."""
     with Mapping.anonymous(2 * THP_SIZE) as m:
         start = pagesize.hugepage_round_up(m.address) - m.address
         try:
             m.madvise(libc.MADV_HUGEPAGE, start, THP_SIZE)
         except OSError as err:
             pytest.skip(f"no transparent huge pages: {err}")
+        assert "hg" in _vm_flags(m.address + start)
         m.madvise(libc.MADV_NOHUGEPAGE, start, THP_SIZE)
+        flags = _vm_flags(m.address + start)
+        assert "nh" in flags and "hg" not in flags
 
 
 def test_reserve_is_inaccessible_placeholder() -> None:

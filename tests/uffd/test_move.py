@@ -35,7 +35,23 @@ def aligned(length: int, align: int) -> int:
     return hugepage_round_up(spare.address) if align == THP_SIZE else spare.address
 
 
-def move_scenario(chunk: int, total: int, hugepage: bool) -> tuple[int, int, list[str]]:
+def anon_huge_bytes(start: int, length: int) -> int:
+    """AnonHugePages of the mappings inside [start, start + length), from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = start <= low and high <= start + length
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def move_scenario(chunk: int, total: int, hugepage: bool
+                  ) -> tuple[int, int, list[str], int, int]:
+    """(faults, chunks, errors, source THP bytes before, destination THP bytes after)."""
     src = aligned(total, THP_SIZE)
     dst = aligned(total, THP_SIZE)
     advice = libc.MADV_HUGEPAGE if hugepage else libc.MADV_NOHUGEPAGE
@@ -45,6 +61,7 @@ def move_scenario(chunk: int, total: int, hugepage: bool) -> tuple[int, int, lis
     pages = bytes_to_pages(total)
     for i in range(pages):  # the selftest's per-page counters
         ctypes_write(src + pages_to_bytes(i), COUNTER.pack(i + 1))
+    src_huge = anon_huge_bytes(src, total)
     uffd = Userfaultfd.new(Feature.MOVE)
     uffd.register(dst, total)
     faults = []
@@ -69,7 +86,7 @@ def move_scenario(chunk: int, total: int, hugepage: bool) -> tuple[int, int, lis
             for off in range(base, base + chunk, PAGE_SIZE):
                 if read_bytes(src + off, 8) != bytes(8):
                     errors.append(f"source page {bytes_to_pages(off)} still holds data")
-    return len(faults), total // chunk, errors
+    return len(faults), total // chunk, errors, src_huge, anon_huge_bytes(dst, total)
 
 
 def ctypes_write(addr: int, data: bytes) -> None:
@@ -79,17 +96,25 @@ def ctypes_write(addr: int, data: bytes) -> None:
 @pytest.mark.timeout(60)
 def test_move() -> None:
     require(Feature.MOVE)
-    faults, steps, errors = run_in_child(lambda: move_scenario(PAGE_SIZE, pages_to_bytes(64),
-                                                               hugepage=False))
+    faults, steps, errors, _, _ = run_in_child(
+        lambda: move_scenario(PAGE_SIZE, pages_to_bytes(64), hugepage=False))
     assert errors == []
     assert faults == steps
 
 
 @pytest.mark.timeout(60)
 def test_move_pmd() -> None:
-    """2 MiB chunks, MADV_HUGEPAGE on both areas (the PMD move path when THP is on)."""
+    """2 MiB chunks of huge pages: the PMD is moved whole, so the destination holds huge pages.
+
+    The PTE path would split each huge page into small ones first (the destination's
+    AnonHugePages would stay 0), so the count after the moves tells which path ran.
+    """
     require(Feature.MOVE)
-    faults, steps, errors = run_in_child(lambda: move_scenario(THP_SIZE, 4 * THP_SIZE,
-                                                               hugepage=True))
+    total = 4 * THP_SIZE
+    faults, steps, errors, src_huge, dst_huge = run_in_child(
+        lambda: move_scenario(THP_SIZE, total, hugepage=True))
     assert errors == []
     assert faults == steps
+    if src_huge == 0:
+        pytest.skip("no transparent huge page backs the source (THP off or none free)")
+    assert dst_huge == src_huge

@@ -12,7 +12,6 @@ from uffd_helpers import Area, make_area, require
 from vmmswap.kernel import uffd as abi
 from vmmswap.kernel.uffd import Feature, Ioctls, RegisterMode
 from vmmswap.uffd import userfaultfd as module
-from vmmswap.uffd.errors import ProcessGoneError
 from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
@@ -121,10 +120,6 @@ def test_closed_descriptor_is_a_value_error(area: Area) -> None:
     with pytest.raises(ValueError, match="closed"):
         uffd.unregister(area.address, area.length)
 
-
-def test_process_gone_class_exists_for_register() -> None:
-    """(The dead-process behaviour itself is in test_process_gone.py.)"""
-    assert issubclass(ProcessGoneError, ProcessLookupError)
 
 
 def test_unregister_wakes_the_range_after_clearing_it(

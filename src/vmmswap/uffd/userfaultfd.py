@@ -109,8 +109,17 @@ class ForkedUffd(Fork):
     uffd: Userfaultfd
 
 
-def _create_fd(flags: int, use_device: bool) -> int:
-    """A fresh, not yet initialised uffd: /dev/userfaultfd first, then the syscall."""
+#: :attr:`Userfaultfd.created_by` values: which path made the descriptor.
+CREATED_BY_DEVICE: Final = "device"
+CREATED_BY_SYSCALL: Final = "syscall"
+
+
+def _create_fd(flags: int, use_device: bool) -> tuple[int, str]:
+    """A fresh, not yet initialised uffd and the path that made it (a ``CREATED_BY_*``).
+
+    /dev/userfaultfd first, then the syscall: a device that is missing (kernels before 6.1, a
+    container without it) or denied is not an error while the syscall is allowed.
+    """
     device_error: OSError | None = None
     if use_device:
         try:
@@ -119,13 +128,13 @@ def _create_fd(flags: int, use_device: bool) -> int:
             device_error = err
         else:
             try:
-                return fcntl.ioctl(dev, abi.USERFAULTFD_IOC_NEW, flags)
+                return fcntl.ioctl(dev, abi.USERFAULTFD_IOC_NEW, flags), CREATED_BY_DEVICE
             except OSError as err:
                 device_error = err
             finally:
                 os.close(dev)
     try:
-        return libc.syscall(libc.syscall_number("userfaultfd"), flags)
+        return libc.syscall(libc.syscall_number("userfaultfd"), flags), CREATED_BY_SYSCALL
     except PermissionError as err:
         detail = f"; {abi.USERFAULTFD_DEVICE}: {device_error.strerror}" if device_error else ""
         raise UffdPermissionError(err.errno, f"userfaultfd(2): {err.strerror}{detail}. "
@@ -206,8 +215,13 @@ class Userfaultfd:
     """
 
     def __init__(self, fd: int, features: Feature = NO_FEATURES,
-                 api_ioctls: Ioctls = NO_IOCTLS, supported: Feature = NO_FEATURES) -> None:
+                 api_ioctls: Ioctls = NO_IOCTLS, supported: Feature = NO_FEATURES,
+                 created_by: str | None = None) -> None:
         self._fd = fd
+        #: How :meth:`new` made the descriptor: ``"device"`` (/dev/userfaultfd) or ``"syscall"``
+        #: (userfaultfd(2)); ``None`` for a descriptor received from elsewhere. Diagnostics and
+        #: tests read it (the two paths differ in who is permitted, not in behaviour).
+        self.created_by = created_by
         #: The features enabled on this descriptor (what the handshake asked for; for a
         #: descriptor received from elsewhere, what the caller said it has).
         self.features = features
@@ -234,7 +248,7 @@ class Userfaultfd:
         flags = (os.O_CLOEXEC if cloexec else 0) | (os.O_NONBLOCK if nonblocking else 0)
         if user_mode_only:
             flags |= abi.UFFD_USER_MODE_ONLY
-        fd = _create_fd(flags, use_device)
+        fd, created_by = _create_fd(flags, use_device)
         try:
             supported, ioctls = _handshake(fd, int(features))
         except BaseException:
@@ -243,7 +257,7 @@ class Userfaultfd:
         enabled = Feature(int(features))
         if enabled & Feature.WP_ASYNC:
             enabled |= Feature.WP_UNPOPULATED  # the kernel turns it on with WP_ASYNC
-        return cls(fd, enabled, ioctls, supported)
+        return cls(fd, enabled, ioctls, supported, created_by)
 
     @staticmethod
     def probe(*, user_mode_only: bool = False) -> KernelSupport:
@@ -255,11 +269,11 @@ class Userfaultfd:
         """
         flags = os.O_CLOEXEC | (abi.UFFD_USER_MODE_ONLY if user_mode_only else 0)
         try:
-            fd = _create_fd(flags, use_device=True)
+            fd, _ = _create_fd(flags, use_device=True)
         except UffdPermissionError:
             if user_mode_only:
                 raise
-            fd = _create_fd(flags | abi.UFFD_USER_MODE_ONLY, use_device=True)
+            fd, _ = _create_fd(flags | abi.UFFD_USER_MODE_ONLY, use_device=True)
         try:
             features, ioctls = _handshake(fd, 0)
         finally:
@@ -277,7 +291,8 @@ class Userfaultfd:
     def try_clone(self) -> Userfaultfd:
         """A second descriptor for the same uffd (dup, close-on-exec)."""
         return Userfaultfd(fcntl.fcntl(self.fileno(), fcntl.F_DUPFD_CLOEXEC, 0),
-                           self.features, self.api_ioctls, self.supported_features)
+                           self.features, self.api_ioctls, self.supported_features,
+                           self.created_by)
 
     # --- descriptor -----------------------------------------------------------------------------
     def fileno(self) -> int:
