@@ -112,8 +112,10 @@ def test_balloon_return_while_active(tmp_path: Path) -> None:
     assert result["ballooned_zero"]
     assert result["rest_intact"]
     assert result["after_disable_zero"] and result["after_disable_rest"]
-    if result["swap_pages_before"] is not None and result["swap_pages_after"] is not None:
-        assert result["swap_pages_after"] <= result["swap_pages_before"] - 8 * 256
+    # The ballooned 8 MiB left the swap file: both counts are always reported.
+    assert isinstance(result["swap_pages_before"], int), result
+    assert isinstance(result["swap_pages_after"], int), result
+    assert result["swap_pages_after"] <= result["swap_pages_before"] - 8 * 256
 
 
 @pytest.mark.timeout(200)
