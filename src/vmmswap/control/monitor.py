@@ -594,6 +594,9 @@ def main(argv: Sequence[str] | None = None,
         libc.prctl(libc.PR_SET_NAME, ctypes.addressof(_PROCESS_NAME))
     # Terminal signals belong to the VMM; the monitor leaves when the VMM says or dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The channel arrives through pass_fds, which makes it inheritable: nothing the monitor
+    # may ever start (the thaw guard) should hold the VMM's channel.
+    os.set_inheritable(args.control_fd, False)
     sock = socket.socket(fileno=args.control_fd)
     try:
         init, fds = _receive_init(sock, args.vmm_pid)
