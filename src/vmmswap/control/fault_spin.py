@@ -37,7 +37,7 @@ DEFAULT_MAX_SPIN: Final = 2e-3
 
 @dataclass
 class SpinStats:
-    """What spinning did since the monitor started (for the benchmark and the status)."""
+    """What spinning did since the monitor started (the benchmark reads it)."""
 
     spins: int = 0          # spins started (one per round that served a fault)
     caught: int = 0         # faults served while spinning (each one a wake-up saved)

@@ -603,8 +603,7 @@ def main(argv: Sequence[str] | None = None,
         max_window = max(0.0, args.fault_spin_us) * 1e-6
         spin = AdaptiveSpin(min_window=min(max_window, DEFAULT_MIN_WINDOW),
                             max_window=max_window, window=max_window / 2)
-        monitor = Monitor(sock, init, fds, handler_factory,
-                          spin if max_window > 0 else AdaptiveSpin.disabled())
+        monitor = Monitor(sock, init, fds, handler_factory, spin)  # a 0 window never spins
     except (ProtocolError, ValueError, OSError) as err:
         _log.error("start-up failed: %s", err)
         with contextlib.suppress(OSError):

@@ -63,9 +63,9 @@ def memfd_page_size(fd: int) -> int:
 
 
 def check_aligned(addr: int, length: int, page_size: int, what: str) -> None:
-    """Raise ValueError unless ``[addr, addr + length)`` is non-empty and ``page_size``
-    aligned (a huge-page region or discard must never cut a huge page)."""
-    check_page_range(addr, length, what)
+    """Raise ValueError unless ``[addr, addr + length)`` (already a valid page range: callers
+    check that first) is ``page_size`` aligned: a huge-page region or discard must never cut a
+    huge page."""
     if addr % page_size or length % page_size:
         raise ValueError(f"{what}: [{addr:#x}, {addr + length:#x}) is not aligned to the "
                          f"{page_size // 1024} KiB huge page of its memory")
@@ -116,15 +116,13 @@ class GuestRegion:
             raise ValueError("a guest region must be memfd-backed")
         self.guest_addr = guest_addr
         self.mapping = mapping
+        #: Bytes the kernel faults, fills and discards at a time (2 MiB on hugetlbfs); fixed
+        #: for the memfd's life, so asked of the kernel once.
+        self.page_size = memfd_page_size(mapping.fd)
 
     @property
     def size(self) -> int:
         return self.mapping.length
-
-    @property
-    def page_size(self) -> int:
-        """Bytes the kernel faults, fills and discards at a time (2 MiB on hugetlbfs)."""
-        return memfd_page_size(self.memfd)
 
     @property
     def host_addr(self) -> int:

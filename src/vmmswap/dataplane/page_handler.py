@@ -156,11 +156,12 @@ class PageHandler:
         built: list[Region] = []
         base = 0
         for spec, memfd in sorted(regions, key=lambda r: r[0].host_addr):
-            if memfd_page_size(memfd) != PAGE_SIZE:
+            page_size = memfd_page_size(memfd)
+            if page_size != PAGE_SIZE:
                 # The data plane works in 4 KiB pages; on hugetlbfs it would move, punch and
                 # fill partial huge pages, which the kernel refuses or silently ignores.
                 raise ValueError(f"region [{spec.host_addr:#x}, {spec.host_end:#x}) is backed "
-                                 f"by {memfd_page_size(memfd) // 1024} KiB huge pages "
+                                 f"by {page_size // 1024} KiB huge pages "
                                  "(hugetlbfs): vm-swap of hugetlbfs memory is not supported yet")
             size = os.fstat(memfd).st_size
             if size < spec.size:
