@@ -9,6 +9,14 @@ handler it wraps comes from ``INJECT_BASE`` ("module:function", or empty for the
   for Failed: every page is out of guest memory and the move is reported failed;
 * ``INJECT_EIO_FAULTS=N``: the first N page faults fail with EIO before anything is filled
   (a swap-file read error): the monitor must keep those threads blocked and retry;
+* ``INJECT_EIO_PWRITE_AT=N``: the N-th write to the swap file (1-based, counting every
+  ``pwrite`` the data plane makes: swap-out and trim rewrites) writes half its bytes, then fails
+  with EIO -- a disk that dies in the middle of a write, below the data plane's commit point;
+* ``INJECT_FAULT_DELAY_MS=T``: every page fault waits T ms before it is served, so a test can
+  catch a faulting process in the middle of its fault (and kill it there);
+* ``INJECT_OUT_CHUNK_DELAY_MS=T``: every swap-out chunk takes T ms longer (a slow disk);
+* ``INJECT_EVENT_LOG=PATH``: append one line per event to PATH (``out-begin``, ``out-end N``,
+  ``in-step N``, ``fault ADDR``), in the order the monitor handled them, for tests of that order;
 * ``INJECT_BUG_REMOVE=1``: every REMOVE event raises RuntimeError -- a bug, not an I/O error:
   the monitor must survive it and keep serving faults.
 """
@@ -18,6 +26,7 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +42,15 @@ class Injected:
         self._move = os.environ.get("INJECT_EIO_MOVE") == "1"
         self._fault_errors = int(os.environ.get("INJECT_EIO_FAULTS", "0"))
         self._remove_bug = os.environ.get("INJECT_BUG_REMOVE") == "1"
+        self._fault_delay = float(os.environ.get("INJECT_FAULT_DELAY_MS", "0")) / 1000
+        self._chunk_delay = float(os.environ.get("INJECT_OUT_CHUNK_DELAY_MS", "0")) / 1000
+        log = os.environ.get("INJECT_EVENT_LOG")
+        self._log = (os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                     if log else -1)
+
+    def _event(self, what: str) -> None:
+        if self._log >= 0:
+            os.write(self._log, f"{what}\n".encode())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -40,7 +58,11 @@ class Injected:
     def swap_out(self, max_bytes: int = 2 << 20) -> int:
         if self._chunks == self._out_after:
             raise OSError(errno.EIO, "injected I/O error writing the swap file")
+        self._event("out-begin")
+        if self._chunk_delay:
+            time.sleep(self._chunk_delay)
         written: int = self._inner.swap_out(max_bytes)
+        self._event(f"out-end {written}")
         self._chunks += 1
         return written
 
@@ -48,7 +70,13 @@ class Injected:
         if self._fault_errors > 0:
             self._fault_errors -= 1
             raise OSError(errno.EIO, "injected I/O error reading the swap file")
+        if self._fault_delay:
+            time.sleep(self._fault_delay)
+        self._event(f"fault {addr:#x}")
         self._inner.handle_page_fault(uffd, addr, write)
+
+    def start_swap_in(self) -> Any:
+        return _LoggedSwapIn(self._inner.start_swap_in(), self._event)
 
     def handle_remove(self, start: int, end: int) -> None:
         if self._remove_bug:
@@ -62,6 +90,22 @@ class Injected:
         return moved
 
 
+class _LoggedSwapIn:
+    """A swap-in context that logs each chunk (``in-step N``) for the event-order tests."""
+
+    def __init__(self, inner: Any, event: Any) -> None:
+        self._inner = inner
+        self._event = event
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def swap_in(self, uffd: Any, max_bytes: int) -> int:
+        pages: int = self._inner.swap_in(uffd, max_bytes)
+        self._event(f"in-step {pages}")
+        return pages
+
+
 def factory(regions: Sequence[tuple[RegionSpec, int]], swap_fd: int, readahead: bool) -> Any:
     base = os.environ.get("INJECT_BASE", "")
     if base:
@@ -69,4 +113,28 @@ def factory(regions: Sequence[tuple[RegionSpec, int]], swap_fd: int, readahead: 
         inner = getattr(importlib.import_module(module), name)(regions, swap_fd, readahead)
     else:
         inner = default_handler_factory(regions, swap_fd, readahead)
+    pwrite_at = int(os.environ.get("INJECT_EIO_PWRITE_AT", "0"))
+    if pwrite_at > 0:
+        _fail_pwrite(inner, pwrite_at)
     return Injected(inner)
+
+
+def _fail_pwrite(handler: Any, at: int) -> None:
+    """Make the ``at``-th swap-file write of ``handler`` tear: half written, then EIO."""
+    swap_file = handler.swap_file
+    real = swap_file._pwrite_all
+    calls = 0
+
+    def torn(data: memoryview, offset: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls != at:
+            real(data, offset)
+            return
+        half = (data.nbytes // 2) & ~0xFFF
+        if half:
+            real(data[:half], offset)
+        raise OSError(errno.EIO, f"injected I/O error: swap file write {at} torn at "
+                                 f"{offset + half:#x}")
+
+    swap_file._pwrite_all = torn

@@ -124,6 +124,37 @@ class Vmm:
         thread.start()
         return {}
 
+    def op_readers_start(self, region: int, length: int, threads: int,
+                         seed: int) -> dict[str, Any]:
+        """``threads`` threads reading (and checking) ``[0, length)`` of ``region`` page by
+        page, each from its own start, round and round until stopped: while the pages are out,
+        every read is a fault -- a guest that faults without pause."""
+        state: dict[str, Any] = {"stop": False, "reads": 0, "bad": 0}
+        pages = length // PAGE_SIZE
+
+        def run(first: int) -> None:
+            i = first
+            while not state["stop"]:
+                addr = self.addr(region, (i % pages) * PAGE_SIZE)
+                got = self.memory.read(addr, PAGE_SIZE)
+                state["bad"] += compare(got, pattern(addr, PAGE_SIZE, seed))["mismatched_pages"]
+                state["reads"] += 1
+                i += 1
+
+        runners = [threading.Thread(target=run, daemon=True, args=(t * pages // threads,))
+                   for t in range(threads)]
+        self.threads["readers"] = {"threads": runners, "state": state}
+        for thread in runners:
+            thread.start()
+        return {}
+
+    def op_readers_stop(self) -> dict[str, Any]:
+        slot = self.threads.pop("readers")
+        slot["state"]["stop"] = True
+        for thread in slot["threads"]:
+            thread.join(60)
+        return {"reads": slot["state"]["reads"], "mismatched_pages": slot["state"]["bad"]}
+
     def op_writer_stop(self) -> dict[str, Any]:
         slot = self.threads.pop("writer")
         slot["state"]["stop"] = True

@@ -40,7 +40,7 @@ def page_indices() -> npt.NDArray[np.int64]:
 def content(gpages: npt.NDArray[np.int64], versions: npt.NDArray[np.uint32]) -> np.ndarray:
     """(len, WORDS) uint64: what guest pages ``gpages`` hold at ``versions`` (0: zeros)."""
     key = (gpages.astype(np.uint64) * _GOLDEN) ^ (versions.astype(np.uint64) * _MIX)
-    out = key[:, None] ^ _WORD[None, :]
+    out: np.ndarray = key[:, None] ^ _WORD[None, :]
     out[versions == 0] = 0
     return out
 

@@ -42,7 +42,9 @@ class Summary:
     def line(self) -> str:
         return (f"{len(self.results)} scenarios, {len(self.failures)} failed, "
                 f"{self.seconds:.1f} s; commands {self.total('commands')}, refused "
-                f"{self.total('refused')}, disk-full failures {self.total('disk_full_failures')}"
+                f"{self.total('refused')}, disk-full failures {self.total('disk_full_failures')}, "
+                f"torn writes {self.total('eio_failures')} in {self.total('eio_scenarios')} "
+                f"scenarios"
                 f", devices forked {self.total('devices_forked')} / killed "
                 f"{self.total('devices_killed')} (while faulting "
                 f"{self.total('killed_while_faulting')}), worker ops {self.total('worker_ops')}"

@@ -18,28 +18,27 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
-from vmmswap.control.controller import SwapController, SwapFailedError, SwapStateError
+from vmmswap.control.controller import SwapController
 from vmmswap.control.status import SwapState
 from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 from .actors import Actor, Failure, Worker, device_main
+from .commands import TIMEOUT, HostCommands, S
 from .model import LAYOUT, SHARED, UNKNOWN, Ownership, check, content
 
-TIMEOUT: Final = 30.0
-S = SwapState
-STABLE: Final = (S.READY, S.PENDING, S.ACTIVE, S.FAILED)
-#: Where each in-progress state may go on its own while a refused command was answered.
-MAY_BECOME: Final = {S.TRIM_IN_PROGRESS: {S.PENDING}, S.SWAP_OUT_IN_PROGRESS: {S.ACTIVE, S.FAILED},
-                     S.SWAP_IN_IN_PROGRESS: {S.READY, S.FAILED}}
-
-
+#: The test entry of the monitor with the fault-injecting page handler (tests/control).
+INJECTING_MONITOR: Final = (sys.executable,
+                            str(Path(__file__).resolve().parents[1] / "control" /
+                                "monitor_entry.py"), "control_inject:factory")
 @dataclass
 class Options:
     """What a scenario may do; ``small_swap_dir`` is a tiny tmpfs (disk full), or None."""
@@ -55,20 +54,6 @@ class Device:
     pid: int
     result_fd: int
     started_in: SwapState
-
-
-@dataclass
-class Stats:
-    commands: int = 0
-    refused: int = 0
-    disk_full_failures: int = 0
-    devices_forked: int = 0
-    devices_exited: int = 0
-    devices_killed: int = 0
-    killed_while_faulting: int = 0
-    worker_ops: int = 0
-    pages_checked: int = 0
-    states: list[str] = field(default_factory=list)
 
 
 def _uffd_view() -> str:
@@ -90,7 +75,7 @@ def _uffd_view() -> str:
     return f"uffds [{'; '.join(fds)}], VMAs registered (um) {vmas}"
 
 
-class Scenario:
+class Scenario(HostCommands):
     def __init__(self, seed: int, options: Options) -> None:
         self.seed = seed
         self.options = options
@@ -100,10 +85,13 @@ class Scenario:
         self.slots = rng.choice((1, 2))
         self.disk_full = options.small_swap_dir is not None and rng.random() < 0.15
         self.own = Ownership(rng, self.workers_n, self.slots)
+        #: The N-th swap-file write tears (half written, then EIO) in the monitor, or 0.
+        self.eio_at = rng.randint(1, 3) if not self.disk_full and rng.random() < 0.15 else 0
+        #: Every fault waits this long in the monitor (ms): devices can be killed mid-fault.
+        self.fault_delay_ms = rng.choice((1, 3)) if rng.random() < 0.2 else 0
         self.versions = self.own.initial.copy()
-        self.stats = Stats()
+        super().__init__()
         self.devices: dict[int, Device] = {}
-        self.log: list[str] = []
         self.memory: GuestMemory | None = None
         self.ctl: SwapController | None = None
         self.workers: list[Worker] = []
@@ -131,8 +119,27 @@ class Scenario:
                                                      self.versions[i:i + 1]).tobytes())
         swap_dir = self.options.small_swap_dir if self.disk_full else self.options.swap_dir
         assert swap_dir is not None
-        self.ctl = SwapController.launch(memory, swap_dir, readahead=self.rng.random() < 0.8,
-                                         on_monitor_died=None)
+        readahead = self.rng.random() < 0.8
+        inject = {}
+        if self.eio_at:
+            self.stats.eio_scenarios = 1
+            self.note(f"swap-file write {self.eio_at} will tear with EIO")
+            inject["INJECT_EIO_PWRITE_AT"] = str(self.eio_at)
+        if self.fault_delay_ms:
+            self.note(f"every fault waits {self.fault_delay_ms} ms in the monitor")
+            inject["INJECT_FAULT_DELAY_MS"] = str(self.fault_delay_ms)
+        if inject:
+            os.environ.update(inject)
+            try:  # the controller copies the environment into the monitor at launch
+                self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
+                                                 on_monitor_died=None,
+                                                 monitor_command=INJECTING_MONITOR)
+            finally:
+                for key in inject:
+                    del os.environ[key]
+        else:
+            self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
+                                             on_monitor_died=None)
         corrupt_worker = self.rng.randrange(self.workers_n) if self.options.corrupt else -1
         for w in range(self.workers_n):
             worker = Worker(f"seed {self.seed} worker {w}", w, memory, self.own, self.versions,
@@ -148,10 +155,11 @@ class Scenario:
 
     def host_step(self) -> None:
         rng = self.rng
-        action = rng.choices(
-            ("enable", "trim", "out", "disable", "status", "fork", "kill", "pause"),
-            (5, 3, 4, 3, 1, 2, 1, 2))[0]
-        getattr(self, f"do_{action}")()
+        action = rng.choices(("host", "fork", "kill"), (18, 2, 2))[0]
+        if action == "host":
+            self.host_command()
+        else:
+            getattr(self, f"do_{action}")()
 
     def finish(self) -> None:
         """Devices finish, disable brings everything back, every page verifies."""
@@ -233,88 +241,10 @@ class Scenario:
     def gaddr(self, index: int) -> int:
         return int(self.own.gpages[index]) * PAGE_SIZE
 
-    def controller(self) -> SwapController:
-        assert self.ctl is not None
-        return self.ctl
-
-    def note(self, what: str) -> None:
-        self.log.append(what)
-
-    def state(self) -> SwapState:
-        state = self.controller().status().state
-        if not self.stats.states or self.stats.states[-1] != str(state):
-            self.stats.states.append(str(state))
-        return state
-
     def check_workers(self) -> None:
         for worker in self.workers:
             if worker.error:
                 raise Failure(worker.error)
-
-    # --- commands -------------------------------------------------------------------------------
-    def do_status(self) -> None:
-        self.note(f"status {self.state()}")
-
-    def do_pause(self) -> None:
-        pause = self.rng.choice((0.0, 0.005, 0.02, 0.05))
-        self.note(f"pause {pause}")
-        time.sleep(pause)
-
-    def do_enable(self) -> None:
-        before = self.state()
-        self.stats.commands += 1
-        try:
-            status = self.controller().enable()
-        except SwapFailedError as err:
-            raise Failure(f"enable in {before} failed: {err}") from err
-        self.note(f"enable in {before} -> {status.state}")
-        if status.state is not S.PENDING:
-            raise Failure(f"enable in {before} gave state {status.state}")
-
-    def do_disable(self) -> None:
-        before = self.state()
-        slow, wait = self.rng.random() < 0.5, self.rng.random() < 0.5
-        self.stats.commands += 1
-        status = self.controller().disable(slow_file_cleanup=slow, wait=wait, timeout=TIMEOUT)
-        self.note(f"disable(slow={slow}, wait={wait}) in {before} -> {status.state}")
-        if wait and status.state is not S.READY:
-            raise Failure(f"disable in {before} ended in {status.state}")
-
-    def do_trim(self) -> None:
-        self._pending_only("trim", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.PENDING})
-
-    def do_out(self) -> None:
-        self._pending_only("out", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.ACTIVE})
-
-    def _pending_only(self, name: str, may_accept: set[SwapState], done: set[SwapState]) -> None:
-        ctl = self.controller()
-        wait = self.rng.random() < 0.5
-        before = self.state()
-        self.stats.commands += 1
-        call = ctl.trim if name == "trim" else ctl.swap_out
-        try:
-            status = call(wait=wait, timeout=TIMEOUT)
-        except SwapStateError as err:
-            after = self.state()
-            self.note(f"{name} in {before} refused, now {after}")
-            if before is S.PENDING:
-                raise Failure(f"{name} refused in Pending: {err}") from err
-            if after is not before and after not in MAY_BECOME.get(before, set()):
-                raise Failure(f"a refused {name} changed the state {before} -> {after}") from err
-            self.stats.refused += 1
-            return
-        except SwapFailedError as err:
-            after = self.state()
-            self.note(f"{name} in {before} failed, now {after}: {err}")
-            if name == "out" and self.disk_full and after is S.FAILED:
-                self.stats.disk_full_failures += 1
-                return
-            raise Failure(f"{name} in {before} failed: {err}") from err
-        self.note(f"{name}(wait={wait}) in {before} -> {status.state}")
-        if before not in may_accept:
-            raise Failure(f"{name} accepted in state {before}")
-        if wait and status.state not in done:
-            raise Failure(f"{name} in {before} ended in {status.state}")
 
     # --- devices --------------------------------------------------------------------------------
     def do_fork(self) -> None:
@@ -353,7 +283,7 @@ class Scenario:
             return
         dev = self.devices[self.rng.choice(sorted(self.devices))]
         faulting = False
-        for _ in range(20):  # prefer the moment it waits on a fault
+        for _ in range(100 if self.fault_delay_ms else 20):  # prefer it waiting on a fault
             with contextlib.suppress(OSError), open(f"/proc/{dev.pid}/wchan") as f:
                 if "userfault" in f.read():
                     faulting = True

@@ -8,7 +8,7 @@ independently of the guest's own code.
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 from typing import Final
 
 import numpy as np
@@ -48,6 +48,19 @@ class Op(IntEnum):
     CHECKSUM = 4  # start, len, chunk: one checksum per chunk
     BALLOON = 5  # start, len: give the range back to the host
     EXIT = 6  # acknowledge; the host then ends this vCPU
+    TORTURE = 7  # start, len, table, seed, ops | flags << 32: seeded random write/verify/balloon
+
+
+class TortureFlag(IntFlag):
+    """Flags of the TORTURE command (the high word of its last argument)."""
+
+    BALLOON = 1  # some runs are given back through the balloon (one vCPU at a time: one port)
+    CHECK_ALL = 2  # no random work: verify every page against its version, once
+
+
+#: Results of TORTURE after the histogram: writes, verifies, balloons, pages checked, then
+#: mismatched qwords, the first bad address, its expected version and the qword read there.
+TORTURE_RESULTS: Final = 8
 
 
 STATUS_OK: Final = 0
@@ -103,4 +116,5 @@ def build_defines() -> dict[str, int]:
         "USER_CODE_SELECTOR": USER_CODE_SELECTOR, "USER_DATA_SELECTOR": USER_DATA_SELECTOR,
     }
     defines.update({f"OP_{op.name}": int(op) for op in Op})
+    defines.update({f"TORTURE_{flag.name}": int(flag) for flag in TortureFlag})
     return defines

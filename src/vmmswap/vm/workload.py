@@ -30,6 +30,7 @@ _POLL_S = 0.05
 MIB = 1 << 20
 PAGE = PAGE_SIZE  # the guest walks memory in 4 KiB pages, like the host
 DEFAULT_TIMEOUT_S = 600.0
+_NO_FLAGS = abi.TortureFlag(0)
 
 
 class WorkloadError(RuntimeError):
@@ -133,6 +134,30 @@ class OpReport:
     mismatches: int = 0
     first_bad: int | None = None  # guest-physical address of the first wrong qword
     checksums: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TortureReport:
+    """What one TORTURE command did and found (guest-physical addresses)."""
+
+    writes: int
+    verifies: int
+    balloons: int
+    pages_checked: int
+    bad_qwords: int
+    first_bad: int
+    expected_version: int
+    read: int
+
+    def describe(self) -> str:
+        if not self.bad_qwords:
+            return "no mismatch"
+        if self.expected_version == 0xFFFF_FFFF:
+            return f"the balloon refused to take {self.first_bad:#x}"
+        what = "a zero qword" if self.read == 0 else f"{self.read:#018x}"
+        return (f"{self.bad_qwords} wrong qwords, the first at guest address "
+                f"{self.first_bad:#x} (page {self.first_bad & ~(PAGE - 1):#x}): expected "
+                f"version {self.expected_version}, read {what}")
 
 
 class Workload:
@@ -278,6 +303,23 @@ class Workload:
             if pending.status:
                 raise WorkloadError(f"balloon of {addr:#x}+{size:#x} refused: errno "
                                     f"{pending.status}")
+
+    def torture_submit(self, vcpu: int, start: int, length: int, table: int, seed: int,
+                       ops: int, flags: abi.TortureFlag = _NO_FLAGS) -> _Pending:
+        """Queue a TORTURE command (guest-physical ``start``/``length``/``table``); it runs
+        while the host does other things. Collect it with :meth:`torture_result`."""
+        if length % PAGE or start % PAGE or table % PAGE or not 0 <= ops < 1 << 32:
+            raise ValueError("torture range and table must be page aligned, ops a u32")
+        return self.device.submit(vcpu, Op.TORTURE, [start, length, table, seed,
+                                                     ops | int(flags) << 32])
+
+    def torture_result(self, pending: _Pending, timeout: float | None = None) -> TortureReport:
+        self.wait(pending, timeout)
+        report = OpReport(Op.TORTURE, latency=LatencyHistogram(self.tsc_khz))
+        self._parse(pending, report)
+        words = pending.results[-2 * abi.TORTURE_RESULTS:]
+        values = [words[i] | words[i + 1] << 32 for i in range(0, len(words), 2)]
+        return TortureReport(*values)
 
     def nop(self, vcpu: int = 0) -> float:
         """A round trip through the command ports; returns its wall time in seconds."""

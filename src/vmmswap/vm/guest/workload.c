@@ -203,6 +203,92 @@ static u32 cmd_balloon(struct cmd *c, u64 start, u64 len) {
     return status;
 }
 
+/* ---- the torture workload -------------------------------------------------------------- */
+/* xorshift64*: the guest decides its own random work from the seed the host passes. */
+static inline u64 rng_next(u64 *s) {
+    u64 x = *s;
+    x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+    *s = x;
+    return x * 0x2545F4914F6CDD1DUL;
+}
+
+struct torture {
+    u64 writes, verifies, balloons, checked, bad, bad_addr, bad_want, bad_got;
+};
+
+/* Check page p (guest-physical) against version v; the first wrong qword is kept. */
+static void torture_check(struct cmd *c, struct torture *t, u64 p, u32 v) {
+    volatile u64 *q = (volatile u64 *)p;
+    u64 t0 = tsc();
+    u64 v0 = q[0];
+    record(c, t0, tsc());
+    for (u64 i = 0; i < QWORDS; i++) {
+        u64 got = i ? q[i] : v0;
+        u64 want = v ? pattern(p + i * 8, v) : 0;
+        if (got != want) {
+            if (!t->bad) { t->bad_addr = p + i * 8; t->bad_want = v; t->bad_got = got; }
+            t->bad++;
+        }
+    }
+    t->checked++;
+}
+
+/* Seeded random runs over this vCPU's own pages [start, start+len): write the next version of
+   every page of a run, verify a run, or (with TORTURE_BALLOON) give a run back, after which it
+   must read as zeros. Each page's version is a u32 in the table at `table` -- guest memory too,
+   so it is swapped out and faulted back like the data. Runs are 1-16 pages, one in eight up to
+   600 (across 2 MiB boundaries). The command stops at the first wrong page. */
+static void cmd_torture(struct cmd *c, u64 start, u64 len, u64 table, u64 seed, u64 ops_flags) {
+    u64 ops = ops_flags & 0xFFFFFFFFUL, flags = ops_flags >> 32;
+    u64 pages = len / PAGE;
+    volatile u32 *ver = (volatile u32 *)table;
+    struct torture t = {0};
+    u64 s = mix(seed) | 1;
+    begin(c);
+    if (flags & TORTURE_CHECK_ALL) {
+        for (u64 i = 0; i < pages && !t.bad; i++) torture_check(c, &t, start + i * PAGE, ver[i]);
+        ops = 0;
+    }
+    for (u64 k = 0; k < ops && !t.bad && pages; k++) {
+        u64 r = rng_next(&s);
+        u64 first = (r >> 8) % pages;
+        u64 n = 1 + (((r >> 40) & 7) == 0 ? (r >> 44) % 600 : (r >> 44) % 16);
+        if (first + n > pages) n = pages - first;
+        u32 kind = (u32)(r & 15);
+        if (kind < 6) {
+            for (u64 i = first; i < first + n; i++) {
+                u32 v = ver[i] + 1;
+                if (v == 0) v = 1;
+                ver[i] = v;
+                u64 *w = (u64 *)(start + i * PAGE);
+                for (u64 j = 0; j < QWORDS; j++) w[j] = pattern(start + i * PAGE + j * 8, v);
+            }
+            t.writes++;
+        } else if (kind < 15 || !(flags & TORTURE_BALLOON)) {
+            for (u64 i = first; i < first + n && !t.bad; i++)
+                torture_check(c, &t, start + i * PAGE, ver[i]);
+            t.verifies++;
+        } else {
+            u64 a = start + first * PAGE, l = n * PAGE;
+            outl(BALLOON_PORT + BALLOON_ADDR_LO, (u32)a);
+            outl(BALLOON_PORT + BALLOON_ADDR_HI, (u32)(a >> 32));
+            outl(BALLOON_PORT + BALLOON_LEN_LO, (u32)l);
+            outl(BALLOON_PORT + BALLOON_LEN_HI, (u32)(l >> 32));
+            if (inl(BALLOON_PORT + BALLOON_GO) != 0) {
+                /* Refused: the pages keep what they held. Reported as a mismatch at a. */
+                t.bad_addr = a; t.bad_want = ~0U; t.bad_got = 0; t.bad++;
+                break;
+            }
+            for (u64 i = first; i < first + n; i++) ver[i] = 0;
+            t.balloons++;
+        }
+    }
+    report(c);
+    result64(c, t.writes); result64(c, t.verifies); result64(c, t.balloons);
+    result64(c, t.checked); result64(c, t.bad); result64(c, t.bad_addr);
+    result64(c, t.bad_want); result64(c, t.bad_got);
+}
+
 /* ---- exceptions: report and stop, never run on with a broken state ---------------------- */
 struct idt_entry { u16 off0; u16 sel; u8 ist; u8 type; u16 off1; u32 off2; u32 zero; };
 #define IDT_ENTRIES 32
@@ -274,6 +360,12 @@ void guest_main(u64 cpu) {
         case OP_BALLOON: {
             u64 start = arg64(c->port), len = arg64(c->port);
             status = cmd_balloon(c, start, len);
+            break;
+        }
+        case OP_TORTURE: {
+            u64 start = arg64(c->port), len = arg64(c->port), table = arg64(c->port);
+            u64 seed = arg64(c->port), ops_flags = arg64(c->port);
+            cmd_torture(c, start, len, table, seed, ops_flags);
             break;
         }
         case OP_EXIT:

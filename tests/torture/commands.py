@@ -1,0 +1,146 @@
+"""The host side of a torture scenario: the random commands a VMM's owner issues, and what
+each must answer.
+
+Expectations checked on every command:
+
+* trim / out are accepted exactly in Pending (or in a trim that just finished); in any other
+  state they are refused with SwapStateError and the state does not change (in-progress work
+  may only move on to its own end);
+* enable and disable are accepted in every state; only a swap-out onto the full disk, or one
+  whose swap-file write was made to tear, may fail (to Failed).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from vmmswap.control.controller import SwapController, SwapFailedError, SwapStateError
+from vmmswap.control.status import SwapState
+
+from .actors import Failure
+
+TIMEOUT: Final = 30.0
+S = SwapState
+#: Where each in-progress state may go on its own while a refused command was answered.
+MAY_BECOME: Final = {S.TRIM_IN_PROGRESS: {S.PENDING}, S.SWAP_OUT_IN_PROGRESS: {S.ACTIVE, S.FAILED},
+                     S.SWAP_IN_IN_PROGRESS: {S.READY, S.FAILED}}
+
+
+@dataclass
+class Stats:
+    commands: int = 0
+    refused: int = 0
+    disk_full_failures: int = 0
+    eio_scenarios: int = 0
+    eio_failures: int = 0
+    devices_forked: int = 0
+    devices_exited: int = 0
+    devices_killed: int = 0
+    killed_while_faulting: int = 0
+    worker_ops: int = 0
+    pages_checked: int = 0
+    states: list[str] = field(default_factory=list)
+
+
+class HostCommands:
+    """The host's commands; a scenario sets ``rng``, ``ctl``, ``disk_full`` and ``eio_at``."""
+
+    rng: random.Random
+    ctl: SwapController | None
+    disk_full: bool
+    eio_at: int
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+        self.log: list[str] = []
+
+    def host_command(self) -> None:
+        """One random command (or a pause) of the host."""
+        action = self.rng.choices(("enable", "trim", "out", "disable", "status", "pause"),
+                                  (5, 3, 4, 3, 1, 2))[0]
+        getattr(self, f"do_{action}")()
+
+    def controller(self) -> SwapController:
+        assert self.ctl is not None
+        return self.ctl
+
+    def note(self, what: str) -> None:
+        self.log.append(what)
+
+    def state(self) -> SwapState:
+        state = self.controller().status().state
+        if not self.stats.states or self.stats.states[-1] != str(state):
+            self.stats.states.append(str(state))
+        return state
+
+    # --- commands -------------------------------------------------------------------------------
+    def do_status(self) -> None:
+        self.note(f"status {self.state()}")
+
+    def do_pause(self) -> None:
+        pause = self.rng.choice((0.0, 0.005, 0.02, 0.05))
+        self.note(f"pause {pause}")
+        time.sleep(pause)
+
+    def do_enable(self) -> None:
+        before = self.state()
+        self.stats.commands += 1
+        try:
+            status = self.controller().enable()
+        except SwapFailedError as err:
+            raise Failure(f"enable in {before} failed: {err}") from err
+        self.note(f"enable in {before} -> {status.state}")
+        if status.state is not S.PENDING:
+            raise Failure(f"enable in {before} gave state {status.state}")
+
+    def do_disable(self) -> None:
+        before = self.state()
+        slow, wait = self.rng.random() < 0.5, self.rng.random() < 0.5
+        self.stats.commands += 1
+        status = self.controller().disable(slow_file_cleanup=slow, wait=wait, timeout=TIMEOUT)
+        self.note(f"disable(slow={slow}, wait={wait}) in {before} -> {status.state}")
+        if wait and status.state is not S.READY:
+            raise Failure(f"disable in {before} ended in {status.state}")
+
+    def do_trim(self) -> None:
+        self._pending_only("trim", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.PENDING})
+
+    def do_out(self) -> None:
+        self._pending_only("out", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.ACTIVE})
+
+    def _pending_only(self, name: str, may_accept: set[SwapState], done: set[SwapState]) -> None:
+        ctl = self.controller()
+        wait = self.rng.random() < 0.5
+        before = self.state()
+        self.stats.commands += 1
+        call = ctl.trim if name == "trim" else ctl.swap_out
+        try:
+            status = call(wait=wait, timeout=TIMEOUT)
+        except SwapStateError as err:
+            after = self.state()
+            self.note(f"{name} in {before} refused, now {after}")
+            if before is S.PENDING:
+                raise Failure(f"{name} refused in Pending: {err}") from err
+            if after is not before and after not in MAY_BECOME.get(before, set()):
+                raise Failure(f"a refused {name} changed the state {before} -> {after}") from err
+            self.stats.refused += 1
+            return
+        except SwapFailedError as err:
+            after = self.state()
+            self.note(f"{name} in {before} failed, now {after}: {err}")
+            if name == "out" and self.disk_full and after is S.FAILED:
+                self.stats.disk_full_failures += 1
+                return
+            if self.eio_at and after is S.FAILED and "injected I/O error" in str(err):
+                self.stats.eio_failures += 1
+                return
+            raise Failure(f"{name} in {before} failed: {err}") from err
+        self.note(f"{name}(wait={wait}) in {before} -> {status.state}")
+        if before not in may_accept:
+            raise Failure(f"{name} accepted in state {before}")
+        if wait and status.state not in done:
+            raise Failure(f"{name} in {before} ended in {status.state}")
+
