@@ -28,7 +28,7 @@ from typing import Final
 
 from vmmswap.uffd.errors import PageExistsError, PartialFillError
 from vmmswap.uffd.memory import Mapping
-from vmmswap.uffd.pagesize import bytes_to_pages, pages_to_bytes
+from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
 
@@ -39,10 +39,11 @@ class Bounce:
     userfaultfd, so reading into it can never fault into the handler itself.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, page_size: int = PAGE_SIZE) -> None:
         self.mapping = Mapping.anonymous(size, populate=True)
         self.address = self.mapping.address
-        self.pages = bytes_to_pages(self.mapping.length)
+        #: Whole guest pages of ``page_size`` bytes the buffer holds.
+        self.pages = self.mapping.length // page_size
         self.view = memoryview(self.mapping.as_ctypes()).cast("B")
 
     def close(self) -> None:
@@ -64,8 +65,11 @@ class FillOutcome:
 
 
 def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
-             focus: int = 0) -> FillOutcome:
+             focus: int = 0, page_size: int = PAGE_SIZE) -> FillOutcome:
     """COPY ``pages`` pages from ``src`` (this process) to ``dst`` (the uffd owner's memory).
+
+    ``page_size`` is the guest's page: on hugetlbfs memory the kernel fills (and reports
+    partial progress and EEXIST in) whole huge pages only, so the run is counted in them.
 
     ``focus`` is the index of the page someone waits for (the faulting page), for
     :attr:`FillOutcome.focus_existed`. Never raises for the kernel's answers: errors land in
@@ -74,11 +78,11 @@ def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
     """
     out = FillOutcome()
     while out.done < pages:
-        offset = pages_to_bytes(out.done)
+        offset = out.done * page_size
         try:
-            uffd.copy(dst + offset, pages_to_bytes(pages - out.done), src + offset, wake)
+            uffd.copy(dst + offset, (pages - out.done) * page_size, src + offset, wake)
         except PartialFillError as err:
-            n = bytes_to_pages(err.bytes_done)
+            n = err.bytes_done // page_size
             out.done += n
             out.filled += n
             continue
@@ -96,9 +100,9 @@ def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
     return out
 
 
-#: Runs at least this long are filled by two threads: a fill of 1 MiB takes ~250 us here, a
-#: hand-off to the helper thread ~30-60 us.
-MIN_SPLIT_PAGES: Final = 256
+#: Runs at least this long (in bytes, and of two pages or more) are filled by two threads: a
+#: fill of 1 MiB takes ~250 us here, a hand-off to the helper thread ~30-60 us.
+MIN_SPLIT_BYTES: Final = 1024 * 1024
 
 ReadFn = Callable[[int, int, memoryview], None]
 
@@ -125,9 +129,11 @@ class RunFiller:
     """
 
     def __init__(self, bounce_address: int, bounce_view: memoryview, *,
-                 threads: bool = True) -> None:
+                 threads: bool = True, page_size: int = PAGE_SIZE) -> None:
         self._address = bounce_address
         self._view = bounce_view
+        self._page_size = page_size
+        self._min_split = max(2, MIN_SPLIT_BYTES // page_size)
         self._threads = threads and (os.cpu_count() or 1) > 1
         self._pool: ThreadPoolExecutor | None = None
 
@@ -140,13 +146,14 @@ class RunFiller:
              wake: bool, focus: int) -> FillOutcome:
         """Read source pages ``[first, first + count)`` into the bounce buffer at page ``at``,
         then COPY them to ``dst``."""
-        buf = self._view[pages_to_bytes(at):pages_to_bytes(at + count)]
+        ps = self._page_size
+        buf = self._view[at * ps:(at + count) * ps]
         try:
             read(first, first + count, buf)
         except OSError as err:
             return FillOutcome(error=err)
-        return copy_run(uffd, dst, self._address + pages_to_bytes(at), count, wake=wake,
-                        focus=focus)
+        return copy_run(uffd, dst, self._address + at * ps, count, wake=wake,
+                        focus=focus, page_size=ps)
 
     def _pool_submit(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -160,15 +167,15 @@ class RunFiller:
         ``focus`` (an index in the run, or -1) is the page someone waits for; the part holding
         it is filled by the calling thread.
         """
-        if not self._threads or count < MIN_SPLIT_PAGES:
+        if not self._threads or count < self._min_split:
             return [Part(0, count, self._one(uffd, dst, first, count, 0, read, wake, focus))]
         half = count // 2
         halves = [(0, half), (half, count - half)]
         mine, theirs = (halves if focus < half else halves[::-1])
         future = self._pool_submit().submit(
-            self._one, uffd, dst + pages_to_bytes(theirs[0]), first + theirs[0], theirs[1],
+            self._one, uffd, dst + theirs[0] * self._page_size, first + theirs[0], theirs[1],
             theirs[0], read, wake, -1)
-        own = self._one(uffd, dst + pages_to_bytes(mine[0]), first + mine[0], mine[1], mine[0],
+        own = self._one(uffd, dst + mine[0] * self._page_size, first + mine[0], mine[1], mine[0],
                         read, wake, focus - mine[0])
         other = future.result()
         parts = [Part(mine[0], mine[1], own), Part(theirs[0], theirs[1], other)]
@@ -198,7 +205,7 @@ class RunFiller:
                                                    ats[i], read, wake, -1))]
                     for i in indexes]
 
-        if not self._threads or total < MIN_SPLIT_PAGES:
+        if not self._threads or total < self._min_split:
             return work(range(len(runs)))
         cut = next((i for i, a in enumerate(ats) if a >= total // 2), len(runs) - 1) or 1
         future = self._pool_submit().submit(work, range(cut, len(runs)))

@@ -31,7 +31,7 @@ from vmmswap.dataplane.page_fill import ReadFn, settled_block
 from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
-from vmmswap.uffd.pagesize import bytes_to_pages
+from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
 DEFAULT_PREFETCH_BYTES: Final = 16 * 1024 * 1024
@@ -47,7 +47,8 @@ class SwapInContext:
                  prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> None:
         self._handler = handler
         self._epoch = handler.epoch
-        self._prefetch_pages = bytes_to_pages(prefetch_bytes)
+        self._page_size = handler.page_size
+        self._prefetch_pages = prefetch_bytes // self._page_size
         self._staging_cursor = 0
         self._file_cursor = 0
         self._prefetch_cursor = 0
@@ -91,9 +92,10 @@ class SwapInContext:
             self._epoch = handler.epoch
             self._staging_cursor = self._file_cursor = self._prefetch_cursor = 0
             self._prefetched = 0
-        budget = min(bytes_to_pages(max_bytes), handler.bounce.pages)
-        if budget < 1:
+        if max_bytes < PAGE_SIZE:
             raise ValueError(f"swap_in needs at least one page, got max_bytes={max_bytes}")
+        # At least one guest page: a 2 MiB hugetlbfs page is only ever filled whole.
+        budget = max(1, min(max_bytes // self._page_size, handler.bounce.pages))
         # A bulk fill is running: the staging memory it frees is given back once it pauses.
         handler.staging.note_busy()
         done = 0
