@@ -92,7 +92,7 @@ class SwapMetrics:
 
     @classmethod
     def from_dicts(cls, metrics: dict[str, Any], readahead: dict[str, Any] | None = None,
-                   ) -> SwapMetrics:
+                   page_size: int = PAGE_SIZE) -> SwapMetrics:
         """Parse the ``metrics`` object (all seven counters required, no others allowed) and
         the optional ``readahead`` object (missing counters are 0, as from crosvm itself)."""
         metrics = parse_object(metrics, "metrics")
@@ -107,4 +107,4 @@ class SwapMetrics:
             if extra:
                 raise StatusFormatError(f"readahead: unexpected {extra}")
             values.update({n: parse_u64(v, f"readahead.{n}") for n, v in readahead.items()})
-        return cls(**values)
+        return cls(**values, page_size=page_size)
