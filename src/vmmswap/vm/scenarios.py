@@ -12,6 +12,7 @@ hang the test runner.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -20,6 +21,8 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from vmmswap.dataplane.guest_memory import Backing
+from vmmswap.vm.hugetlb_pool import HugetlbPool
 from vmmswap.vm.micro import MicroVM
 from vmmswap.vm.swap_session import launch_controller, metrics_dict, state_name, wait_for_state
 from vmmswap.vm.workload import Workload
@@ -35,8 +38,8 @@ class Run:
     """A small guest under vmm-swap with its data filled and checksummed."""
 
     def __init__(self, swap_dir: str, *, memory: int = 96 * MIB, vcpus: int = 2,
-                 readahead: bool = True) -> None:
-        self.vm = MicroVM(memory, vcpus=vcpus, regions=2)
+                 readahead: bool = True, backing: Backing = Backing.SMALL) -> None:
+        self.vm = MicroVM(memory, vcpus=vcpus, regions=2, backing=backing)
         self.ctl = launch_controller(self.vm.memory, swap_dir, readahead=readahead)
         self.ctl_closed = False
         self.states: list[str] = []
@@ -206,13 +209,19 @@ SCENARIOS: dict[str, Callable[[Run], dict[str, Any]]] = {
 }
 
 
-def run_scenario(name: str, swap_dir: str) -> dict[str, Any]:
-    run = Run(swap_dir)
-    try:
-        result = SCENARIOS[name](run)
-    finally:
-        run.close()
+def run_scenario(name: str, swap_dir: str, backing: Backing = Backing.SMALL) -> dict[str, Any]:
+    """Run one scenario; on hugetlbfs the kernel's pool is grown for it and restored after."""
+    memory = 96 * MIB
+    with contextlib.ExitStack() as stack:
+        if backing is Backing.HUGETLB_2M:
+            stack.enter_context(HugetlbPool(memory // backing.page_size))
+        run = Run(swap_dir, memory=memory, backing=backing)
+        try:
+            result = SCENARIOS[name](run)
+        finally:
+            run.close()
     result["states"] = run.states
+    result["page_size"] = backing.page_size
     return result
 
 
@@ -220,13 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmmswap.vm.scenarios")
     parser.add_argument("name", choices=sorted(SCENARIOS))
     parser.add_argument("--swap-dir", default=None)
+    parser.add_argument("--hugepages", choices=("2M",), default=None,
+                        help="back guest memory with 2 MiB hugetlbfs pages")
     parser.add_argument("--hang-dump", type=float, default=None, metavar="SECONDS",
                         help="print every thread's stack to stderr if still running then")
     args = parser.parse_args(argv)
     if args.hang_dump:
         faulthandler.dump_traceback_later(args.hang_dump, exit=False)
     with tempfile.TemporaryDirectory(dir=args.swap_dir) as swap_dir:
-        result = run_scenario(args.name, swap_dir)
+        backing = Backing.HUGETLB_2M if args.hugepages == "2M" else Backing.SMALL
+        result = run_scenario(args.name, swap_dir, backing)
     print(json.dumps(result, sort_keys=True))
     return 0
 
