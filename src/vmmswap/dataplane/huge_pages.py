@@ -9,8 +9,11 @@ and after disable.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Final
+
+from vmmswap.kernel import libc
 
 _VMA: Final = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) ")
 _KB: Final = 1024
@@ -36,3 +39,26 @@ def pmd_mapped_bytes(pid: int, start: int, end: int, field: str = "ShmemPmdMappe
             if inside and line.startswith(field + ":"):
                 total += int(line.split()[1]) * _KB
     return total
+
+
+def collapse(pid: int, start: int, length: int) -> int:
+    """Collapse ``[start, start + length)`` of process ``pid`` back into huge pages
+    (``MADV_COLLAPSE`` through ``process_madvise``); returns the bytes advised.
+
+    Why: pages a vmm-swap fill brings back are small pages, so a THP guest comes back from
+    disable without its TLB reach. The collapse copies each 2 MiB of shmem into a huge page and
+    maps it with a PMD in that process. It runs on unregistered memory (after disable), and it
+    is best effort: a range the kernel cannot collapse (pinned pages, no huge page free) stays
+    on small pages, with the data unchanged; the OSError says why.
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        done = 0
+        while done < length:
+            n = libc.process_madvise(pidfd, start + done, length - done, libc.MADV_COLLAPSE)
+            if n <= 0:
+                break
+            done += n
+        return done
+    finally:
+        os.close(pidfd)
