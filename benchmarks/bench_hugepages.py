@@ -77,7 +77,7 @@ class Setup:
     """One guest of ``backing`` in the agent, filled, registered, and a handler over it."""
 
     def __init__(self, vmm: Vmm, size: int, backing: str, swap_dir: str,
-                 max_readahead_bytes: int) -> None:
+                 max_readahead_bytes: int | None) -> None:
         self.vmm, self.size, self.backing = vmm, size, backing
         self.guest: Guest = vmm.new_guest([(0, size)], register=False, backing=backing)
         self.addr = self.guest.specs[0].host_addr
@@ -145,7 +145,7 @@ class Setup:
 
 
 def bench_backing(vmm: Vmm, size: int, backing: str, repeat: int, swap_dir: str,
-                  max_readahead_bytes: int) -> dict[str, Any]:
+                  max_readahead_bytes: int | None) -> dict[str, Any]:
     s = Setup(vmm, size, backing, swap_dir, max_readahead_bytes)
     row: dict[str, Any] = {"backing": backing, "page_size": s.handler.page_size,
                            "max_readahead_bytes": max_readahead_bytes}
@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024, metavar="MIB")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--readahead-mib", type=int, default=2, metavar="MIB",
-                        help="the handler's max_readahead_bytes (default 2 MiB, its default)")
+    parser.add_argument("--readahead-mib", type=int, default=None, metavar="MIB",
+                        help="the handler's max_readahead_bytes (default: the handler's, "
+                             "2 MiB, or 4 huge pages on hugetlbfs)")
     parser.add_argument("--only", choices=("4k", "thp", "2M"), action="append")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -212,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             thp = ShmemThp("advise") if backing == "thp" else None
             pool = HugetlbPool(size // HUGE) if backing == "2M" else None
             try:
+                ra = None if args.readahead_mib is None else args.readahead_mib * MIB
                 results["rows"].append(bench_backing(vmm, size, backing, args.repeat, swap_dir,
-                                                     args.readahead_mib * MIB))
+                                                     ra))
             finally:
                 if vmm.guest is not None:
                     vmm.guest.close()

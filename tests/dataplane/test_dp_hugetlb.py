@@ -11,15 +11,18 @@ is refused by the kernel and leaves the fault unserved.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 
+import numpy as np
 import pytest
 
 from huge_settings import HugeSettings, meminfo
 from vmmswap.dataplane import page_handler
 from vmmswap.dataplane.guest_memory import HUGETLB_2M_SIZE, Backing, GuestMemory, RegionSpec
 from vmmswap.dataplane.page_handler import InvalidAddressError, PageHandler
+from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
@@ -258,3 +261,51 @@ def test_kernel_fact_a_partial_hugetlbfs_punch_zeroes_in_place(
         assert memory.resident_bytes() == HUGE  # still there: the mapping will not fault
         assert memory.read(PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE)  # but zeroed
         assert memory.read(0, PAGE_SIZE) == b"\x5a" * PAGE_SIZE
+
+
+def test_swap_file_maps_consecutive_huge_slots_and_refuses_others(tmp_path: object) -> None:
+    """map_pages (the in-place COPY source for huge pages) shows exactly what read_pages
+    reads, and declines a run whose slots are not consecutive, so the caller reads it."""
+    with SwapFile.create(str(tmp_path), 4, page_size=HUGE) as swap:
+        data = np.frombuffer(os.urandom(3 * HUGE), dtype=np.uint8).copy()
+        swap.write_pages(np.arange(3, dtype=np.int64), memoryview(data))
+        got = swap.map_pages(0, 3)
+        assert got is not None
+        addr, release = got
+        try:
+            assert ctypes.string_at(addr, 3 * HUGE) == data.tobytes()
+        finally:
+            release()
+        swap.free_range(1, 2)
+        swap.write_pages(np.array([3], dtype=np.int64), memoryview(data[:HUGE]))
+        assert (swap.slot(2), swap.slot(3)) == (2, 1)  # lowest free slot reused
+        assert swap.map_pages(2, 4) is None
+        assert swap.map_pages(1, 2) is None  # no slot at all
+        buf = memoryview(bytearray(2 * HUGE))
+        swap.read_pages(2, 4, buf)
+        assert bytes(buf) == data[2 * HUGE:].tobytes() + data[:HUGE].tobytes()
+
+
+@pytest.mark.parametrize("source", ["mapped", "read"])
+def test_hugetlb_file_faults_mapped_or_read_serve_the_same(
+        huge_settings: HugeSettings, make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch,
+        source: str) -> None:
+    """Faults from the swap file COPY huge pages from the mapped page cache; with the mapper
+    declining, they are read through the bounce buffer; the guest sees the same either way."""
+    rig = hugetlb_rig(huge_settings, make_rig, 4, readahead=True)
+    rig.write(rig.addr(0), seed=6, pages=4 * SUB)
+    assert rig.enable() == 4
+    assert rig.out_all() == 4
+    swap = rig.handler.swap_file
+    calls: list[bool] = []
+    real = swap.map_pages
+
+    def counting(start: int, end: int) -> object:
+        got = real(start, end) if source == "mapped" else None
+        calls.append(got is not None)
+        return got
+
+    monkeypatch.setattr(rig.handler, "file_mapper", counting)
+    assert rig.digests(rig.addr(0), 4 * SUB) == rig.expected(6, 4 * SUB)
+    assert calls and all(calls) == (source == "mapped") and any(calls) == (source == "mapped")
+    assert rig.handler.metrics().copied_from_file_pages == 4

@@ -105,6 +105,9 @@ def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
 MIN_SPLIT_BYTES: Final = 1024 * 1024
 
 ReadFn = Callable[[int, int, memoryview], None]
+#: Maps source pages ``[first, end)`` somewhere COPY can read them directly: the address and
+#: a function that unmaps it again; or None where it cannot (the caller reads instead).
+MapFn = Callable[[int, int], "tuple[int, Callable[[], None]] | None"]
 
 
 @dataclass(slots=True)
@@ -143,10 +146,42 @@ class RunFiller:
             self._pool = None
 
     def _one(self, uffd: Userfaultfd, dst: int, first: int, count: int, at: int, read: ReadFn,
-             wake: bool, focus: int) -> FillOutcome:
+             wake: bool, focus: int, mapper: MapFn | None = None) -> FillOutcome:
         """Read source pages ``[first, first + count)`` into the bounce buffer at page ``at``,
-        then COPY them to ``dst``."""
+        then COPY them to ``dst``.
+
+        With huge pages, each page is read (or mapped) and copied on its own, in order: a
+        2 MiB COPY wakes the threads waiting for that page as soon as it is in, so the guest
+        works through the run while its rest is still being filled, instead of waiting for
+        all of it (one ioctl per 2 MiB costs nothing next to the copy).
+
+        With a ``mapper`` the source is COPYed from where it maps it (one copy instead of a
+        read and a copy); where it cannot map, the pages are read as usual.
+        """
         ps = self._page_size
+        if count > 1 and ps > PAGE_SIZE:
+            total = FillOutcome()
+            for i in range(count):
+                out = self._one(uffd, dst + i * ps, first + i, 1, at + i, read, wake,
+                                0 if i == focus else -1, mapper)
+                total.done += out.done
+                total.filled += out.filled
+                total.existed += out.existed
+                total.focus_existed = total.focus_existed or out.focus_existed
+                if out.error is not None:
+                    total.error = out.error
+                    break
+            return total
+        try:
+            mapped = mapper(first, first + count) if mapper is not None else None
+        except OSError as err:
+            return FillOutcome(error=err)
+        if mapped is not None:
+            address, release = mapped
+            try:
+                return copy_run(uffd, dst, address, count, wake=wake, focus=focus, page_size=ps)
+            finally:
+                release()
         buf = self._view[at * ps:(at + count) * ps]
         try:
             read(first, first + count, buf)
@@ -161,29 +196,30 @@ class RunFiller:
         return self._pool
 
     def fill(self, uffd: Userfaultfd, dst: int, first: int, count: int, read: ReadFn, *,
-             wake: bool, focus: int = -1) -> list[Part]:
+             wake: bool, focus: int = -1, mapper: MapFn | None = None) -> list[Part]:
         """Fill pages ``[first, first + count)`` of the source to ``dst``; returns the parts.
 
         ``focus`` (an index in the run, or -1) is the page someone waits for; the part holding
         it is filled by the calling thread.
         """
         if not self._threads or count < self._min_split:
-            return [Part(0, count, self._one(uffd, dst, first, count, 0, read, wake, focus))]
+            return [Part(0, count, self._one(uffd, dst, first, count, 0, read, wake, focus,
+                                             mapper))]
         half = count // 2
         halves = [(0, half), (half, count - half)]
         mine, theirs = (halves if focus < half else halves[::-1])
         future = self._pool_submit().submit(
             self._one, uffd, dst + theirs[0] * self._page_size, first + theirs[0], theirs[1],
-            theirs[0], read, wake, -1)
+            theirs[0], read, wake, -1, mapper)
         own = self._one(uffd, dst + mine[0] * self._page_size, first + mine[0], mine[1], mine[0],
-                        read, wake, focus - mine[0])
+                        read, wake, focus - mine[0], mapper)
         other = future.result()
         parts = [Part(mine[0], mine[1], own), Part(theirs[0], theirs[1], other)]
         parts.sort(key=lambda p: p.offset)
         return parts
 
     def fill_runs(self, uffd: Userfaultfd, runs: list[tuple[int, int, int]], read: ReadFn, *,
-                  wake: bool) -> list[list[Part]]:
+                  wake: bool, mapper: MapFn | None = None) -> list[list[Part]]:
         """Fill several ``(dst, first, count)`` runs (at most a bounce buffer in all).
 
         Nobody waits for these pages (swap-in): with several runs, each thread takes whole runs,
@@ -198,11 +234,11 @@ class RunFiller:
             at += count
         if len(runs) == 1:
             dst, first, count = runs[0]
-            return [self.fill(uffd, dst, first, count, read, wake=wake)]
+            return [self.fill(uffd, dst, first, count, read, wake=wake, mapper=mapper)]
 
         def work(indexes: range) -> list[list[Part]]:
             return [[Part(0, runs[i][2], self._one(uffd, runs[i][0], runs[i][1], runs[i][2],
-                                                   ats[i], read, wake, -1))]
+                                                   ats[i], read, wake, -1, mapper))]
                     for i in indexes]
 
         if not self._threads or total < self._min_split:

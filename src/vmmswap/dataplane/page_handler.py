@@ -59,7 +59,7 @@ from vmmswap.dataplane.guest_memory import (
     validate_regions,
 )
 from vmmswap.dataplane.metrics import SwapMetrics
-from vmmswap.dataplane.page_fill import Bounce, Part, RunFiller, copy_run, settled_block
+from vmmswap.dataplane.page_fill import Bounce, MapFn, RunFiller, settled_block
 from vmmswap.dataplane.page_store import Region
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.dataplane.readahead import UP, Readahead
@@ -93,6 +93,9 @@ _log = logging.getLogger(__name__)
 #: crosvm's MAX_SWAP_CHUNK_SIZE, and the readahead cap.
 MAX_SWAP_CHUNK_BYTES: Final = 2 * 1024 * 1024
 DEFAULT_MAX_READAHEAD_BYTES: Final = 2 * 1024 * 1024
+#: The readahead cap in huge pages (hugetlbfs): 2 MiB would be one page, no readahead at all,
+#: and a run of several lets the second CPU read and copy half of it (see RunFiller).
+DEFAULT_MAX_READAHEAD_HUGE_PAGES: Final = 4
 
 
 class InvalidAddressError(ValueError):
@@ -116,7 +119,7 @@ class PageHandler:
 
     def __init__(self, regions: Sequence[Region], staging: StagingMemory, swap_file: SwapFile,
                  *, readahead: bool = True,
-                 max_readahead_bytes: int = DEFAULT_MAX_READAHEAD_BYTES,
+                 max_readahead_bytes: int | None = None,
                  workers: int | None = None, fill_threads: bool = True) -> None:
         self.regions = tuple(sorted(regions, key=lambda r: r.host_addr))
         sizes = {r.page_size for r in self.regions} | {staging.page_size, swap_file.page_size}
@@ -131,11 +134,17 @@ class PageHandler:
         self.staging = staging
         self.swap_file = swap_file
         self.readahead_enabled = readahead
+        if max_readahead_bytes is None:
+            max_readahead_bytes = (DEFAULT_MAX_READAHEAD_BYTES if ps == PAGE_SIZE
+                                   else DEFAULT_MAX_READAHEAD_HUGE_PAGES * ps)
         self._readahead = Readahead(max(1, max_readahead_bytes // ps))
         self.bounce = Bounce(max(max_readahead_bytes, MAX_SWAP_CHUNK_BYTES, ps), ps)
         self.filler = RunFiller(self.bounce.address, self.bounce.view, threads=fill_threads,
                                 page_size=ps)
         self._zero = Mapping.anonymous(ps, populate=True)
+        #: Huge pages are COPYed from the swap file's page cache in place, not read first
+        #: (see SwapFile.map_pages); small pages keep the bounce buffer.
+        self.file_mapper: MapFn | None = swap_file.map_pages if ps != PAGE_SIZE else None
         self._workers = workers
         #: Incremented by every move to staging: resumable contexts restart their scans.
         self.epoch = 0
@@ -147,7 +156,7 @@ class PageHandler:
     def create(cls, regions: Sequence[tuple[RegionSpec, int]],
                swap_dir: str | os.PathLike[str] | None = None, *,
                swap_file: SwapFile | None = None, readahead: bool = True,
-               max_readahead_bytes: int = DEFAULT_MAX_READAHEAD_BYTES,
+               max_readahead_bytes: int | None = None,
                workers: int | None = None, fill_threads: bool = True) -> PageHandler:
         """A handler for ``regions`` (each a spec and the memfd the VMM maps there).
 
@@ -160,7 +169,8 @@ class PageHandler:
         """
         if not regions:
             raise ValueError("the page handler needs at least one region")
-        if max_readahead_bytes < PAGE_SIZE or not is_page_aligned(max_readahead_bytes):
+        if max_readahead_bytes is not None and (
+                max_readahead_bytes < PAGE_SIZE or not is_page_aligned(max_readahead_bytes)):
             raise ValueError(f"max_readahead_bytes must be a positive multiple of {PAGE_SIZE}, "
                              f"got {max_readahead_bytes}")
         specs = [spec for spec, _ in regions]
@@ -327,14 +337,15 @@ class PageHandler:
                              self.staging.clear_range, "staging")
         elif self.swap_file.is_current(page):
             self._serve_from(uffd, region, page, self.swap_file.current,
-                             self.swap_file.read_pages, self.swap_file.clear_current, "file")
+                             self.swap_file.read_pages, self.swap_file.clear_current, "file",
+                             mapper=self.file_mapper)
         else:
             self._serve_zero(uffd, region, page, write)
 
     def _serve_from(self, uffd: Userfaultfd, region: Region, page: int,
                     present: PresentList, read: Callable[[int, int, memoryview], None],
                     clear: Callable[[int, int], None], source: str,
-                    single: bool = False) -> None:
+                    single: bool = False, mapper: MapFn | None = None) -> None:
         """Fill the faulting page and the run of neighbours in the same source (readahead)."""
         first, end, window = page, page + 1, 1
         if self.readahead_enabled and not single:
@@ -348,13 +359,11 @@ class PageHandler:
         count = end - first
         if count == 1:
             # One page (random access, or readahead off): no split, no bookkeeping of parts.
-            read(page, end, self.bounce.view[:self.page_size])
-            out = copy_run(uffd, region.addr_of(page), self.bounce.address, 1, wake=True,
-                           page_size=self.page_size)
-            parts = [Part(0, 1, out)]
+            parts = self.filler.fill(uffd, region.addr_of(page), page, 1, read, wake=True,
+                                     focus=0, mapper=mapper)
         else:
             parts = self.filler.fill(uffd, region.addr_of(first), first, count, read,
-                                     wake=True, focus=focus)
+                                     wake=True, focus=focus, mapper=mapper)
         filled = 0
         for part in parts:
             if part.out.done:
@@ -375,7 +384,8 @@ class PageHandler:
                 # crosses a VMA boundary of the faulting process, say): serve just the fault.
                 _log.debug("readahead fill at %#x failed (%s); serving one page",
                            region.addr_of(first), error)
-                self._serve_from(uffd, region, page, present, read, clear, source, single=True)
+                self._serve_from(uffd, region, page, present, read, clear, source, single=True,
+                                 mapper=mapper)
                 return
             raise error
         if mine.out.focus_existed:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vmmswap.dataplane.guest_memory import RegionSpec
-from vmmswap.dataplane.page_fill import Bounce, RunFiller
+from vmmswap.dataplane.page_fill import Bounce, MapFn, RunFiller
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.uffd.pagesize import PAGE_SIZE
@@ -76,6 +76,8 @@ class PageStore(Protocol):
     #: Bytes per page index (the guest's page: one for every region).
     page_size: int
     epoch: int
+    #: Maps swap-file pages for a COPY in place (huge pages), or None: read them.
+    file_mapper: MapFn | None
 
     def check_open(self) -> None:
         """Raise ValueError when the handler is closed."""

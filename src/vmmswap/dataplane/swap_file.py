@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
@@ -37,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vmmswap.dataplane.present_list import Indices, PresentList, consecutive_runs
+from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 #: The largest guest a u32 slot array can describe (slot + 1 must fit; 0 means "none").
@@ -329,6 +331,34 @@ class SwapFile:
                 raise OSError(errno.EIO, f"swap file is shorter than its slot table: no data at "
                               f"{offset + done:#x}")
             done += got
+
+    def map_pages(self, start: int, end: int) -> tuple[int, Callable[[], None]] | None:
+        """Map the slots of ``[start, end)`` read-only and populated, for a COPY to read them
+        in place; returns the address and the function that unmaps them, or None when their
+        slots are not consecutive (the caller reads them instead).
+
+        Why a mapping here, where the handler otherwise maps nothing: for 2 MiB pages it saves
+        a whole copy (measured on the ext4 CI host: mapping and populating 2 MiB of the file's
+        page cache and unmapping it takes 12-15 us, reading it with ``preadv`` 110 us, as long
+        as the COPY itself). **Safety**: the mapping is read-only, of this process only, never
+        registered with userfaultfd, and unmapped right after the COPY; the slots it covers
+        are written and inside the file, so no access can reach past its end.
+        """
+        slots = self.slots_of(start, end)
+        if slots.size == 0:
+            return None
+        first = int(slots[0])
+        if first < 0 or int(slots[-1]) - first != slots.size - 1 or (
+                slots.size > 1 and not bool((np.diff(slots) == 1).all())):
+            return None
+        length = int(slots.size) * self.page_size
+        addr = libc.mmap(0, length, libc.PROT_READ, libc.MAP_SHARED | libc.MAP_POPULATE,
+                         self.fileno(), first * self.page_size)
+
+        def release() -> None:
+            libc.munmap(addr, length)
+
+        return addr, release
 
     def _advise(self, pages: Indices, advice: int) -> None:
         """posix_fadvise over the slots of ``pages``, coalesced in *file* order: pages far

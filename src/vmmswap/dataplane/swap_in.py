@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from vmmswap.dataplane.page_fill import ReadFn, settled_block
+from vmmswap.dataplane.page_fill import MapFn, ReadFn, settled_block
 from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
@@ -134,12 +134,13 @@ class SwapInContext:
                                                               - first))
 
         n, self._file_cursor = self._copy_next_runs(
-            uffd, swap_file.current, self._file_cursor, max_pages, swap_file.read_pages, settle)
+            uffd, swap_file.current, self._file_cursor, max_pages, swap_file.read_pages, settle,
+            self._handler.file_mapper)
         return n
 
     def _copy_next_runs(self, uffd: Userfaultfd, present: PresentList, cursor: int,
-                        max_pages: int, read: ReadFn,
-                        settle: Callable[[int, int], None]) -> tuple[int, int]:
+                        max_pages: int, read: ReadFn, settle: Callable[[int, int], None],
+                        mapper: MapFn | None = None) -> tuple[int, int]:
         """Copy the next runs of ``present`` (up to ``max_pages`` pages) at or after ``cursor``;
         returns (pages settled, new cursor)."""
         handler = self._handler
@@ -157,7 +158,7 @@ class SwapInContext:
             pos = end
         if not runs:
             return 0, len(present)
-        results = handler.filler.fill_runs(uffd, runs, read, wake=False)
+        results = handler.filler.fill_runs(uffd, runs, read, wake=False, mapper=mapper)
         done = 0
         new_cursor = -1
         errors: list[OSError] = []
@@ -179,17 +180,19 @@ class SwapInContext:
             if count > 1 and not isinstance(errors[0], MappingChangingError | ProcessGoneError):
                 # The run may cross a VMA boundary of the VMM's mapping (a COPY must stay in
                 # one VMA): try ever shorter pieces of it.
-                n = self._shrinking_fill(uffd, dst, first, count // 2, read, settle)
+                n = self._shrinking_fill(uffd, dst, first, count // 2, read, settle, mapper)
                 return n, first + n
             raise errors[0]
         return done, (pos if new_cursor < 0 else new_cursor)
 
     def _shrinking_fill(self, uffd: Userfaultfd, dst: int, first: int, count: int,
-                        read: ReadFn, settle: Callable[[int, int], None]) -> int:
+                        read: ReadFn, settle: Callable[[int, int], None],
+                        mapper: MapFn | None = None) -> int:
         """Fill the first ``count`` pages of a run, halving ``count`` while the kernel refuses;
         returns the pages settled (raises when even one page fails)."""
         while True:
-            parts = self._handler.filler.fill(uffd, dst, first, count, read, wake=False)
+            parts = self._handler.filler.fill(uffd, dst, first, count, read, wake=False,
+                                              mapper=mapper)
             _lo, hi = settled_block(parts, 0)
             for part in parts:
                 if part.out.done:
