@@ -65,6 +65,7 @@ from vmmswap.control.protocol import (
 from vmmswap.control.status import SwapState, SwapStatus
 from vmmswap.control.swap_cleanup import FileTruncator
 from vmmswap.control.thaw_guard import ThawGuard
+from vmmswap.control.thp_restore import HugePageRestorer
 from vmmswap.dataplane.guest_memory import (
     RegionSpec,
     memfd_page_size,
@@ -119,6 +120,8 @@ class Monitor:
         self.listener: socket.socket | None = None
         self._listener_id: tuple[int, int] | None = None
         self.truncator = FileTruncator(self.swap_fd)
+        #: THP guests get their huge pages back after disable (see control/thp_restore.py).
+        self.huge_pages = HugePageRestorer(init.vmm_pid, self.regions)
         self.vmm_pidfd = os.pidfd_open(init.vmm_pid)
         os.set_blocking(uffd_fd, False)  # see _register_process: never block the loop
         main = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES),
@@ -138,6 +141,7 @@ class Monitor:
     # --- hooks for the state machine ------------------------------------------------------------
     def create_handler(self) -> PageHandlerLike:
         self.truncator.finish()  # crosvm's take_file(): the file must be empty for a new start
+        self.huge_pages.note_before()  # before registration and before any page moves
         return self.factory(list(zip(self.regions, self.memfds, strict=True)), self.swap_fd,
                             self.init.readahead)
 
@@ -171,6 +175,7 @@ class Monitor:
             self.truncator.start()
         else:
             self.truncator.finish()
+        self.huge_pages.restore_async()
 
     # --- epoll plumbing -------------------------------------------------------------------------
     def _watch(self, fd: int, callback: Callable[[], None]) -> None:
@@ -539,6 +544,7 @@ class Monitor:
                 handler.close()
         self.uffds.close()
         self.truncator.close()
+        self.huge_pages.join()
         if self._thaw_guard is not None:
             self._thaw_guard.close()
         os.close(self.vmm_pidfd)

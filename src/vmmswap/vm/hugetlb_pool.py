@@ -1,4 +1,4 @@
-"""Reserving 2 MiB hugetlb pages for a VM's guest memory, and giving them back.
+"""Huge-page settings for a VM's run: reserving 2 MiB hugetlb pages, shmem THP, and restoring.
 
 hugetlbfs guest memory needs huge pages in the kernel's pool (``/proc/sys/vm/nr_hugepages``,
 0 by default). The demo grows the pool by what it lacks for its run and puts the old size back
@@ -8,11 +8,13 @@ resize the pool; anyone else gets an error saying what to run.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import TracebackType
 from typing import Final
 
 NR_HUGEPAGES: Final = Path("/proc/sys/vm/nr_hugepages")
+SHMEM_ENABLED: Final = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
 MEMINFO: Final = Path("/proc/meminfo")
 
 
@@ -67,6 +69,34 @@ class HugetlbPool:
             NR_HUGEPAGES.write_text(old)
 
     def __enter__(self) -> HugetlbPool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class ShmemThpMode:
+    """shmem THP set to ``mode`` (``advise``: huge pages for MADV_HUGEPAGE mappings) for a run;
+    :meth:`close` puts the old mode back. OSError when it cannot be set (not root)."""
+
+    def __init__(self, mode: str) -> None:
+        match = re.search(r"\[(\w+)\]", SHMEM_ENABLED.read_text())
+        if match is None:
+            raise OSError(f"cannot parse {SHMEM_ENABLED}")
+        self._old: str | None = match.group(1)
+        try:
+            SHMEM_ENABLED.write_text(mode)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot set {SHMEM_ENABLED} to {mode} "
+                          f"({err.strerror}): as root") from err
+
+    def close(self) -> None:
+        if self._old is not None:
+            old, self._old = self._old, None
+            SHMEM_ENABLED.write_text(old)
+
+    def __enter__(self) -> ShmemThpMode:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
