@@ -33,7 +33,7 @@ from vmmswap.control.protocol import (
     request,
 )
 from vmmswap.control.status import SwapState, SwapStatus
-from vmmswap.uffd.pagesize import pages_to_bytes
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -99,15 +99,22 @@ def _exit_code(response: Response) -> int:
 
 
 # --- human output -------------------------------------------------------------------------------
-def _mib(pages: int) -> str:
-    return f"{pages_to_bytes(pages) / _MIB:.1f} MiB"
+def _mib_of(pages: int, page_size: int = PAGE_SIZE) -> str:
+    """Pages of the guest's page size (2 MiB on hugetlbfs) in MiB."""
+    return f"{pages * page_size / _MIB:.1f} MiB"
 
 
 def status_table(status: SwapStatus) -> str:
     """A human-readable rendering of a status, for ``status --watch``."""
     m, t = status.metrics, status.state_transition
+    ps = m.page_size
+
+    def _mib(pages: int) -> str:
+        return _mib_of(pages, ps)
+
     rows = [
         ("state", str(status.state)),
+        ("page size", f"{ps // 1024} KiB"),
         ("last transition", f"{t.pages} pages ({_mib(t.pages)}) in {t.time_ms} ms"),
         ("resident", f"{m.resident_pages} pages ({_mib(m.resident_pages)})"),
         ("staging", f"{m.staging_pages} pages ({_mib(m.staging_pages)})"),
@@ -129,6 +136,10 @@ def status_table(status: SwapStatus) -> str:
 def progress_line(command: Command, status: SwapStatus) -> str:
     """One line of progress for a running trim / out / disable."""
     m, t = status.metrics, status.state_transition
+
+    def _mib(pages: int) -> str:
+        return _mib_of(pages, m.page_size)
+
     if command is Command.TRIM:  # trim visits staging; what is left to visit is not reported
         return f"trim: {t.pages} pages trimmed ({_mib(t.pages)}) after {t.time_ms / 1000:.1f} s"
     if command is Command.OUT:
@@ -280,7 +291,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _wait(client, command, out)
         if command is Command.ENABLE and response.status is not None:
             t = response.status.state_transition
-            print(f"enabled: {t.pages} pages ({_mib(t.pages)}) moved to staging in "
+            ps = response.status.metrics.page_size
+            print(f"enabled: {t.pages} pages ({_mib_of(t.pages, ps)}) moved to staging in "
                   f"{t.time_ms} ms", file=out)
         else:
             state = response.status.state if response.status else "?"

@@ -84,3 +84,22 @@ def test_rejects_non_json() -> None:
         SwapStatus.from_json(b"\xff")
     with pytest.raises(StatusFormatError):
         SwapStatus.from_json("[]")
+
+
+def test_page_size_is_reported_and_counters_convert_to_bytes() -> None:
+    """hugetlbfs guests count pages of 2 MiB: the status says so, and bytes follow from it."""
+    huge = 2 * 1024 * 1024
+    metrics = SwapMetrics(resident_pages=3, swap_pages=2, page_size=huge)
+    status = SwapStatus(SwapState.ACTIVE, metrics)
+    doc = json.loads(status.to_json())
+    assert doc["page_size"] == huge and doc["metrics"]["swap_pages"] == 2
+    back = SwapStatus.from_json(status.to_json())
+    assert back.metrics.page_size == huge
+    assert back.metrics.bytes_of("swap_pages") == 2 * huge
+    assert back.metrics.bytes_dict()["resident_bytes"] == 3 * huge
+    del doc["page_size"]  # crosvm's status has no page size: 4 KiB pages
+    assert SwapStatus.from_dict(doc).metrics.page_size == 4096
+    for bad in (0, 4095, 3 * 4096, -1, "2M"):
+        doc["page_size"] = bad
+        with pytest.raises(StatusFormatError, match="page_size"):
+            SwapStatus.from_dict(doc)

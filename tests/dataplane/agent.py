@@ -167,6 +167,30 @@ class Agent:
                 ctypes.memmove(addr + off, arr.ctypes.data, n * PAGE_SIZE)
         return {}
 
+    def cmd_check_fill(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Compare a range with what ``fill`` (no stride) wrote there, every byte; returns the
+        number of 4 KiB pages that differ."""
+        import numpy as np  # noqa: PLC0415 (only the benchmarks need it)
+
+        addr, length = cmd["addr"], cmd["length"]
+        chunk = 64 << 20
+        words = PAGE_SIZE // 8
+        bad = 0
+        for off in range(0, length, chunk):
+            n = min(chunk, length - off) // PAGE_SIZE
+            got = np.empty((n, words), dtype=np.uint64)
+            ctypes.memmove(got.ctypes.data, addr + off, n * PAGE_SIZE)
+            first = off // PAGE_SIZE
+            wrong = (got[:, 1:] != 0x5A5A5A5A5A5A5A5A).any(axis=1)
+            wrong |= got[:, 0] != np.arange(first, first + n, dtype=np.uint64) + 1
+            bad += int(np.count_nonzero(wrong))
+        return {"bad": bad}
+
+    def cmd_drop(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Unmap guest memory and close the uffd (frees hugetlb pages for the pool)."""
+        self.close_memory()
+        return {}
+
     def cmd_seq_read(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Read a range front to back in ``chunk`` pieces; returns the elapsed time."""
         addr, length = cmd["addr"], cmd["length"]

@@ -14,7 +14,7 @@ import pytest
 
 from huge_settings import HugeSettings
 from vmmswap.dataplane import move
-from vmmswap.dataplane.huge_pages import pmd_mapped_bytes
+from vmmswap.dataplane.huge_pages import collapse, pmd_mapped_bytes
 from vmmswap.uffd.pagesize import PAGE_SIZE, THP_SIZE
 
 from .agent import page_digest
@@ -109,3 +109,27 @@ def test_batches_that_cut_a_huge_page_lose_data(
     else:
         assert lost > 0, "a partial punch of a pinned huge page lost nothing: control is dead"
         assert got.count(ZERO) == lost
+
+
+def test_collapse_after_disable_brings_huge_pages_back(
+        huge_settings: HugeSettings, make_rig: RigFactory) -> None:
+    """Fills bring a THP guest back on small pages (the control: 0 PMD-mapped after the
+    cycle); MADV_COLLAPSE through process_madvise on the VMM, once unregistered, maps the
+    same data with PMDs again."""
+    huge_settings.shmem_thp("advise")
+    size = 8 * MiB
+    pages = size // PAGE_SIZE
+    rig = make_rig([(0, size)], backing="thp", register=False)
+    rig.write(rig.addr(0), seed=13, pages=pages)
+    rig.guest.register()
+    assert pmd_mapped(rig) == size
+    rig.enable()
+    rig.out_all()
+    rig.swap_in_all()
+    assert rig.digests_quietly(rig.addr(0), pages) == rig.expected(13, pages)
+    assert pmd_mapped(rig) == 0, "fills made huge pages: the collapse below proves nothing"
+    spec = rig.guest.specs[0]
+    rig.guest.uffd.unregister(spec.host_addr, spec.size)  # what disable does
+    assert collapse(rig.vmm.proc.pid, spec.host_addr, spec.size) == size
+    assert pmd_mapped(rig) == size
+    assert rig.digests_quietly(rig.addr(0), pages) == rig.expected(13, pages)

@@ -68,12 +68,18 @@ from vmmswap.control.protocol import (
 from vmmswap.control.status import SwapState, SwapStatus
 from vmmswap.control.swap_cleanup import FileTruncator
 from vmmswap.control.thaw_guard import ThawGuard
-from vmmswap.dataplane.guest_memory import RegionSpec, data_bytes, validate_regions
+from vmmswap.control.thp_restore import HugePageRestorer
+from vmmswap.dataplane.guest_memory import (
+    RegionSpec,
+    memfd_page_size,
+    resident_bytes,
+    validate_regions,
+)
 from vmmswap.dataplane.page_handler import PageHandler
 from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.kernel import libc
 from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
-from vmmswap.uffd.pagesize import bytes_to_pages
+from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 _log = logging.getLogger("vmmswap.control.monitor")
@@ -112,18 +118,23 @@ class Monitor:
         self.init = init
         self.regions = init.regions
         self.memfds = memfds
+        #: Each region's page (2 MiB on hugetlbfs), asked of the kernel once.
+        self.page_sizes = [memfd_page_size(fd) for fd in memfds]
         self.factory = factory
         self.epoll = select.epoll()
         self.clients: dict[int, Client] = {}
         self.listener: socket.socket | None = None
         self._listener_id: tuple[int, int] | None = None
         self.truncator = FileTruncator(self.swap_fd)
+        #: THP guests get their huge pages back after disable (see control/thp_restore.py).
+        self.huge_pages = HugePageRestorer(init.vmm_pid, self.regions)
         self.vmm_pidfd = os.pidfd_open(init.vmm_pid)
         os.set_blocking(uffd_fd, False)  # see _register_process: never block the loop
         main = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES),
                          init.vmm_pid, main=True)
-        self.uffds = UffdSet(self.regions, main, lambda: self.machine.handler, self._dropped)
-        self.machine = StateMachine(self)
+        self.uffds = UffdSet(self.regions, main, lambda: self.machine.handler, self._dropped,
+                             self.page_sizes)
+        self.machine = StateMachine(self, page_size=max(self.page_sizes, default=PAGE_SIZE))
         self._by_fd: dict[int, Callable[[], None]] = {}
         self._done = False
         self._last_step = time.monotonic()
@@ -137,6 +148,7 @@ class Monitor:
     # --- hooks for the state machine ------------------------------------------------------------
     def create_handler(self) -> PageHandlerLike:
         self.truncator.finish()  # crosvm's take_file(): the file must be empty for a new start
+        self.huge_pages.note_before()  # before registration and before any page moves
         return self.factory(list(zip(self.regions, self.memfds, strict=True)), self.swap_fd,
                             self.init.readahead)
 
@@ -160,14 +172,17 @@ class Monitor:
         return self.uffds.main.uffd
 
     def resident_pages(self) -> int:
-        return sum(bytes_to_pages(data_bytes(fd, spec.size))
-                   for fd, spec in zip(self.memfds, self.regions, strict=True))
+        """Resident pages, in the guest's page (as the handler's metrics count them)."""
+        return sum(resident_bytes(fd, spec.size, ps) // ps
+                   for fd, spec, ps in zip(self.memfds, self.regions, self.page_sizes,
+                                           strict=True))
 
     def disabled(self, slow_file_cleanup: bool) -> None:
         if slow_file_cleanup:
             self.truncator.start()
         else:
             self.truncator.finish()
+        self.huge_pages.restore_async()
 
     # --- epoll plumbing -------------------------------------------------------------------------
     def _watch(self, fd: int, callback: Callable[[], None]) -> None:
@@ -538,6 +553,7 @@ class Monitor:
                 handler.close()
         self.uffds.close()
         self.truncator.close()
+        self.huge_pages.join()
         if self._thaw_guard is not None:
             self._thaw_guard.close()
         os.close(self.vmm_pidfd)

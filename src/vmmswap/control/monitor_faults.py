@@ -32,7 +32,8 @@ from vmmswap.uffd.errors import (
     ProcessGoneError,
 )
 from vmmswap.uffd.events import Fork, PageFault, Remove
-from vmmswap.uffd.pagesize import PAGE_SIZE, page_base
+from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import ForkedUffd, Userfaultfd
 
 _log = logging.getLogger(__name__)
@@ -81,8 +82,13 @@ class UffdSet:
 
     def __init__(self, regions: Sequence[RegionSpec], main: UffdEntry,
                  handler: Callable[[], PageHandlerLike | None],
-                 on_drop: Callable[[UffdEntry], None]) -> None:
+                 on_drop: Callable[[UffdEntry], None],
+                 page_sizes: Sequence[int] | None = None) -> None:
         self.regions = tuple(regions)
+        #: Each region's page (2 MiB on hugetlbfs, where a fault is answered whole, by COPY).
+        self.page_sizes = tuple(page_sizes) if page_sizes is not None else (
+            (PAGE_SIZE,) * len(self.regions))
+        self._zeros: Mapping | None = None
         self.main = main
         self.devices: list[UffdEntry] = []
         self._handler = handler
@@ -276,21 +282,33 @@ class UffdSet:
                                       time.monotonic() + STUCK_RETRY_INTERVAL))
         return "done"
 
-    @staticmethod
-    def _answer_while_disabled(entry: UffdEntry, fault: PageFault) -> None:
+    def _page_size_at(self, addr: int) -> int:
+        for spec, size in zip(self.regions, self.page_sizes, strict=True):
+            if spec.host_addr <= addr < spec.host_end:
+                return size
+        return PAGE_SIZE
+
+    def _answer_while_disabled(self, entry: UffdEntry, fault: PageFault) -> None:
         """A fault while Ready means the range is still registered (a failed unregister):
         every page is back in guest memory then, so a missing page really is a zero page."""
-        addr = page_base(fault.address)
+        size = self._page_size_at(fault.address)
+        addr = fault.address & ~(size - 1)
         try:
-            entry.uffd.zero(addr, PAGE_SIZE)
+            if size == PAGE_SIZE:
+                entry.uffd.zero(addr, size)
+            else:
+                # hugetlbfs has no ZEROPAGE: copy a whole huge page of zeros.
+                if self._zeros is None or self._zeros.length < size:
+                    self._zeros = Mapping.anonymous(size, populate=True)
+                entry.uffd.copy(addr, size, self._zeros.address)
         except PageExistsError:
-            entry.uffd.wake(addr, PAGE_SIZE)
+            entry.uffd.wake(addr, size)
         except OSError as err:
             if err.errno != errno.ENOENT:
                 raise
             # Not registered any more: a fault queued while the range was being unregistered
             # (see Userfaultfd.unregister). Woken, the thread faults as on plain memory.
-            entry.uffd.wake(addr, PAGE_SIZE)
+            entry.uffd.wake(addr, size)
 
     def retry_stuck(self) -> None:
         """Try the faults that failed earlier again, once their retry time has come."""

@@ -26,6 +26,7 @@ from typing import Any, Final, Protocol
 from vmmswap.control.protocol import ErrorKind
 from vmmswap.control.status import SwapMetrics, SwapState, SwapStateTransition, SwapStatus
 from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 _log = logging.getLogger(__name__)
 
@@ -104,8 +105,11 @@ class _Transition:
 class StateMachine:
     """One VM's swap state. Every method runs on the monitor's single thread."""
 
-    def __init__(self, hooks: Hooks, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, hooks: Hooks, clock: Callable[[], float] = time.monotonic, *,
+                 page_size: int = PAGE_SIZE) -> None:
         self._hooks = hooks
+        #: The guest's page (2 MiB on hugetlbfs): the unit of every page count reported.
+        self.page_size = page_size
         self.state = SwapState.READY
         self.handler: PageHandlerLike | None = None
         self.transition = _Transition(clock)
@@ -116,9 +120,11 @@ class StateMachine:
 
     # --- queries ------------------------------------------------------------------------------
     def status(self, devices: int = 0) -> SwapStatus:
-        metrics = SwapMetrics(resident_pages=self._hooks.resident_pages())
+        metrics = SwapMetrics(resident_pages=self._hooks.resident_pages(),
+                              page_size=self.page_size)
         if self.handler is not None:
-            metrics = _metrics_of(self.handler.metrics(), metrics.resident_pages)
+            metrics = _metrics_of(self.handler.metrics(), metrics.resident_pages,
+                                  self.page_size)
         transition = (SwapStateTransition() if self.state is SwapState.FAILED
                       else self.transition.snapshot())
         return SwapStatus(self.state, metrics, transition, devices, self.error)
@@ -318,7 +324,7 @@ class StateMachine:
         """Pages the handler still holds outside guest memory (staging + swap file)."""
         if self.handler is None:
             return 0
-        m = _metrics_of(self.handler.metrics(), 0)
+        m = _metrics_of(self.handler.metrics(), 0, self.page_size)
         return m.staging_pages + m.swap_pages
 
 
@@ -328,9 +334,11 @@ def _not_ready(command: str, state: SwapState, need: str) -> str:
     return f"{command} is not possible in state {state}: {need}"
 
 
-def _metrics_of(raw: Any, resident_pages: int) -> SwapMetrics:
+def _metrics_of(raw: Any, resident_pages: int, page_size: int) -> SwapMetrics:
     """Convert the page handler's metrics record (any object with the counter attributes)."""
     values = {f.name: int(getattr(raw, f.name, 0) or 0) for f in fields(SwapMetrics)}
     if not values["resident_pages"]:
         values["resident_pages"] = resident_pages
+    if not values["page_size"]:
+        values["page_size"] = page_size
     return SwapMetrics(**values)

@@ -25,6 +25,7 @@ from vmmswap.dataplane.metrics import (
     parse_object,
     parse_u64,
 )
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 
 class SwapState(enum.StrEnum):
@@ -133,6 +134,7 @@ class SwapStatus:
             "readahead": self.metrics.readahead_dict(),
             "devices": self.devices,
             "error": self.error,
+            "page_size": self.metrics.page_size,
         }
 
     def to_json(self) -> str:
@@ -142,7 +144,8 @@ class SwapStatus:
     @classmethod
     def from_dict(cls, value: Any) -> SwapStatus:
         value = parse_object(value, "status")
-        known = {"state", "metrics", "state_transition", "readahead", "devices", "error"}
+        known = {"state", "metrics", "state_transition", "readahead", "devices", "error",
+                 "page_size"}
         extra = sorted(set(value) - known)
         if extra:
             raise StatusFormatError(f"status: unexpected keys {extra}")
@@ -156,9 +159,13 @@ class SwapStatus:
         error = value.get("error")
         if error is not None and not isinstance(error, str):
             raise StatusFormatError(f"status: error must be a string or null, got {error!r}")
+        page_size = parse_u64(value.get("page_size", PAGE_SIZE), "page_size")
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            raise StatusFormatError(f"status: page_size must be a power of two of at least "
+                                    f"{PAGE_SIZE}, got {page_size}")
         return cls(
             state=_BY_NAME[state],
-            metrics=SwapMetrics.from_dicts(value["metrics"], value.get("readahead")),
+            metrics=SwapMetrics.from_dicts(value["metrics"], value.get("readahead"), page_size),
             state_transition=SwapStateTransition.from_dict(value["state_transition"]),
             devices=parse_u64(value.get("devices", 0), "devices"),
             error=error,

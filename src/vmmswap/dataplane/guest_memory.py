@@ -26,13 +26,16 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Final
 
 from vmmswap.kernel import libc
 from vmmswap.uffd.memory import Mapping
 from vmmswap.uffd.pagesize import PAGE_SIZE, check_page_range
 
-#: The huge page size of :attr:`Backing.HUGETLB_2M`.
-HUGETLB_2M_SIZE = 2 * 1024 * 1024
+#: The huge page size of :attr:`Backing.HUGETLB_2M` (the memfd flag carries its log2).
+HUGETLB_2M_SIZE: Final = 1 << (libc.MFD_HUGE_2MB >> libc.MFD_HUGE_SHIFT)
+#: The st_blocks unit of fstat (POSIX: 512-byte blocks).
+_STAT_BLOCK: Final = 512
 
 
 class Backing(enum.Enum):
@@ -254,8 +257,8 @@ class GuestMemory:
         region.mapping.madvise(libc.MADV_REMOVE, guest_addr - region.guest_addr, length)
 
     def resident_bytes(self) -> int:
-        """Bytes of data (not holes) in the memfds, from SEEK_DATA/SEEK_HOLE."""
-        return sum(data_bytes(r.memfd, r.size) for r in self.regions)
+        """Bytes of data (not holes) in the memfds (see :func:`resident_bytes`)."""
+        return sum(resident_bytes(r.memfd, r.size, r.page_size) for r in self.regions)
 
     def close(self) -> None:
         for region in self.regions:
@@ -293,3 +296,16 @@ def data_ranges(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, int]]
 def data_bytes(fd: int, size: int) -> int:
     """Bytes of data in ``[0, size)`` of a file."""
     return sum(end - start for start, end in data_ranges(fd, size))
+
+
+def resident_bytes(fd: int, size: int, page_size: int) -> int:
+    """Bytes of ``[0, size)`` of a guest memfd that hold pages (not holes).
+
+    SEEK_DATA/SEEK_HOLE for small pages. hugetlbfs (``page_size`` above 4 KiB) reports the
+    whole file as data, holes included, but counts every huge page it adds or removes in
+    ``st_blocks``: exact for a memfd that is all one region, which is how guest memory makes
+    them (a region shorter than its memfd is capped at its size).
+    """
+    if page_size == PAGE_SIZE:
+        return data_bytes(fd, size)
+    return min(os.fstat(fd).st_blocks * _STAT_BLOCK, size)

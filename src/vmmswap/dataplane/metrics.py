@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
+from vmmswap.uffd.pagesize import PAGE_SIZE
+
 __all__ = ["CROSVM_METRICS", "READAHEAD_METRICS", "StatusFormatError", "SwapMetrics",
            "parse_object", "parse_u64"]
 
@@ -67,6 +69,19 @@ class SwapMetrics:
     swap_pages: int = 0
     readahead_pages: int = 0
     faults_avoided: int = 0
+    #: Bytes per page of every counter: the guest's page (2 MiB for hugetlbfs memory).
+    page_size: int = PAGE_SIZE
+
+    def bytes_of(self, name: str) -> int:
+        """A page counter in bytes."""
+        if name not in CROSVM_METRICS and name not in READAHEAD_METRICS:
+            raise KeyError(name)
+        return int(getattr(self, name)) * self.page_size
+
+    def bytes_dict(self) -> dict[str, int]:
+        """Every page counter in bytes (``<name>`` with ``_pages`` made ``_bytes``)."""
+        return {name.removesuffix("_pages") + "_bytes": self.bytes_of(name)
+                for name in (*CROSVM_METRICS, *READAHEAD_METRICS)}
 
     def crosvm_dict(self) -> dict[str, int]:
         """The seven counters crosvm reports, in crosvm's order."""
@@ -77,7 +92,7 @@ class SwapMetrics:
 
     @classmethod
     def from_dicts(cls, metrics: dict[str, Any], readahead: dict[str, Any] | None = None,
-                   ) -> SwapMetrics:
+                   page_size: int = PAGE_SIZE) -> SwapMetrics:
         """Parse the ``metrics`` object (all seven counters required, no others allowed) and
         the optional ``readahead`` object (missing counters are 0, as from crosvm itself)."""
         metrics = parse_object(metrics, "metrics")
@@ -92,4 +107,4 @@ class SwapMetrics:
             if extra:
                 raise StatusFormatError(f"readahead: unexpected {extra}")
             values.update({n: parse_u64(v, f"readahead.{n}") for n, v in readahead.items()})
-        return cls(**values)
+        return cls(**values, page_size=page_size)

@@ -13,6 +13,11 @@ and the guest reads zeros where its data was (crosvm commit e835633bf). A batch 
 sequence of whole THP-aligned windows, and only whole windows (or the tail of a region) are ever
 punched. Windows with no data between two data windows are punched too (they are holes; punching
 a hole is cheap), which keeps the syscall count per batch at one.
+
+**hugetlbfs regions** (a page size above 4 KiB) are moved whole huge page by whole huge page
+through a buffer instead (:mod:`vmmswap.dataplane.move_hugetlb`: no ``copy_file_range``, no
+SEEK_DATA there), and their all-zero huge pages are not staged. Staging page indexes count the
+region's own pages.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from vmmswap.dataplane.guest_memory import data_ranges
+from vmmswap.dataplane.guest_memory import data_ranges, resident_bytes
+from vmmswap.dataplane.move_hugetlb import HugeBuffers, plan_spans, stage_span
 from vmmswap.dataplane.present_list import runs_of
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import (
+    PAGE_SIZE,
     THP_SIZE,
-    bytes_to_pages,
     hugepage_round_down,
     hugepage_round_up,
 )
@@ -109,6 +115,15 @@ class MoveRegion:
     memfd: int
     size: int
     base_page: int  # first staging page of the region
+    page_size: int = PAGE_SIZE  # the region's page; above 4 KiB it is hugetlbfs
+
+    @property
+    def hugetlb(self) -> bool:
+        return self.page_size > PAGE_SIZE
+
+    def page_of(self, offset: int) -> int:
+        """The staging page of a byte offset in the region."""
+        return self.base_page + offset // self.page_size
 
 
 class _PunchError(Exception):
@@ -119,9 +134,15 @@ class _PunchError(Exception):
         self.cause = cause
 
 
-def _run_batch(staging: StagingMemory, region: MoveRegion, batch: MoveBatch) -> None:
-    for start, end in batch.copies:
-        staging.copy_in(region.memfd, start, region.base_page + bytes_to_pages(start), end - start)
+def _run_batch(staging: StagingMemory, region: MoveRegion, batch: MoveBatch,
+               buffers: HugeBuffers | None) -> None:
+    if buffers is not None:
+        # hugetlbfs: the batch's copies are the non-zero huge pages, found as they are read.
+        stage_span(staging, region.memfd, region.base_page, batch.remove_start,
+                   batch.remove_end, buffers, batch.copies)
+    else:
+        for start, end in batch.copies:
+            staging.copy_in(region.memfd, start, region.page_of(start), end - start)
     # The copies are complete: only now may the guest's pages go.
     try:
         libc.fallocate(region.memfd, _PUNCH, batch.remove_start,
@@ -145,17 +166,22 @@ def _settle_failed_batch(staging: StagingMemory, region: MoveRegion, batch: Move
     copy is now the only one and is kept.
     """
     staged = 0
-    still_data = data_extents(region.memfd, region.size) if punch_failed else []
+    # On hugetlbfs SEEK_DATA calls everything data, so which pages the punch removed is not
+    # known: every staged copy is kept. That is safe: a page the guest still has never
+    # faults, and swap-in's COPY of it meets EEXIST and keeps the guest's page.
+    ps = region.page_size
+    still_data = (data_extents(region.memfd, region.size)
+                  if punch_failed and not region.hugetlb else [])
     for start, end in batch.copies:
-        first = region.base_page + bytes_to_pages(start)
-        pages = bytes_to_pages(end - start)
+        first = region.page_of(start)
+        pages = (end - start) // ps
         keep = np.zeros(pages, dtype=np.bool_)
         if punch_failed:
             keep[:] = True
             for d_start, d_end in still_data:
                 lo, hi = max(d_start, start), min(d_end, end)
                 if lo < hi:
-                    keep[bytes_to_pages(lo - start):bytes_to_pages(hi - start)] = False
+                    keep[(lo - start) // ps:(hi - start) // ps] = False
         for a, b in _bool_runs(keep, value=True):
             staging.mark_present(first + a, first + b)
             staged += b - a
@@ -209,19 +235,38 @@ def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
     staging.flush()
     jobs: list[tuple[MoveRegion, MoveBatch]] = []
     for region in regions:
+        if region.hugetlb:
+            if resident_bytes(region.memfd, region.size, region.page_size):
+                jobs.extend((region, MoveBatch([], start, end))
+                            for start, end in plan_spans(region.size, region.page_size,
+                                                         batch_bytes))
+            continue
         for batch in plan_batches(data_extents(region.memfd, region.size), region.size,
                                   batch_bytes):
             jobs.append((region, batch))
     if not jobs:
         return 0
+    workers = min(workers, len(jobs))
+    huge_sizes = {r.page_size for r, _ in jobs if r.hugetlb}
+    buffers = {ps: HugeBuffers(workers, ps) for ps in huge_sizes}
+    try:
+        return _run_jobs(jobs, staging, workers, buffers)
+    finally:
+        for buf in buffers.values():
+            buf.close()
+
+
+def _run_jobs(jobs: list[tuple[MoveRegion, MoveBatch]], staging: StagingMemory, workers: int,
+              buffers: dict[int, HugeBuffers]) -> int:
+    """Run the batches on ``workers`` threads; returns pages moved (see move_to_staging)."""
     moved = 0
     first_error: BaseException | None = None
     futures: list[Future[None]] = []
-    with ThreadPoolExecutor(max_workers=min(workers, len(jobs)),
-                            thread_name_prefix="vmmswap-move") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmmswap-move") as pool:
         try:
             for region, batch in jobs:
-                futures.append(pool.submit(_run_batch, staging, region, batch))
+                futures.append(pool.submit(_run_batch, staging, region, batch,
+                                           buffers.get(region.page_size)))
         except BaseException as err:
             # Not every batch could be handed out (no thread could be started, say). The
             # ones that were still run -- copy *and punch* -- so they are accounted below;
@@ -243,8 +288,8 @@ def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
                 moved += _settle_failed_batch(staging, region, batch, punch_failed)
                 continue
             for start, end in batch.copies:
-                first = region.base_page + bytes_to_pages(start)
-                pages = bytes_to_pages(end - start)
+                first = region.page_of(start)
+                pages = (end - start) // region.page_size
                 staging.mark_present(first, first + pages)
                 moved += pages
     if first_error is not None:

@@ -28,7 +28,7 @@ from typing import Final
 
 from vmmswap.uffd.errors import PageExistsError, PartialFillError
 from vmmswap.uffd.memory import Mapping
-from vmmswap.uffd.pagesize import bytes_to_pages, pages_to_bytes
+from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
 
@@ -39,10 +39,11 @@ class Bounce:
     userfaultfd, so reading into it can never fault into the handler itself.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, page_size: int = PAGE_SIZE) -> None:
         self.mapping = Mapping.anonymous(size, populate=True)
         self.address = self.mapping.address
-        self.pages = bytes_to_pages(self.mapping.length)
+        #: Whole guest pages of ``page_size`` bytes the buffer holds.
+        self.pages = self.mapping.length // page_size
         self.view = memoryview(self.mapping.as_ctypes()).cast("B")
 
     def close(self) -> None:
@@ -64,8 +65,11 @@ class FillOutcome:
 
 
 def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
-             focus: int = 0) -> FillOutcome:
+             focus: int = 0, page_size: int = PAGE_SIZE) -> FillOutcome:
     """COPY ``pages`` pages from ``src`` (this process) to ``dst`` (the uffd owner's memory).
+
+    ``page_size`` is the guest's page: on hugetlbfs memory the kernel fills (and reports
+    partial progress and EEXIST in) whole huge pages only, so the run is counted in them.
 
     ``focus`` is the index of the page someone waits for (the faulting page), for
     :attr:`FillOutcome.focus_existed`. Never raises for the kernel's answers: errors land in
@@ -74,11 +78,11 @@ def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
     """
     out = FillOutcome()
     while out.done < pages:
-        offset = pages_to_bytes(out.done)
+        offset = out.done * page_size
         try:
-            uffd.copy(dst + offset, pages_to_bytes(pages - out.done), src + offset, wake)
+            uffd.copy(dst + offset, (pages - out.done) * page_size, src + offset, wake)
         except PartialFillError as err:
-            n = bytes_to_pages(err.bytes_done)
+            n = err.bytes_done // page_size
             out.done += n
             out.filled += n
             continue
@@ -96,11 +100,14 @@ def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
     return out
 
 
-#: Runs at least this long are filled by two threads: a fill of 1 MiB takes ~250 us here, a
-#: hand-off to the helper thread ~30-60 us.
-MIN_SPLIT_PAGES: Final = 256
+#: Runs at least this long (in bytes, and of two pages or more) are filled by two threads: a
+#: fill of 1 MiB takes ~250 us here, a hand-off to the helper thread ~30-60 us.
+MIN_SPLIT_BYTES: Final = 1024 * 1024
 
 ReadFn = Callable[[int, int, memoryview], None]
+#: Maps source pages ``[first, end)`` somewhere COPY can read them directly: the address and
+#: a function that unmaps it again; or None where it cannot (the caller reads instead).
+MapFn = Callable[[int, int], "tuple[int, Callable[[], None]] | None"]
 
 
 @dataclass(slots=True)
@@ -125,9 +132,11 @@ class RunFiller:
     """
 
     def __init__(self, bounce_address: int, bounce_view: memoryview, *,
-                 threads: bool = True) -> None:
+                 threads: bool = True, page_size: int = PAGE_SIZE) -> None:
         self._address = bounce_address
         self._view = bounce_view
+        self._page_size = page_size
+        self._min_split = max(2, MIN_SPLIT_BYTES // page_size)
         self._threads = threads and (os.cpu_count() or 1) > 1
         self._pool: ThreadPoolExecutor | None = None
 
@@ -137,16 +146,49 @@ class RunFiller:
             self._pool = None
 
     def _one(self, uffd: Userfaultfd, dst: int, first: int, count: int, at: int, read: ReadFn,
-             wake: bool, focus: int) -> FillOutcome:
+             wake: bool, focus: int, mapper: MapFn | None = None) -> FillOutcome:
         """Read source pages ``[first, first + count)`` into the bounce buffer at page ``at``,
-        then COPY them to ``dst``."""
-        buf = self._view[pages_to_bytes(at):pages_to_bytes(at + count)]
+        then COPY them to ``dst``.
+
+        With huge pages, each page is read (or mapped) and copied on its own, in order: a
+        2 MiB COPY wakes the threads waiting for that page as soon as it is in, so the guest
+        works through the run while its rest is still being filled, instead of waiting for
+        all of it (one ioctl per 2 MiB costs nothing next to the copy).
+
+        With a ``mapper`` the source is COPYed from where it maps it (one copy instead of a
+        read and a copy); where it cannot map, the pages are read as usual.
+        """
+        ps = self._page_size
+        if count > 1 and ps > PAGE_SIZE:
+            total = FillOutcome()
+            for i in range(count):
+                out = self._one(uffd, dst + i * ps, first + i, 1, at + i, read, wake,
+                                0 if i == focus else -1, mapper)
+                total.done += out.done
+                total.filled += out.filled
+                total.existed += out.existed
+                total.focus_existed = total.focus_existed or out.focus_existed
+                if out.error is not None:
+                    total.error = out.error
+                    break
+            return total
+        try:
+            mapped = mapper(first, first + count) if mapper is not None else None
+        except OSError as err:
+            return FillOutcome(error=err)
+        if mapped is not None:
+            address, release = mapped
+            try:
+                return copy_run(uffd, dst, address, count, wake=wake, focus=focus, page_size=ps)
+            finally:
+                release()
+        buf = self._view[at * ps:(at + count) * ps]
         try:
             read(first, first + count, buf)
         except OSError as err:
             return FillOutcome(error=err)
-        return copy_run(uffd, dst, self._address + pages_to_bytes(at), count, wake=wake,
-                        focus=focus)
+        return copy_run(uffd, dst, self._address + at * ps, count, wake=wake,
+                        focus=focus, page_size=ps)
 
     def _pool_submit(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -154,29 +196,30 @@ class RunFiller:
         return self._pool
 
     def fill(self, uffd: Userfaultfd, dst: int, first: int, count: int, read: ReadFn, *,
-             wake: bool, focus: int = -1) -> list[Part]:
+             wake: bool, focus: int = -1, mapper: MapFn | None = None) -> list[Part]:
         """Fill pages ``[first, first + count)`` of the source to ``dst``; returns the parts.
 
         ``focus`` (an index in the run, or -1) is the page someone waits for; the part holding
         it is filled by the calling thread.
         """
-        if not self._threads or count < MIN_SPLIT_PAGES:
-            return [Part(0, count, self._one(uffd, dst, first, count, 0, read, wake, focus))]
+        if not self._threads or count < self._min_split:
+            return [Part(0, count, self._one(uffd, dst, first, count, 0, read, wake, focus,
+                                             mapper))]
         half = count // 2
         halves = [(0, half), (half, count - half)]
         mine, theirs = (halves if focus < half else halves[::-1])
         future = self._pool_submit().submit(
-            self._one, uffd, dst + pages_to_bytes(theirs[0]), first + theirs[0], theirs[1],
-            theirs[0], read, wake, -1)
-        own = self._one(uffd, dst + pages_to_bytes(mine[0]), first + mine[0], mine[1], mine[0],
-                        read, wake, focus - mine[0])
+            self._one, uffd, dst + theirs[0] * self._page_size, first + theirs[0], theirs[1],
+            theirs[0], read, wake, -1, mapper)
+        own = self._one(uffd, dst + mine[0] * self._page_size, first + mine[0], mine[1], mine[0],
+                        read, wake, focus - mine[0], mapper)
         other = future.result()
         parts = [Part(mine[0], mine[1], own), Part(theirs[0], theirs[1], other)]
         parts.sort(key=lambda p: p.offset)
         return parts
 
     def fill_runs(self, uffd: Userfaultfd, runs: list[tuple[int, int, int]], read: ReadFn, *,
-                  wake: bool) -> list[list[Part]]:
+                  wake: bool, mapper: MapFn | None = None) -> list[list[Part]]:
         """Fill several ``(dst, first, count)`` runs (at most a bounce buffer in all).
 
         Nobody waits for these pages (swap-in): with several runs, each thread takes whole runs,
@@ -191,14 +234,14 @@ class RunFiller:
             at += count
         if len(runs) == 1:
             dst, first, count = runs[0]
-            return [self.fill(uffd, dst, first, count, read, wake=wake)]
+            return [self.fill(uffd, dst, first, count, read, wake=wake, mapper=mapper)]
 
         def work(indexes: range) -> list[list[Part]]:
             return [[Part(0, runs[i][2], self._one(uffd, runs[i][0], runs[i][1], runs[i][2],
-                                                   ats[i], read, wake, -1))]
+                                                   ats[i], read, wake, -1, mapper))]
                     for i in indexes]
 
-        if not self._threads or total < MIN_SPLIT_PAGES:
+        if not self._threads or total < self._min_split:
             return work(range(len(runs)))
         cut = next((i for i, a in enumerate(ats) if a >= total // 2), len(runs) - 1) or 1
         future = self._pool_submit().submit(work, range(cut, len(runs)))

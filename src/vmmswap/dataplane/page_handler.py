@@ -20,6 +20,13 @@ between them on the monitor's command (:meth:`PageHandler.move_to_staging`, ``sw
   memory that pages leave is freed in batches by a helper thread (:mod:`vmmswap.dataplane.staging`).
 * **Page state in bits.** 4.25 bytes per guest page in total (crosvm: about 9).
 
+**Pages are the guest's.** Every index, bitmap bit, staging page and swap-file slot is one page
+of the guest's memory: 4 KiB, or 2 MiB for hugetlbfs memory (``MFD_HUGETLB | MFD_HUGE_2MB``).
+The kernel resolves a hugetlb fault only with a COPY of the whole, aligned huge page, refuses
+ZEROPAGE there (zeros are COPYed from a zero buffer), and frees a hugetlbfs page only whole, so
+working in that unit throughout is what keeps every operation legal. The unit is asked of the
+kernel once, per region, at construction; all regions of one handler share it.
+
 **Safety rule** (the guest-memory one, see :mod:`vmmswap.dataplane.guest_memory`): the monitor's
 own access
 to guest memory is not registered with userfaultfd. Reading a hole through a mapping of the memfd
@@ -46,12 +53,13 @@ from typing import Final
 from vmmswap.dataplane import move
 from vmmswap.dataplane.guest_memory import (
     RegionSpec,
-    data_bytes,
+    check_aligned,
     memfd_page_size,
+    resident_bytes,
     validate_regions,
 )
 from vmmswap.dataplane.metrics import SwapMetrics
-from vmmswap.dataplane.page_fill import Bounce, Part, RunFiller, copy_run, settled_block
+from vmmswap.dataplane.page_fill import Bounce, MapFn, RunFiller, settled_block
 from vmmswap.dataplane.page_store import Region
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.dataplane.readahead import UP, Readahead
@@ -66,12 +74,7 @@ from vmmswap.uffd.errors import (
     ProcessGoneError,
 )
 from vmmswap.uffd.memory import Mapping
-from vmmswap.uffd.pagesize import (
-    PAGE_SIZE,
-    bytes_to_pages,
-    is_page_aligned,
-    page_base,
-)
+from vmmswap.uffd.pagesize import PAGE_SIZE, is_page_aligned
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
 __all__ = [
@@ -90,6 +93,9 @@ _log = logging.getLogger(__name__)
 #: crosvm's MAX_SWAP_CHUNK_SIZE, and the readahead cap.
 MAX_SWAP_CHUNK_BYTES: Final = 2 * 1024 * 1024
 DEFAULT_MAX_READAHEAD_BYTES: Final = 2 * 1024 * 1024
+#: The readahead cap in huge pages (hugetlbfs): 2 MiB would be one page, no readahead at all,
+#: and a run of several lets the second CPU read and copy half of it (see RunFiller).
+DEFAULT_MAX_READAHEAD_HUGE_PAGES: Final = 4
 
 
 class InvalidAddressError(ValueError):
@@ -113,18 +119,32 @@ class PageHandler:
 
     def __init__(self, regions: Sequence[Region], staging: StagingMemory, swap_file: SwapFile,
                  *, readahead: bool = True,
-                 max_readahead_bytes: int = DEFAULT_MAX_READAHEAD_BYTES,
+                 max_readahead_bytes: int | None = None,
                  workers: int | None = None, fill_threads: bool = True) -> None:
         self.regions = tuple(sorted(regions, key=lambda r: r.host_addr))
+        sizes = {r.page_size for r in self.regions} | {staging.page_size, swap_file.page_size}
+        if len(sizes) != 1:
+            raise ValueError(f"regions, staging and swap file disagree on the page size: "
+                             f"{sorted(sizes)}")
+        #: The guest's page in bytes (2 MiB on hugetlbfs): the unit of every page count here.
+        self.page_size = self.regions[0].page_size
+        ps = self.page_size
         self._starts = [r.host_addr for r in self.regions]
         self.num_pages = sum(r.num_pages for r in self.regions)
         self.staging = staging
         self.swap_file = swap_file
         self.readahead_enabled = readahead
-        self._readahead = Readahead(max(1, bytes_to_pages(max_readahead_bytes)))
-        self.bounce = Bounce(max(max_readahead_bytes, MAX_SWAP_CHUNK_BYTES))
-        self.filler = RunFiller(self.bounce.address, self.bounce.view, threads=fill_threads)
-        self._zero = Mapping.anonymous(PAGE_SIZE, populate=True)
+        if max_readahead_bytes is None:
+            max_readahead_bytes = (DEFAULT_MAX_READAHEAD_BYTES if ps == PAGE_SIZE
+                                   else DEFAULT_MAX_READAHEAD_HUGE_PAGES * ps)
+        self._readahead = Readahead(max(1, max_readahead_bytes // ps))
+        self.bounce = Bounce(max(max_readahead_bytes, MAX_SWAP_CHUNK_BYTES, ps), ps)
+        self.filler = RunFiller(self.bounce.address, self.bounce.view, threads=fill_threads,
+                                page_size=ps)
+        self._zero = Mapping.anonymous(ps, populate=True)
+        #: Huge pages are COPYed from the swap file's page cache in place, not read first
+        #: (see SwapFile.map_pages); small pages keep the bounce buffer.
+        self.file_mapper: MapFn | None = swap_file.map_pages if ps != PAGE_SIZE else None
         self._workers = workers
         #: Incremented by every move to staging: resumable contexts restart their scans.
         self.epoch = 0
@@ -136,47 +156,54 @@ class PageHandler:
     def create(cls, regions: Sequence[tuple[RegionSpec, int]],
                swap_dir: str | os.PathLike[str] | None = None, *,
                swap_file: SwapFile | None = None, readahead: bool = True,
-               max_readahead_bytes: int = DEFAULT_MAX_READAHEAD_BYTES,
+               max_readahead_bytes: int | None = None,
                workers: int | None = None, fill_threads: bool = True) -> PageHandler:
         """A handler for ``regions`` (each a spec and the memfd the VMM maps there).
 
         Creates the staging memfd and, unless ``swap_file`` is given, a nameless swap file in
         ``swap_dir`` (default: the system temporary directory). A given ``swap_file`` becomes
         the handler's and is closed with it. The memfds stay the caller's. Invalid regions
-        (unaligned, overlapping -- the error names both ranges -- or larger than their memfd)
-        raise ValueError and nothing is created.
+        (unaligned -- to the huge page, on hugetlbfs --, overlapping -- the error names both
+        ranges --, larger than their memfd, or of mixed page sizes) raise ValueError and
+        nothing is created.
         """
         if not regions:
             raise ValueError("the page handler needs at least one region")
-        if max_readahead_bytes < PAGE_SIZE or not is_page_aligned(max_readahead_bytes):
+        if max_readahead_bytes is not None and (
+                max_readahead_bytes < PAGE_SIZE or not is_page_aligned(max_readahead_bytes)):
             raise ValueError(f"max_readahead_bytes must be a positive multiple of {PAGE_SIZE}, "
                              f"got {max_readahead_bytes}")
         specs = [spec for spec, _ in regions]
         validate_regions(specs)
         built: list[Region] = []
         base = 0
+        page_sizes: set[int] = set()
         for spec, memfd in sorted(regions, key=lambda r: r[0].host_addr):
+            # hugetlbfs: the kernel faults, fills and frees 2 MiB at a time, so every page
+            # here is one; a region cutting a huge page could never be served.
             page_size = memfd_page_size(memfd)
-            if page_size != PAGE_SIZE:
-                # The data plane works in 4 KiB pages; on hugetlbfs it would move, punch and
-                # fill partial huge pages, which the kernel refuses or silently ignores.
-                raise ValueError(f"region [{spec.host_addr:#x}, {spec.host_end:#x}) is backed "
-                                 f"by {page_size // 1024} KiB huge pages "
-                                 "(hugetlbfs): vm-swap of hugetlbfs memory is not supported yet")
+            check_aligned(spec.host_addr, spec.size, page_size, "host region")
+            check_aligned(spec.guest_addr, spec.size, page_size, "guest region")
+            page_sizes.add(page_size)
             size = os.fstat(memfd).st_size
             if size < spec.size:
                 raise ValueError(f"region [{spec.host_addr:#x}, {spec.host_end:#x}) is "
                                  f"{spec.size:#x} bytes but its memfd {memfd} holds {size:#x}")
-            built.append(Region(spec, memfd, base))
-            base += bytes_to_pages(spec.size)
+            built.append(Region(spec, memfd, base, page_size))
+            base += spec.size // page_size
+        if len(page_sizes) > 1:
+            raise ValueError(f"guest regions mix page sizes {sorted(page_sizes)}: one backing "
+                             "per handler")
+        ps = page_sizes.pop()
         if base > MAX_PAGES:
             raise ValueError(f"{base} guest pages exceed the swap file's limit of {MAX_PAGES}")
-        staging = StagingMemory(base)
+        staging = StagingMemory(base, page_size=ps)
         try:
             if swap_file is None:
-                swap_file = SwapFile.create(swap_dir or tempfile.gettempdir(), base)
+                swap_file = SwapFile.create(swap_dir or tempfile.gettempdir(), base,
+                                            page_size=ps)
             else:
-                swap_file.ensure_pages(base)
+                swap_file.ensure_pages(base, ps)
             return cls(built, staging, swap_file, readahead=readahead,
                        max_readahead_bytes=max_readahead_bytes, workers=workers,
                        fill_threads=fill_threads)
@@ -246,8 +273,9 @@ class PageHandler:
         return self.staging.nbytes + self.swap_file.nbytes
 
     def resident_pages(self) -> int:
-        """Pages present in guest memory, counted with SEEK_DATA/SEEK_HOLE (cheap)."""
-        return sum(bytes_to_pages(data_bytes(r.memfd, r.size)) for r in self.regions)
+        """Pages present in guest memory (SEEK_DATA/SEEK_HOLE, or hugetlbfs' block count)."""
+        return sum(resident_bytes(r.memfd, r.size, r.page_size) // r.page_size
+                   for r in self.regions)
 
     def metrics(self) -> PageHandlerMetrics:
         return PageHandlerMetrics(
@@ -260,6 +288,7 @@ class PageHandler:
             swap_pages=self.swap_pages,
             readahead_pages=self._readahead_pages,
             faults_avoided=self._readahead.faults_avoided,
+            page_size=self.page_size,
         )
 
     # --- enable ---------------------------------------------------------------------------------
@@ -278,7 +307,7 @@ class PageHandler:
         self.epoch += 1
         self._writer.reset()
         moved = move.move_to_staging(
-            [move.MoveRegion(r.memfd, r.size, r.base_page) for r in self.regions],
+            [move.MoveRegion(r.memfd, r.size, r.base_page, r.page_size) for r in self.regions],
             self.staging, workers=self._workers)
         # A staged page is newer than any file copy (it came from the guest): never let both
         # claim the page. Normally there is nothing to clear.
@@ -301,21 +330,22 @@ class PageHandler:
         only consistent state, and a retry serves the rest.
         """
         region = self.region_at(addr)
-        page = region.page_of(page_base(addr))
+        page = region.page_of(addr)  # the whole (huge) page is served
         self.staging.note_busy()
         if self.staging.present.get(page):
             self._serve_from(uffd, region, page, self.staging.present, self.staging.read,
                              self.staging.clear_range, "staging")
         elif self.swap_file.is_current(page):
             self._serve_from(uffd, region, page, self.swap_file.current,
-                             self.swap_file.read_pages, self.swap_file.clear_current, "file")
+                             self.swap_file.read_pages, self.swap_file.clear_current, "file",
+                             mapper=self.file_mapper)
         else:
             self._serve_zero(uffd, region, page, write)
 
     def _serve_from(self, uffd: Userfaultfd, region: Region, page: int,
                     present: PresentList, read: Callable[[int, int, memoryview], None],
                     clear: Callable[[int, int], None], source: str,
-                    single: bool = False) -> None:
+                    single: bool = False, mapper: MapFn | None = None) -> None:
         """Fill the faulting page and the run of neighbours in the same source (readahead)."""
         first, end, window = page, page + 1, 1
         if self.readahead_enabled and not single:
@@ -329,12 +359,11 @@ class PageHandler:
         count = end - first
         if count == 1:
             # One page (random access, or readahead off): no split, no bookkeeping of parts.
-            read(page, end, self.bounce.view[:PAGE_SIZE])
-            out = copy_run(uffd, region.addr_of(page), self.bounce.address, 1, wake=True)
-            parts = [Part(0, 1, out)]
+            parts = self.filler.fill(uffd, region.addr_of(page), page, 1, read, wake=True,
+                                     focus=0, mapper=mapper)
         else:
             parts = self.filler.fill(uffd, region.addr_of(first), first, count, read,
-                                     wake=True, focus=focus)
+                                     wake=True, focus=focus, mapper=mapper)
         filled = 0
         for part in parts:
             if part.out.done:
@@ -355,13 +384,14 @@ class PageHandler:
                 # crosses a VMA boundary of the faulting process, say): serve just the fault.
                 _log.debug("readahead fill at %#x failed (%s); serving one page",
                            region.addr_of(first), error)
-                self._serve_from(uffd, region, page, present, read, clear, source, single=True)
+                self._serve_from(uffd, region, page, present, read, clear, source, single=True,
+                                 mapper=mapper)
                 return
             raise error
         if mine.out.focus_existed:
             # Someone filled the page first (another uffd's fault, or readahead): the COPY
             # did not wake this waiter.
-            uffd.wake(region.addr_of(page), PAGE_SIZE)
+            uffd.wake(region.addr_of(page), self.page_size)
             self._redundant += 1
             self._readahead_pages += filled
         else:
@@ -380,16 +410,18 @@ class PageHandler:
 
     def _serve_zero(self, uffd: Userfaultfd, region: Region, page: int, write: bool) -> None:
         addr = region.addr_of(page)
+        ps = self.page_size
         window = self._readahead.window(page)[0] if self.readahead_enabled else 1
         try:
-            if write:
+            if write or ps != PAGE_SIZE:
                 # A zero page would be copy-on-write faulted again at once: give a real one.
-                uffd.copy(addr, PAGE_SIZE, self._zero.address, True)
+                # hugetlbfs has no ZEROPAGE (EINVAL): its zeros are always a COPY.
+                uffd.copy(addr, ps, self._zero.address, True)
             else:
-                uffd.zero(addr, PAGE_SIZE, True)
+                uffd.zero(addr, ps, True)
             self._zeroed += 1
         except PageExistsError:
-            uffd.wake(addr, PAGE_SIZE)
+            uffd.wake(addr, ps)
             self._redundant += 1
         if self.readahead_enabled:
             self._readahead.record(page, page + 1, window)
@@ -397,8 +429,8 @@ class PageHandler:
     # --- remove events --------------------------------------------------------------------------
     def handle_remove(self, start: int, end: int) -> None:
         """The guest gave ``[start, end)`` (VMM addresses) back: forget its staged and swapped
-        copies. Unaligned, reversed or out-of-region ranges raise InvalidAddressError and
-        change nothing.
+        copies. Unaligned (to the guest's page: 2 MiB on hugetlbfs), reversed or out-of-region
+        ranges raise InvalidAddressError and change nothing.
 
         **Safety** (a contract on the VMM): a REMOVE event means *discard*, as after
         MADV_REMOVE (the balloon's way on shared memory). The kernel sends the very same event
@@ -408,15 +440,16 @@ class PageHandler:
         process may MADV_DONTNEED or MADV_FREE guest memory: the staged or swapped copy would be
         dropped and the next access would read zeros (crosvm has the same rule implicitly).
         """
-        if not (is_page_aligned(start) and is_page_aligned(end)) or end < start:
+        ps = self.page_size
+        if start % ps or end % ps or end < start:
             raise InvalidAddressError(f"the address is invalid: REMOVE [{start:#x}, {end:#x}) "
-                                      "is not a page-aligned range")
+                                      f"is not a range of whole {ps // 1024} KiB pages")
         pieces: list[tuple[int, int]] = []
         pos = start
         while pos < end:
             region = self.region_at(pos)
             stop = min(end, region.host_end)
-            pieces.append((region.page_of(pos), region.page_of(stop - PAGE_SIZE) + 1))
+            pieces.append((region.page_of(pos), region.page_of(stop - ps) + 1))
             pos = stop
         for first, last in pieces:
             self.staging.clear_range(first, last)

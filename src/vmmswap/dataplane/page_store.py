@@ -11,21 +11,26 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vmmswap.dataplane.guest_memory import RegionSpec
-from vmmswap.dataplane.page_fill import Bounce, RunFiller
+from vmmswap.dataplane.page_fill import Bounce, MapFn, RunFiller
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.dataplane.swap_file import SwapFile
-from vmmswap.uffd.pagesize import bytes_to_pages, pages_to_bytes
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 __all__ = ["PageStore", "Region"]
 
 
 @dataclass(frozen=True, slots=True)
 class Region:
-    """One guest region as the handler sees it: VMM address range, memfd, first page index."""
+    """One guest region as the handler sees it: VMM address range, memfd, first page index.
+
+    Pages are the region's own (``page_size``: 2 MiB on hugetlbfs), the unit the kernel
+    faults, fills and frees it in; page indexes count them.
+    """
 
     spec: RegionSpec
     memfd: int
     base_page: int
+    page_size: int = PAGE_SIZE
 
     @property
     def host_addr(self) -> int:
@@ -41,19 +46,19 @@ class Region:
 
     @property
     def num_pages(self) -> int:
-        return bytes_to_pages(self.spec.size)
+        return self.spec.size // self.page_size
 
     @property
     def end_page(self) -> int:
         return self.base_page + self.num_pages
 
     def page_of(self, addr: int) -> int:
-        """The handler's page index of a VMM address inside this region."""
-        return self.base_page + bytes_to_pages(addr - self.spec.host_addr)
+        """The handler's page index of a VMM address inside this region (rounded down)."""
+        return self.base_page + (addr - self.spec.host_addr) // self.page_size
 
     def addr_of(self, page: int) -> int:
         """The VMM address of one of this region's page indexes."""
-        return self.spec.host_addr + pages_to_bytes(page - self.base_page)
+        return self.spec.host_addr + (page - self.base_page) * self.page_size
 
 
 class PageStore(Protocol):
@@ -68,7 +73,11 @@ class PageStore(Protocol):
     bounce: Bounce
     filler: RunFiller
     num_pages: int
+    #: Bytes per page index (the guest's page: one for every region).
+    page_size: int
     epoch: int
+    #: Maps swap-file pages for a COPY in place (huge pages), or None: read them.
+    file_mapper: MapFn | None
 
     def check_open(self) -> None:
         """Raise ValueError when the handler is closed."""

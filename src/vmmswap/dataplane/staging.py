@@ -25,24 +25,24 @@ from typing import Final
 
 from vmmswap.dataplane.present_list import Indices, PresentList, runs_of
 from vmmswap.kernel import libc
-from vmmswap.uffd.pagesize import pages_to_bytes
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 _log = logging.getLogger(__name__)
 
 _PUNCH: Final = libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE
-#: Pages of freed staging collected before the reclaimer thread punches them: a fault that
+#: Bytes of freed staging collected before the reclaimer thread punches them: a fault that
 #: reads one page does not pay a hole-punch system call, and a sequential page-in punches 2 MiB
 #: at a time on the other CPU while the handler serves the next fault.
-RECLAIM_BATCH_PAGES: Final = 512
+RECLAIM_BATCH_BYTES: Final = 2 * 1024 * 1024
 #: Nice value of the reclaimer thread (Linux sets it per thread).
 _RECLAIM_NICE: Final = 10
 #: The reclaimer waits until the handler has served no fault for this long: freeing pages
 #: while the handler allocates guest pages slows a page-in by a third (zone lock contention
 #: and a CPU taken from the fill threads), and a burst of faults is over in milliseconds.
 _QUIET_S: Final = 0.003
-#: ... but never longer than this, nor with more than this many pages waiting.
+#: ... but never longer than this, nor with more than this many bytes waiting.
 _MAX_DEFER_S: Final = 1.0
-_MAX_BACKLOG_PAGES: Final = 1 << 18
+_MAX_BACKLOG_BYTES: Final = 1 << 30
 
 
 class _Reclaimer:
@@ -53,8 +53,11 @@ class _Reclaimer:
     which :meth:`flush` es first: a pending punch can never hit newly staged data.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, page_size: int) -> None:
         self._fd = fd
+        self._page_size = page_size
+        self._batch_pages = max(1, RECLAIM_BATCH_BYTES // page_size)
+        self._max_backlog = max(1, _MAX_BACKLOG_BYTES // page_size)
         self._pending: list[tuple[int, int]] = []
         self._pending_pages = 0
         self._batches: list[list[tuple[int, int]]] = []
@@ -76,7 +79,7 @@ class _Reclaimer:
         else:
             self._pending.append((start, end))
         self._pending_pages += end - start
-        if self._pending_pages >= RECLAIM_BATCH_PAGES:
+        if self._pending_pages >= self._batch_pages:
             self._submit()
 
     def _submit(self) -> None:
@@ -108,8 +111,8 @@ class _Reclaimer:
                 self._busy = True
             for start, end in batch:
                 try:
-                    libc.fallocate(self._fd, _PUNCH, pages_to_bytes(start),
-                                   pages_to_bytes(end - start))
+                    libc.fallocate(self._fd, _PUNCH, start * self._page_size,
+                                   (end - start) * self._page_size)
                 except OSError as err:  # only memory is at stake, never data
                     _log.warning("freeing staging pages [%d, %d): %s", start, end, err)
             with self._cond:
@@ -119,7 +122,7 @@ class _Reclaimer:
     def _wait_quiet(self) -> None:
         """Hold back (lock held) while the handler is busy serving faults."""
         deadline = time.monotonic() + _MAX_DEFER_S
-        while not self._urgent and not self._stop and self._backlog < _MAX_BACKLOG_PAGES:
+        while not self._urgent and not self._stop and self._backlog < self._max_backlog:
             now = time.monotonic()
             wake = min(self.busy_until, deadline)
             if now >= wake:
@@ -147,19 +150,28 @@ class _Reclaimer:
 
 
 class StagingMemory:
-    """A memfd of ``num_pages`` pages and the bitmap of pages it holds."""
+    """A memfd of ``num_pages`` pages and the bitmap of pages it holds.
 
-    def __init__(self, num_pages: int, name: str = "swap staging memory") -> None:
+    ``page_size`` is the guest's page (2 MiB for hugetlbfs guest memory): one bit and one slot
+    of the memfd per guest page, so a huge page is staged, read and freed whole. The memfd
+    itself is ordinary shmem whatever the guest's page.
+    """
+
+    def __init__(self, num_pages: int, name: str = "swap staging memory", *,
+                 page_size: int = PAGE_SIZE) -> None:
         if num_pages <= 0:
             raise ValueError(f"staging memory needs at least one page, got {num_pages}")
+        if page_size < PAGE_SIZE or page_size % PAGE_SIZE:
+            raise ValueError(f"staging page size {page_size} is not a multiple of {PAGE_SIZE}")
+        self.page_size = page_size
         self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
-            os.ftruncate(self._fd, pages_to_bytes(num_pages))
+            os.ftruncate(self._fd, num_pages * page_size)
         except BaseException:
             os.close(self._fd)
             raise
         self.present = PresentList(num_pages)
-        self._reclaimer = _Reclaimer(self._fd)
+        self._reclaimer = _Reclaimer(self._fd, page_size)
 
     # --- descriptor -----------------------------------------------------------------------------
     def fileno(self) -> int:
@@ -211,7 +223,7 @@ class StagingMemory:
         :meth:`flush` before the first copy: a pending punch would free the new data.
         """
         self.present.check_range(page, page + 1)
-        dst = pages_to_bytes(page)
+        dst = page * self.page_size
         done = 0
         while done < length:
             n = os.copy_file_range(src_fd, self._fd, length - done, src_offset + done, dst + done)
@@ -220,11 +232,27 @@ class StagingMemory:
                               "guest memfd is shorter than its region")
             done += n
 
+    def write(self, page: int, data: memoryview) -> None:
+        """Write whole pages from ``data`` (this process's memory) at staging page ``page``.
+
+        For guest memory that ``copy_file_range`` cannot read (hugetlbfs: no splice, EXDEV).
+        As with :meth:`copy_in`, the bitmap is the caller's to update.
+        """
+        pages = data.nbytes // self.page_size
+        self.present.check_range(page, page + pages)
+        offset = page * self.page_size
+        done = 0
+        while done < data.nbytes:
+            n = os.pwrite(self._fd, data[done:], offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"staging write at {offset + done:#x} wrote nothing")
+            done += n
+
     def read(self, start: int, end: int, buf: memoryview) -> None:
         """Read pages ``[start, end)`` into ``buf`` (which must be populated, own memory)."""
         self.present.check_range(start, end)
-        offset = pages_to_bytes(start)
-        total = pages_to_bytes(end - start)
+        offset = start * self.page_size
+        total = (end - start) * self.page_size
         done = 0
         while done < total:
             got = os.preadv(self._fd, [buf[done:total]], offset + done)
@@ -236,7 +264,7 @@ class StagingMemory:
         """Read each ``(first, end)`` run into ``buf``, back to back."""
         at = 0
         for first, end in runs:
-            n = pages_to_bytes(end - first)
+            n = (end - first) * self.page_size
             self.read(first, end, buf[at:at + n])
             at += n
 
@@ -270,7 +298,7 @@ class StagingMemory:
     def punch(self, start: int, end: int) -> None:
         """Free the memory of ``[start, end)`` now, without touching the bitmap."""
         if end > start:
-            libc.fallocate(self._fd, _PUNCH, pages_to_bytes(start), pages_to_bytes(end - start))
+            libc.fallocate(self._fd, _PUNCH, start * self.page_size, (end - start) * self.page_size)
 
     def __repr__(self) -> str:
         return f"<StagingMemory fd={self._fd} pages={self.num_pages}>"

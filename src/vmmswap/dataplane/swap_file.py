@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
@@ -37,7 +38,8 @@ import numpy as np
 import numpy.typing as npt
 
 from vmmswap.dataplane.present_list import Indices, PresentList, consecutive_runs
-from vmmswap.uffd.pagesize import pages_to_bytes
+from vmmswap.kernel import libc
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 #: The largest guest a u32 slot array can describe (slot + 1 must fit; 0 means "none").
 MAX_PAGES: Final = (1 << 32) - 2
@@ -49,14 +51,18 @@ _ADVISE_MAX_RUNS: Final = 256
 class SwapFile:
     """A packed swap file with per-page slot state.
 
-    ``num_pages`` is the number of guest pages it can describe (all regions back to back).
+    ``num_pages`` is the number of guest pages it can describe (all regions back to back), and
+    ``page_size`` the guest's page: a slot holds one guest page, so on 2 MiB hugetlbfs memory a
+    slot is 2 MiB and a huge page is written, read and freed whole.
     """
 
-    def __init__(self, fd: int, num_pages: int | None, *, owns_fd: bool = False) -> None:
+    def __init__(self, fd: int, num_pages: int | None, *, owns_fd: bool = False,
+                 page_size: int = PAGE_SIZE) -> None:
         # Whatever the descriptor held before is not ours to trust: start empty.
         os.ftruncate(fd, 0)
         self._fd = fd
         self._owns_fd = owns_fd
+        self.page_size = page_size
         self._num_pages = -1
         self._slots: npt.NDArray[np.uint32] = np.zeros(0, dtype=np.uint32)
         self._current = PresentList(0)
@@ -65,15 +71,20 @@ class SwapFile:
         self._file_end = 0  # slots at or past it have never been written
         self._free_hint = 0  # no free slot below it
         if num_pages is not None:
-            self.ensure_pages(num_pages)
+            self.ensure_pages(num_pages, page_size)
 
-    def ensure_pages(self, num_pages: int) -> None:
-        """Size the page state for ``num_pages`` guest pages (once), or check it matches."""
+    def ensure_pages(self, num_pages: int, page_size: int = PAGE_SIZE) -> None:
+        """Size the page state for ``num_pages`` guest pages of ``page_size`` bytes (once), or
+        check it matches."""
+        if page_size < PAGE_SIZE or page_size % PAGE_SIZE:
+            raise ValueError(f"swap file page size {page_size} is not a multiple of {PAGE_SIZE}")
         if self._num_pages >= 0:
-            if num_pages != self._num_pages:
-                raise ValueError(f"the swap file describes {self._num_pages} pages, the guest "
-                                 f"has {num_pages}")
+            if num_pages != self._num_pages or page_size != self.page_size:
+                raise ValueError(f"the swap file describes {self._num_pages} pages of "
+                                 f"{self.page_size} bytes, the guest has {num_pages} of "
+                                 f"{page_size}")
             return
+        self.page_size = page_size
         if not 0 <= num_pages <= MAX_PAGES:
             raise ValueError(f"a swap file describes at most {MAX_PAGES} pages, got {num_pages}")
         self._num_pages = num_pages
@@ -96,7 +107,8 @@ class SwapFile:
             raise
 
     @classmethod
-    def create(cls, swap_dir: str | os.PathLike[str], num_pages: int) -> SwapFile:
+    def create(cls, swap_dir: str | os.PathLike[str], num_pages: int, *,
+               page_size: int = PAGE_SIZE) -> SwapFile:
         """A new nameless file (O_TMPFILE, mode 0600) in ``swap_dir``."""
         try:
             fd = os.open(swap_dir, os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -108,7 +120,7 @@ class SwapFile:
             raise OSError(err.errno, f"cannot create the swap file in {os.fspath(swap_dir)!r}: "
                           f"{err.strerror}{hint}") from err
         try:
-            return cls(fd, num_pages, owns_fd=True)
+            return cls(fd, num_pages, owns_fd=True, page_size=page_size)
         except BaseException:
             os.close(fd)
             raise
@@ -265,8 +277,9 @@ class SwapFile:
         it was stale anyway, and trim only trusts a slot after a full comparison.)
         """
         n = int(pages.size)
-        if data.nbytes < pages_to_bytes(n):
-            raise ValueError(f"{n} pages need {pages_to_bytes(n)} bytes, the buffer has "
+        ps = self.page_size
+        if data.nbytes < n * ps:
+            raise ValueError(f"{n} pages need {n * ps} bytes, the buffer has "
                              f"{data.nbytes}")
         if n == 0:
             return
@@ -276,8 +289,7 @@ class SwapFile:
         slots = existing.copy()
         slots[need] = new
         for first, count, slot in _segments(slots):
-            self._pwrite_all(data[pages_to_bytes(first):pages_to_bytes(first + count)],
-                             pages_to_bytes(slot))
+            self._pwrite_all(data[first * ps:(first + count) * ps], slot * ps)
         # Commit.
         if new.size:
             self._slots[pages[need]] = (new + 1).astype(np.uint32)
@@ -305,20 +317,48 @@ class SwapFile:
         handler that is supposed to serve it.
         """
         for first, slot, count in self.slot_runs(start, end):
-            at = pages_to_bytes(first - start)
-            self.read_slots(slot, buf[at:at + pages_to_bytes(count)])
+            at = (first - start) * self.page_size
+            self.read_slots(slot, buf[at:at + count * self.page_size])
 
     def read_slots(self, slot: int, buf: memoryview) -> None:
         """Read consecutive slots from ``slot`` into ``buf`` (see :meth:`read_pages`)."""
         done = 0
         total = buf.nbytes
-        offset = pages_to_bytes(slot)
+        offset = slot * self.page_size
         while done < total:
             got = os.preadv(self._fd, [buf[done:]], offset + done)
             if got <= 0:
                 raise OSError(errno.EIO, f"swap file is shorter than its slot table: no data at "
                               f"{offset + done:#x}")
             done += got
+
+    def map_pages(self, start: int, end: int) -> tuple[int, Callable[[], None]] | None:
+        """Map the slots of ``[start, end)`` read-only and populated, for a COPY to read them
+        in place; returns the address and the function that unmaps them, or None when their
+        slots are not consecutive (the caller reads them instead).
+
+        Why a mapping here, where the handler otherwise maps nothing: for 2 MiB pages it saves
+        a whole copy (measured on the ext4 CI host: mapping and populating 2 MiB of the file's
+        page cache and unmapping it takes 12-15 us, reading it with ``preadv`` 110 us, as long
+        as the COPY itself). **Safety**: the mapping is read-only, of this process only, never
+        registered with userfaultfd, and unmapped right after the COPY; the slots it covers
+        are written and inside the file, so no access can reach past its end.
+        """
+        slots = self.slots_of(start, end)
+        if slots.size == 0:
+            return None
+        first = int(slots[0])
+        if first < 0 or int(slots[-1]) - first != slots.size - 1 or (
+                slots.size > 1 and not bool((np.diff(slots) == 1).all())):
+            return None
+        length = int(slots.size) * self.page_size
+        addr = libc.mmap(0, length, libc.PROT_READ, libc.MAP_SHARED | libc.MAP_POPULATE,
+                         self.fileno(), first * self.page_size)
+
+        def release() -> None:
+            libc.munmap(addr, length)
+
+        return addr, release
 
     def _advise(self, pages: Indices, advice: int) -> None:
         """posix_fadvise over the slots of ``pages``, coalesced in *file* order: pages far
@@ -327,8 +367,8 @@ class SwapFile:
         slots = np.sort(slots[slots >= 0])
         for first, count in consecutive_runs(slots)[:_ADVISE_MAX_RUNS]:
             with contextlib.suppress(OSError):  # advice only
-                os.posix_fadvise(self._fd, pages_to_bytes(int(slots[first])),
-                                 pages_to_bytes(count), advice)
+                os.posix_fadvise(self._fd, int(slots[first]) * self.page_size,
+                                 count * self.page_size, advice)
 
     def prefetch(self, pages: Indices) -> None:
         """Ask the kernel to read the slots of ``pages`` ahead, asynchronously."""

@@ -27,11 +27,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-from vmmswap.dataplane.page_fill import ReadFn, settled_block
+from vmmswap.dataplane.page_fill import MapFn, ReadFn, settled_block
 from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
-from vmmswap.uffd.pagesize import bytes_to_pages
+from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
 DEFAULT_PREFETCH_BYTES: Final = 16 * 1024 * 1024
@@ -47,7 +47,8 @@ class SwapInContext:
                  prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> None:
         self._handler = handler
         self._epoch = handler.epoch
-        self._prefetch_pages = bytes_to_pages(prefetch_bytes)
+        self._page_size = handler.page_size
+        self._prefetch_pages = prefetch_bytes // self._page_size
         self._staging_cursor = 0
         self._file_cursor = 0
         self._prefetch_cursor = 0
@@ -91,9 +92,10 @@ class SwapInContext:
             self._epoch = handler.epoch
             self._staging_cursor = self._file_cursor = self._prefetch_cursor = 0
             self._prefetched = 0
-        budget = min(bytes_to_pages(max_bytes), handler.bounce.pages)
-        if budget < 1:
+        if max_bytes < PAGE_SIZE:
             raise ValueError(f"swap_in needs at least one page, got max_bytes={max_bytes}")
+        # At least one guest page: a 2 MiB hugetlbfs page is only ever filled whole.
+        budget = max(1, min(max_bytes // self._page_size, handler.bounce.pages))
         # A bulk fill is running: the staging memory it frees is given back once it pauses.
         handler.staging.note_busy()
         done = 0
@@ -132,12 +134,13 @@ class SwapInContext:
                                                               - first))
 
         n, self._file_cursor = self._copy_next_runs(
-            uffd, swap_file.current, self._file_cursor, max_pages, swap_file.read_pages, settle)
+            uffd, swap_file.current, self._file_cursor, max_pages, swap_file.read_pages, settle,
+            self._handler.file_mapper)
         return n
 
     def _copy_next_runs(self, uffd: Userfaultfd, present: PresentList, cursor: int,
-                        max_pages: int, read: ReadFn,
-                        settle: Callable[[int, int], None]) -> tuple[int, int]:
+                        max_pages: int, read: ReadFn, settle: Callable[[int, int], None],
+                        mapper: MapFn | None = None) -> tuple[int, int]:
         """Copy the next runs of ``present`` (up to ``max_pages`` pages) at or after ``cursor``;
         returns (pages settled, new cursor)."""
         handler = self._handler
@@ -155,7 +158,7 @@ class SwapInContext:
             pos = end
         if not runs:
             return 0, len(present)
-        results = handler.filler.fill_runs(uffd, runs, read, wake=False)
+        results = handler.filler.fill_runs(uffd, runs, read, wake=False, mapper=mapper)
         done = 0
         new_cursor = -1
         errors: list[OSError] = []
@@ -177,17 +180,19 @@ class SwapInContext:
             if count > 1 and not isinstance(errors[0], MappingChangingError | ProcessGoneError):
                 # The run may cross a VMA boundary of the VMM's mapping (a COPY must stay in
                 # one VMA): try ever shorter pieces of it.
-                n = self._shrinking_fill(uffd, dst, first, count // 2, read, settle)
+                n = self._shrinking_fill(uffd, dst, first, count // 2, read, settle, mapper)
                 return n, first + n
             raise errors[0]
         return done, (pos if new_cursor < 0 else new_cursor)
 
     def _shrinking_fill(self, uffd: Userfaultfd, dst: int, first: int, count: int,
-                        read: ReadFn, settle: Callable[[int, int], None]) -> int:
+                        read: ReadFn, settle: Callable[[int, int], None],
+                        mapper: MapFn | None = None) -> int:
         """Fill the first ``count`` pages of a run, halving ``count`` while the kernel refuses;
         returns the pages settled (raises when even one page fails)."""
         while True:
-            parts = self._handler.filler.fill(uffd, dst, first, count, read, wake=False)
+            parts = self._handler.filler.fill(uffd, dst, first, count, read, wake=False,
+                                              mapper=mapper)
             _lo, hi = settled_block(parts, 0)
             for part in parts:
                 if part.out.done:

@@ -30,7 +30,7 @@ from vmmswap.dataplane.page_fill import Bounce
 from vmmswap.dataplane.present_list import Indices, runs_of
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.dataplane.swap_file import SwapFile
-from vmmswap.uffd.pagesize import PAGE_SIZE, bytes_to_pages, pages_to_bytes
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 #: crosvm's MAX_SWAP_CHUNK_SIZE.
 MAX_CHUNK_BYTES: Final = 2 * 1024 * 1024
@@ -51,7 +51,9 @@ class SwapOutWriter:
                  chunk_bytes: int = MAX_CHUNK_BYTES, *, read_ahead: bool = True) -> None:
         self._staging = staging
         self._file = swap_file
-        self._chunk_bytes = chunk_bytes
+        #: The guest's page: a chunk holds at least one (a 2 MiB hugetlbfs page is moved whole).
+        self._page_size = staging.page_size
+        self._chunk_bytes = max(chunk_bytes, self._page_size)
         self._read_ahead = read_ahead
         self._buffers: list[Bounce] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -80,7 +82,7 @@ class SwapOutWriter:
 
     def _buffer(self, index: int) -> Bounce:
         while len(self._buffers) <= index:
-            self._buffers.append(Bounce(self._chunk_bytes))
+            self._buffers.append(Bounce(self._chunk_bytes, self._page_size))
         return self._buffers[index]
 
     def _read(self, pages: Indices, buffer: int) -> None:
@@ -101,7 +103,7 @@ class SwapOutWriter:
         mask = self._staging.present.test(ahead.pages)
         if not mask.all():
             rows = np.frombuffer(self._buffer(ahead.buffer).view, dtype=np.uint8).reshape(
-                -1, PAGE_SIZE)
+                -1, self._page_size)
             keep = np.flatnonzero(mask)
             rows[:keep.size] = rows[keep]
             pages = ahead.pages[keep]
@@ -112,11 +114,13 @@ class SwapOutWriter:
     def step(self, max_bytes: int, epoch: int) -> int:
         """Write up to ``max_bytes`` of staging to the file; returns pages written, 0 = empty.
 
-        On OSError nothing is committed: every page is still in staging.
+        At least one page is written when staging holds any, even if the guest's page is
+        bigger than ``max_bytes`` (a huge page is never split). On OSError nothing is
+        committed: every page is still in staging.
         """
-        max_pages = min(bytes_to_pages(max_bytes), bytes_to_pages(self._chunk_bytes))
-        if max_pages < 1:
+        if max_bytes < PAGE_SIZE:
             raise ValueError(f"swap out needs at least one page, got max_bytes={max_bytes}")
+        max_pages = max(1, min(max_bytes, self._chunk_bytes) // self._page_size)
         present = self._staging.present
         taken = self._take_ahead(epoch, max_pages)
         if taken is not None:
@@ -143,7 +147,8 @@ class SwapOutWriter:
                                          following, other, epoch)
                 self._cursor = cursor
         try:
-            self._file.write_pages(pages, self._buffer(buffer).view[:pages_to_bytes(pages.size)])
+            nbytes = int(pages.size) * self._page_size
+            self._file.write_pages(pages, self._buffer(buffer).view[:nbytes])
         except OSError:
             # Nothing committed. Forget the read-ahead and retry these pages next time.
             self._drop_ahead()

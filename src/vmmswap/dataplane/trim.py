@@ -23,22 +23,23 @@ import numpy.typing as npt
 
 from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import consecutive_runs, runs_of
-from vmmswap.uffd.pagesize import PAGE_SIZE, pages_to_bytes
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
-#: crosvm's MAX_TRIM_PAGES.
+#: crosvm's MAX_TRIM_PAGES (of 4 KiB). With bigger guest pages (hugetlbfs) a step examines at
+#: most the same number of bytes, so the monitor's fault latency between steps stays the same.
 MAX_TRIM_PAGES: Final = 1024
-_WORDS_PER_PAGE: Final = PAGE_SIZE // 8
-#: Pages read and checked at a time: the buffer (1 MiB) stays in the CPU cache between the
+_MAX_TRIM_BYTES: Final = MAX_TRIM_PAGES * PAGE_SIZE
+#: Bytes read and checked at a time: the buffer (1 MiB) stays in the CPU cache between the
 #: read and the check, which doubles the scan rate over reading a whole step at once.
-_SCAN_PAGES: Final = 256
+_SCAN_BYTES: Final = 1024 * 1024
 
 Pages = npt.NDArray[np.uint64]
 
 
-def _page_buffer(old: Pages | None, pages: int) -> Pages:
-    if old is not None and old.shape[0] >= pages:
+def _page_buffer(old: Pages | None, pages: int, page_size: int) -> Pages:
+    if old is not None and old.shape[0] >= pages and old.shape[1] * 8 == page_size:
         return old
-    return np.empty((pages, _WORDS_PER_PAGE), dtype=np.uint64)
+    return np.empty((pages, page_size // 8), dtype=np.uint64)
 
 
 def zero_page_mask(data: Pages) -> npt.NDArray[np.bool_]:
@@ -55,6 +56,9 @@ class TrimContext:
 
     def __init__(self, handler: PageStore) -> None:
         self._handler = handler
+        self._page_size = handler.page_size
+        self._max_pages = max(1, _MAX_TRIM_BYTES // self._page_size)
+        self._scan_pages = max(1, _SCAN_BYTES // self._page_size)
         self._cursor = 0
         self._epoch = handler.epoch
         self._done = False
@@ -73,7 +77,8 @@ class TrimContext:
         """Examine up to ``max_pages`` staged pages; returns pages trimmed, or None when done.
 
         Faults may clear staged pages between calls: each call re-reads the bitmap. A new
-        ``enable`` (move to staging) restarts the scan.
+        ``enable`` (move to staging) restarts the scan. Pages bigger than 4 KiB (hugetlbfs)
+        are examined at most ``MAX_TRIM_PAGES * 4 KiB`` at a time, and at least one.
         """
         if max_pages < 1:
             raise ValueError(f"trim_pages needs max_pages >= 1, got {max_pages}")
@@ -84,6 +89,8 @@ class TrimContext:
         if self._done:
             return None
         staging = handler.staging
+        if self._page_size > PAGE_SIZE:
+            max_pages = min(max_pages, self._max_pages)
         pages, cursor = staging.present.collect(self._cursor, None, max_pages)
         if pages.size == 0:
             self._done = True
@@ -91,10 +98,10 @@ class TrimContext:
             return None
         zero = np.zeros(pages.size, dtype=np.bool_)
         clean = np.zeros(pages.size, dtype=np.bool_)
-        for at in range(0, int(pages.size), _SCAN_PAGES):
-            part = pages[at:at + _SCAN_PAGES]
+        for at in range(0, int(pages.size), self._scan_pages):
+            part = pages[at:at + self._scan_pages]
             count = int(part.size)
-            self._staged = _page_buffer(self._staged, count)
+            self._staged = _page_buffer(self._staged, count, self._page_size)
             staged = self._staged[:count]
             staging.read_runs(runs_of(part), staged.data.cast("B"))
             zero[at:at + count] = zero_page_mask(staged)
@@ -121,14 +128,14 @@ class TrimContext:
         check = np.flatnonzero(~zero & (slots >= 0))
         if check.size == 0:
             return clean
-        self._on_disk = _page_buffer(self._on_disk, int(check.size))
+        self._on_disk = _page_buffer(self._on_disk, int(check.size), self._page_size)
         on_disk = self._on_disk[:check.size]
         view = on_disk.data.cast("B")
         wanted = slots[check]
         for row, count in consecutive_runs(wanted):
             # Rows whose slots are consecutive are read with one call.
             swap_file.read_slots(int(wanted[row]),
-                                 view[pages_to_bytes(row):pages_to_bytes(row + count)])
+                                 view[row * self._page_size:(row + count) * self._page_size])
         same = (staged[check] == on_disk).all(axis=1)
         clean[check[same]] = True
         return clean

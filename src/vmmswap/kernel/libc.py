@@ -260,3 +260,16 @@ def readonly_buffer_address(buffer: bytes | bytearray | memoryview) -> tuple[int
         return ctypes.cast(keep, ctypes.c_void_p).value or 0, (keep, data)
     return buffer_address(view), view
 
+
+
+class Iovec(ctypes.Structure):
+    """``struct iovec`` (sys/uio.h)."""
+
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def process_madvise(pidfd: int, addr: int, length: int, advice: int) -> int:
+    """process_madvise(2) of one range of the process behind ``pidfd``; returns the bytes the
+    kernel advised (it may stop short: call again for the rest)."""
+    iov = Iovec(addr, length)
+    return syscall(syscall_number("process_madvise"), pidfd, ctypes.addressof(iov), 1, advice, 0)

@@ -17,7 +17,6 @@ import threading
 from dataclasses import dataclass
 
 from vmmswap.dataplane.guest_memory import GuestMemory
-from vmmswap.uffd.pagesize import is_page_aligned
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm.layout import GuestLayout
 from vmmswap.vm.machine import current_vcpu
@@ -65,7 +64,10 @@ class BalloonDevice:
         """
         with self._lock:
             self.stats.requests += 1
-        if length <= 0 or not is_page_aligned(guest_addr) or not is_page_aligned(length):
+        # Whole pages of the guest's memory: 2 MiB on hugetlbfs, where the kernel frees a huge
+        # page only whole (a partial discard would zero it in place and free nothing).
+        page = self._memory.page_size
+        if length <= 0 or guest_addr % page or length % page:
             return self._refuse(errno.EINVAL)
         try:
             start = self._layout.data_offset(guest_addr)

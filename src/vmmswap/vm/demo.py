@@ -21,8 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from vmmswap.dataplane.guest_memory import Backing
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm.guest_build import GuestBuildError, build_guest
+from vmmswap.vm.hugetlb_pool import HugetlbPool
 from vmmswap.vm.kvm import DEFAULT_KVM_PATH, Kvm, KvmUnavailableError, kvm_flavour
 from vmmswap.vm.micro import MicroVM
 from vmmswap.vm.swap_session import (
@@ -88,6 +90,8 @@ class DemoResult:
     regions: int
     fill_mib: int
     readahead: bool
+    #: Bytes per page of the swap counters: the guest's page (2 MiB with --hugepages 2M).
+    page_size: int = 4096
     swap: str = "unavailable"
     states: list[str] = field(default_factory=list)
     phases: list[dict[str, Any]] = field(default_factory=list)
@@ -127,6 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="directory for the (unnamed) swap file (default: the temp dir)")
     parser.add_argument("--no-readahead", action="store_true",
                         help="serve faults from the swap file one page at a time")
+    parser.add_argument("--hugepages", choices=("2M",), default=None,
+                        help="back guest memory with 2 MiB hugetlbfs pages (as root, the "
+                             "kernel's pool is grown for the run and restored afterwards)")
     parser.add_argument("--kvm-device", default=DEFAULT_KVM_PATH, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     parser.add_argument("--timeout", type=float, default=300.0,
@@ -142,9 +149,12 @@ class Demo:
         self.out = out
         self.plan = DemoPlan.for_fill(args.fill * MIB,
                                       None if args.retouch is None else args.retouch * MIB)
+        self.backing = Backing.HUGETLB_2M if args.hugepages == "2M" else Backing.SMALL
         self.result = DemoResult(memory_mib=args.memory, vcpus=args.vcpus, regions=args.regions,
                                  fill_mib=self.plan.fill // MIB,
-                                 readahead=not args.no_readahead)
+                                 readahead=not args.no_readahead,
+                                 page_size=self.backing.page_size)
+        self.pool: HugetlbPool | None = None
         self.clock = PhaseClock(self._progress)
         self.vm: MicroVM | None = None
         self.kvm: Kvm | None = None
@@ -165,8 +175,10 @@ class Demo:
         args = self.args
         self.kvm = Kvm(args.kvm_device)
         program = build_guest()
+        if self.backing is Backing.HUGETLB_2M:
+            self.pool = HugetlbPool(args.memory * MIB // self.backing.page_size)
         self.vm = MicroVM(args.memory * MIB, vcpus=args.vcpus, regions=args.regions,
-                          program=program, kvm=self.kvm)
+                          program=program, kvm=self.kvm, backing=self.backing)
         if self.plan.fill > self.vm.layout.data_size:
             raise ValueError(f"--fill {self.plan.fill // MIB} MiB exceeds the guest's "
                              f"{self.vm.layout.data_size // MIB} MiB data area")
@@ -180,8 +192,10 @@ class Demo:
             self.result.swap = f"unavailable: {exc}"
         self.vm.start()
         regions = ", ".join(f"{a:#x}+{s // MIB}M" for a, s in self.vm.layout.regions)
-        return (f"{args.memory} MiB in [{regions}], {args.vcpus} vCPUs, {kvm_flavour()}, "
-                f"TSC {self.vm.tsc_khz} kHz")
+        pages = (f", {self.vm.memory.page_size // MIB} MiB hugetlbfs pages"
+                 if self.backing is Backing.HUGETLB_2M else "")
+        return (f"{args.memory} MiB in [{regions}]{pages}, {args.vcpus} vCPUs, "
+                f"{kvm_flavour()}, TSC {self.vm.tsc_khz} kHz")
 
     def fill(self) -> str:
         assert self.vm is not None
@@ -289,7 +303,8 @@ class Demo:
     # --- the whole run ------------------------------------------------------------------------
     def run(self) -> DemoResult:
         args, plan = self.args, self.plan
-        self.say(f"vmmswap demo: {args.memory} MiB guest, {args.vcpus} vCPUs, "
+        pages = "2 MiB hugetlbfs" if self.backing is Backing.HUGETLB_2M else "4 KiB"
+        self.say(f"vmmswap demo: {args.memory} MiB guest on {pages} pages, {args.vcpus} vCPUs, "
                  f"{args.regions} region(s); fill {plan.fill // MIB} MiB, re-touch "
                  f"{plan.retouch // MIB} MiB; readahead {'off' if args.no_readahead else 'on'}")
         try:
@@ -341,6 +356,9 @@ class Demo:
         if self.kvm is not None:
             self.kvm.close()
             self.kvm = None
+        if self.pool is not None:
+            self.pool.close()  # after the guest memory is gone: its pages are free again
+            self.pool = None
 
 
 def _touch_detail(report: OpReport, where: str) -> str:
@@ -362,6 +380,7 @@ def format_table(result: DemoResult) -> str:
 
     rows: list[tuple[str, str]] = [
         ("swap controller", result.swap),
+        ("page size (pages below)", f"{result.page_size // 1024} KiB"),
         ("states seen", " -> ".join(result.states) or "n/a"),
         ("pages moved to staging (enable)", fig(result.pages_moved)),
         ("pages trimmed", fig(result.pages_trimmed)),

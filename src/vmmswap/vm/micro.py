@@ -13,7 +13,7 @@ import logging
 from types import TracebackType
 from typing import Self
 
-from vmmswap.dataplane.guest_memory import GuestMemory
+from vmmswap.dataplane.guest_memory import Backing, GuestMemory
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm import layout as lay
 from vmmswap.vm.balloon import BalloonDevice
@@ -34,16 +34,20 @@ class MicroVM:
 
     ``memory_size`` bytes of RAM in ``regions`` regions (see :class:`~vmmswap.vm.layout.
     GuestLayout`), ``vcpus`` vCPUs. Attributes: ``layout``, ``memory`` (the GuestMemory to hand
-    to the swap controller), ``machine``, ``workload``, ``balloon``, ``console``.
+    to the swap controller), ``machine``, ``workload``, ``balloon``, ``console``. ``backing``
+    chooses what backs guest memory (:class:`~vmmswap.dataplane.guest_memory.Backing`: 2 MiB
+    hugetlbfs pages need that many free in the kernel's pool).
     """
 
     def __init__(self, memory_size: int = 1024 * MIB, *, vcpus: int = 2, regions: int = 2,
-                 program: GuestProgram | None = None, kvm: Kvm | None = None) -> None:
+                 program: GuestProgram | None = None, kvm: Kvm | None = None,
+                 backing: Backing = Backing.SMALL) -> None:
         if not 1 <= vcpus <= lay.MAX_VCPUS:
             raise ValueError(f"the built-in guest supports 1 to {lay.MAX_VCPUS} vCPUs")
         self.layout = lay.GuestLayout.for_size(memory_size, regions)
         self.program = program if program is not None else build_guest()
-        self.memory = GuestMemory.create(list(self.layout.regions), name="micro-vm guest")
+        self.memory = GuestMemory.create(list(self.layout.regions), name="micro-vm guest",
+                                         backing=backing)
         try:
             self.machine = Machine(self.memory, vcpus=vcpus, kvm=kvm)
             self._load()

@@ -12,14 +12,19 @@ hang the test runner.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
+from vmmswap.dataplane.guest_memory import Backing
+from vmmswap.dataplane.huge_pages import pmd_mapped_bytes
+from vmmswap.vm.hugetlb_pool import HugetlbPool, ShmemThpMode
 from vmmswap.vm.micro import MicroVM
 from vmmswap.vm.swap_session import launch_controller, metrics_dict, state_name, wait_for_state
 from vmmswap.vm.workload import Workload
@@ -35,8 +40,8 @@ class Run:
     """A small guest under vmm-swap with its data filled and checksummed."""
 
     def __init__(self, swap_dir: str, *, memory: int = 96 * MIB, vcpus: int = 2,
-                 readahead: bool = True) -> None:
-        self.vm = MicroVM(memory, vcpus=vcpus, regions=2)
+                 readahead: bool = True, backing: Backing = Backing.SMALL) -> None:
+        self.vm = MicroVM(memory, vcpus=vcpus, regions=2, backing=backing)
         self.ctl = launch_controller(self.vm.memory, swap_dir, readahead=readahead)
         self.ctl_closed = False
         self.states: list[str] = []
@@ -196,6 +201,36 @@ def balloon_while_active(run: Run) -> dict[str, Any]:
     return out
 
 
+def _pmd_mapped(run: Run) -> int:
+    return sum(pmd_mapped_bytes(os.getpid(), r.host_addr, r.host_addr + r.size)
+               for r in run.vm.memory.regions)
+
+
+def huge_pages_after_disable(run: Run) -> dict[str, Any]:
+    """THP guest memory: PMD-mapped before enable, and again (collapsed by the monitor) after
+    a whole cycle whose fills brought every page back as a small page."""
+    out: dict[str, Any] = {"pmd_before": _pmd_mapped(run)}
+    run.enable()
+    run.trim()
+    run.out()
+    out["retouched_ok"] = run.checksums_ok(0, 8 * MIB)
+    run.disable()
+    # The monitor collapses on a helper thread after disable: wait until the count stops
+    # growing (1 s without change once non-zero), or reaches what it was.
+    deadline = time.monotonic() + 30.0
+    after, changed = _pmd_mapped(run), time.monotonic()
+    while after < out["pmd_before"] and time.monotonic() < deadline:
+        if after and time.monotonic() - changed > 1.0:
+            break
+        time.sleep(0.05)
+        now = _pmd_mapped(run)
+        if now != after:
+            after, changed = now, time.monotonic()
+    out["pmd_after"] = after
+    out["after_disable"] = run.pattern_ok() and run.checksums_ok()
+    return out
+
+
 SCENARIOS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "states": states_sequence,
     "out-several-times": out_several_times,
@@ -203,16 +238,25 @@ SCENARIOS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "stop-while-active": stop_while_active,
     "two-vcpus-same-pages": two_vcpus_same_pages,
     "balloon-while-active": balloon_while_active,
+    "huge-pages-after-disable": huge_pages_after_disable,
 }
 
 
-def run_scenario(name: str, swap_dir: str) -> dict[str, Any]:
-    run = Run(swap_dir)
-    try:
-        result = SCENARIOS[name](run)
-    finally:
-        run.close()
+def run_scenario(name: str, swap_dir: str, backing: Backing = Backing.SMALL) -> dict[str, Any]:
+    """Run one scenario; on hugetlbfs the kernel's pool is grown for it and restored after."""
+    memory = 96 * MIB
+    with contextlib.ExitStack() as stack:
+        if backing is Backing.HUGETLB_2M:
+            stack.enter_context(HugetlbPool(memory // backing.page_size))
+        if backing is Backing.THP:
+            stack.enter_context(ShmemThpMode("advise"))
+        run = Run(swap_dir, memory=memory, backing=backing)
+        try:
+            result = SCENARIOS[name](run)
+        finally:
+            run.close()
     result["states"] = run.states
+    result["page_size"] = backing.page_size
     return result
 
 
@@ -220,13 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmmswap.vm.scenarios")
     parser.add_argument("name", choices=sorted(SCENARIOS))
     parser.add_argument("--swap-dir", default=None)
+    parser.add_argument("--hugepages", choices=("2M", "thp"), default=None,
+                        help="back guest memory with 2 MiB hugetlbfs pages, or shmem THP "
+                             "(shmem_enabled set to advise for the run)")
     parser.add_argument("--hang-dump", type=float, default=None, metavar="SECONDS",
                         help="print every thread's stack to stderr if still running then")
     args = parser.parse_args(argv)
     if args.hang_dump:
         faulthandler.dump_traceback_later(args.hang_dump, exit=False)
     with tempfile.TemporaryDirectory(dir=args.swap_dir) as swap_dir:
-        result = run_scenario(args.name, swap_dir)
+        backing = {"2M": Backing.HUGETLB_2M, "thp": Backing.THP}.get(args.hugepages or "",
+                                                                      Backing.SMALL)
+        result = run_scenario(args.name, swap_dir, backing)
     print(json.dumps(result, sort_keys=True))
     return 0
 
