@@ -40,7 +40,8 @@ class Summary:
         return sum(int(r.get(key, 0)) for r in self.results)
 
     def line(self) -> str:
-        return (f"{len(self.results)} scenarios, {len(self.failures)} failed, "
+        kvm = sum(1 for r in self.results if r.get("kind") == "kvm")
+        return (f"{len(self.results)} scenarios ({kvm} on KVM), {len(self.failures)} failed, "
                 f"{self.seconds:.1f} s; commands {self.total('commands')}, refused "
                 f"{self.total('refused')}, disk-full failures {self.total('disk_full_failures')}, "
                 f"torn writes {self.total('eio_failures')} in {self.total('eio_scenarios')} "
@@ -48,7 +49,10 @@ class Summary:
                 f", devices forked {self.total('devices_forked')} / killed "
                 f"{self.total('devices_killed')} (while faulting "
                 f"{self.total('killed_while_faulting')}), worker ops {self.total('worker_ops')}"
-                f", pages checked {self.total('pages_checked')}")
+                f", pages checked {self.total('pages_checked')}; KVM guests: writes "
+                f"{self.total('guest_writes')}, verifies {self.total('guest_verifies')}, "
+                f"balloons {self.total('guest_balloons')}, pages checked "
+                f"{self.total('guest_pages_checked')}")
 
 
 @contextlib.contextmanager
@@ -81,10 +85,11 @@ class VmmProcess:
             return None
         return self.proc.stdout.readline() or None
 
-    def run(self, seed: int, corrupt: bool) -> dict[str, Any]:
+    def run(self, seed: int, corrupt: bool, kind: str = "host") -> dict[str, Any]:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(json.dumps({"seed": seed, "corrupt": corrupt}) + "\n")
+            self.proc.stdin.write(json.dumps({"seed": seed, "corrupt": corrupt,
+                                              "kind": kind}) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             return {"seed": seed, "ok": False, "error": f"SEED {seed}: the VMM process died"}
@@ -114,13 +119,16 @@ class VmmProcess:
 
 
 def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str | None = None,
-              progress: bool = False) -> Summary:
-    """Run every seed of ``seeds`` on ``jobs`` VMM processes; the summary in seed order."""
+              progress: bool = False, kvm_seeds: range = range(0)) -> Summary:
+    """Run every seed of ``seeds`` (host scenarios) and of ``kvm_seeds`` (the micro-VM
+    variant) on ``jobs`` VMM processes; the summary in (kind, seed) order."""
     summary = Summary()
     start = time.monotonic()
-    todo: queue.Queue[int] = queue.Queue()
+    todo: queue.Queue[tuple[str, int]] = queue.Queue()
+    for seed in kvm_seeds:  # the longer ones first
+        todo.put(("kvm", seed))
     for seed in seeds:
-        todo.put(seed)
+        todo.put(("host", seed))
     lock = threading.Lock()
     with small_tmpfs() as small, tempfile.TemporaryDirectory(prefix="vmmswap-torture-",
                                                              dir=swap_dir) as big:
@@ -129,12 +137,13 @@ def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str 
             try:
                 while True:
                     try:
-                        seed = todo.get_nowait()
+                        kind, seed = todo.get_nowait()
                     except queue.Empty:
                         return
                     if not vmm.alive():
                         vmm = VmmProcess(big, small)
-                    result = vmm.run(seed, corrupt)
+                    result = vmm.run(seed, corrupt, kind)
+                    result.setdefault("kind", kind)
                     with lock:
                         summary.results.append(result)
                         if progress and not result["ok"]:
@@ -150,6 +159,6 @@ def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str 
             t.start()
         for t in threads:
             t.join()
-    summary.results.sort(key=lambda r: int(r["seed"]))
+    summary.results.sort(key=lambda r: (str(r["kind"]), int(r["seed"])))
     summary.seconds = time.monotonic() - start
     return summary

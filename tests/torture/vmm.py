@@ -1,7 +1,8 @@
 """The VMM process of the torture test: runs scenarios one after another (process reuse).
 
 ``python -m tests.torture.vmm SWAP_DIR [SMALL_SWAP_DIR]`` reads one JSON object per line on
-stdin (``{"seed": N, "corrupt": false}``) and answers one JSON line per scenario. A scenario
+stdin (``{"seed": N, "corrupt": false, "kind": "host"}``; kind ``kvm`` runs the micro-VM
+variant) and answers one JSON line per scenario. A scenario
 that leaves a thread blocked on a fault ends the process (it answers first, then exits 3).
 """
 
@@ -15,6 +16,7 @@ import warnings
 
 from vmmswap.kernel import libc
 
+from .kvm_scenario import KvmScenario
 from .scenario import Options, Scenario
 
 
@@ -27,7 +29,8 @@ def main() -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         options = Options(swap_dir, small, corrupt=bool(cmd.get("corrupt")))
-        result = Scenario(int(cmd["seed"]), options).run()
+        kind = KvmScenario if cmd.get("kind") == "kvm" else Scenario
+        result = kind(int(cmd["seed"]), options).run()
         print(json.dumps(result), flush=True)
         if result["error"] and "STUCK" in result["error"]:
             os._exit(3)

@@ -304,6 +304,13 @@ class Workload:
                 raise WorkloadError(f"balloon of {addr:#x}+{size:#x} refused: errno "
                                     f"{pending.status}")
 
+    def collect(self, pending: _Pending, timeout: float | None = None) -> OpReport:
+        """Wait for one command submitted with ``device.submit`` and parse its report."""
+        self.wait(pending, timeout)
+        report = OpReport(pending.op, latency=LatencyHistogram(self.tsc_khz))
+        self._parse(pending, report)
+        return report
+
     def torture_submit(self, vcpu: int, start: int, length: int, table: int, seed: int,
                        ops: int, flags: abi.TortureFlag = _NO_FLAGS) -> _Pending:
         """Queue a TORTURE command (guest-physical ``start``/``length``/``table``); it runs
@@ -314,9 +321,7 @@ class Workload:
                                                      ops | int(flags) << 32])
 
     def torture_result(self, pending: _Pending, timeout: float | None = None) -> TortureReport:
-        self.wait(pending, timeout)
-        report = OpReport(Op.TORTURE, latency=LatencyHistogram(self.tsc_khz))
-        self._parse(pending, report)
+        self.collect(pending, timeout)
         words = pending.results[-2 * abi.TORTURE_RESULTS:]
         values = [words[i] | words[i + 1] << 32 for i in range(0, len(words), 2)]
         return TortureReport(*values)
