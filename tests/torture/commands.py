@@ -36,6 +36,7 @@ class Stats:
     disk_full_failures: int = 0
     eio_scenarios: int = 0
     eio_failures: int = 0
+    huge_backed: int = 0
     devices_forked: int = 0
     devices_exited: int = 0
     devices_killed: int = 0

@@ -19,6 +19,7 @@ import time
 from typing import Any, Final
 
 from vmmswap.control.controller import SwapController
+from vmmswap.dataplane.guest_memory import Backing
 from vmmswap.vm.guest_abi import Op, TortureFlag
 from vmmswap.vm.micro import MicroVM
 from vmmswap.vm.workload import TortureReport, Workload
@@ -43,6 +44,10 @@ class KvmScenario(HostCommands):
         self.options = options
         self.rng = rng = random.Random(seed ^ 0x4B564D)  # not the host scenario's script
         self.size = rng.choice((16, 20, 24)) * MIB
+        #: Huge pages when the runner made them available: THP, or 2 MiB hugetlbfs (then the
+        #: guest does not balloon: its runs are 4 KiB pages, a discard must be whole 2 MiB).
+        self.backing = (rng.choices((Backing.SMALL, Backing.THP, Backing.HUGETLB_2M),
+                                    (3, 1, 1))[0] if options.huge_pages else Backing.SMALL)
         self.disk_full = options.small_swap_dir is not None and rng.random() < 0.1
         self.eio_at = rng.randint(1, 3) if not self.disk_full and rng.random() < 0.15 else 0
         self.ctl: SwapController | None = None
@@ -65,12 +70,15 @@ class KvmScenario(HostCommands):
             error = self._teardown(error)
         if error is not None:
             error = f"SEED {self.seed} (kvm): {error}\nhost log: " + " | ".join(self.log[-15:])
-        return {"seed": self.seed, "kind": "kvm", "ok": error is None, "error": error,
+        return {"seed": self.seed, "kind": "kvm", "backing": self.backing.value,
+                "ok": error is None, "error": error,
                 "seconds": round(time.monotonic() - start, 3), **self.stats.__dict__,
                 **self.guest}
 
     def _run(self) -> None:
-        vm = self.vm = MicroVM(self.size, vcpus=2, regions=2)
+        vm = self.vm = MicroVM(self.size, vcpus=2, regions=2, backing=self.backing)
+        self.note(f"{self.size // MIB} MiB on {self.backing.value} pages")
+        self.stats.huge_backed = int(self.backing is not Backing.SMALL)
         (_, low), (high_addr, high) = vm.layout.regions
         # Each vCPU owns the rest of one region; which one is the seed's choice.
         own = [(OWN, low - OWN), (high_addr, high)]
@@ -112,7 +120,8 @@ class KvmScenario(HostCommands):
         if self.rng.random() < 0.15:  # the shared range, read-only for both
             return "verify", w.device.submit(vcpu, Op.VERIFY, [SHARED, OWN - SHARED,
                                                                 SHARED_SEED])
-        flags = TortureFlag.BALLOON if vcpu == 0 and self.rng.random() < 0.7 else TortureFlag(0)
+        balloon = vcpu == 0 and self.backing is not Backing.HUGETLB_2M
+        flags = TortureFlag.BALLOON if balloon and self.rng.random() < 0.7 else TortureFlag(0)
         ops = self.rng.choice((50, 200, 800, 2000))
         return "torture", w.torture_submit(vcpu, start, length, TABLES + vcpu * TABLE_STRIDE,
                                            self.rng.randrange(1 << 62), ops, flags)
@@ -149,6 +158,10 @@ class KvmScenario(HostCommands):
         data was); once memory is back the guest's final check must see it."""
         assert self.vm is not None
         start, length = self.ranges[0]
+        if self.backing is Backing.HUGETLB_2M:  # whole huge pages only
+            end = (start + length) & ~(2 * MIB - 1)
+            start = -(-start // (2 * MIB)) * 2 * MIB
+            length = end - start
         self.note("CORRUPT: discard vCPU 0's pages behind the guest's back")
         self.vm.memory.discard(start, length)
 

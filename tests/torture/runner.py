@@ -22,9 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from vmmswap.vm.hugetlb_pool import HugetlbPool, ShmemThpMode
+
 SCENARIO_TIMEOUT: Final = 90.0
 ROOT: Final = Path(__file__).resolve().parents[2]
 SMALL_TMPFS: Final = "1m"
+#: A 24 MiB guest is 12 huge pages, its staging as many again, and some slack.
+HUGE_PAGES_PER_JOB: Final = 32
 
 
 @dataclass
@@ -41,7 +45,8 @@ class Summary:
 
     def line(self) -> str:
         kvm = sum(1 for r in self.results if r.get("kind") == "kvm")
-        return (f"{len(self.results)} scenarios ({kvm} on KVM), {len(self.failures)} failed, "
+        return (f"{len(self.results)} scenarios ({kvm} on KVM, {self.total('huge_backed')} of "
+                f"them on huge pages), {len(self.failures)} failed, "
                 f"{self.seconds:.1f} s; commands {self.total('commands')}, refused "
                 f"{self.total('refused')}, disk-full failures {self.total('disk_full_failures')}, "
                 f"torn writes {self.total('eio_failures')} in {self.total('eio_scenarios')} "
@@ -70,11 +75,34 @@ def small_tmpfs() -> Iterator[str | None]:
             os.rmdir(path)
 
 
+@contextlib.contextmanager
+def huge_pages(jobs: int) -> Iterator[bool]:
+    """Hugetlb pages for ``jobs`` KVM scenarios at once (guest and staging) and shmem THP
+    on ``advise``, both restored afterwards; False where they cannot be had (not root)."""
+    try:
+        pool = HugetlbPool(HUGE_PAGES_PER_JOB * jobs)
+    except OSError:
+        yield False
+        return
+    try:
+        thp = ShmemThpMode("advise")
+    except OSError:
+        pool.close()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        thp.close()
+        pool.close()
+
+
 class VmmProcess:
-    def __init__(self, swap_dir: str, small: str | None) -> None:
+    def __init__(self, swap_dir: str, small: str | None, huge: bool = False) -> None:
         env = dict(os.environ)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.torture.vmm", swap_dir, small or ""], cwd=ROOT,
+            [sys.executable, "-m", "tests.torture.vmm", swap_dir, small or "",
+             "huge" if huge else ""], cwd=ROOT,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         self._readline(60.0)
 
@@ -131,9 +159,10 @@ def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str 
         todo.put(("host", seed))
     lock = threading.Lock()
     with small_tmpfs() as small, tempfile.TemporaryDirectory(prefix="vmmswap-torture-",
-                                                             dir=swap_dir) as big:
+                                                             dir=swap_dir) as big, \
+            huge_pages(jobs if kvm_seeds else 0) as huge:
         def job() -> None:
-            vmm = VmmProcess(big, small)
+            vmm = VmmProcess(big, small, huge)
             try:
                 while True:
                     try:
@@ -141,7 +170,7 @@ def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str 
                     except queue.Empty:
                         return
                     if not vmm.alive():
-                        vmm = VmmProcess(big, small)
+                        vmm = VmmProcess(big, small, huge)
                     result = vmm.run(seed, corrupt, kind)
                     result.setdefault("kind", kind)
                     with lock:

@@ -46,6 +46,7 @@ class Options:
     swap_dir: str
     small_swap_dir: str | None = None
     corrupt: bool = False  # negative control: a worker drops a page behind the model's back
+    huge_pages: bool = False  # the runner reserved hugetlb pages and turned shmem THP on
 
 
 @dataclass

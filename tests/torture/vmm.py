@@ -1,6 +1,6 @@
 """The VMM process of the torture test: runs scenarios one after another (process reuse).
 
-``python -m tests.torture.vmm SWAP_DIR [SMALL_SWAP_DIR]`` reads one JSON object per line on
+``python -m tests.torture.vmm SWAP_DIR [SMALL_SWAP_DIR [huge]]`` reads one JSON object per line on
 stdin (``{"seed": N, "corrupt": false, "kind": "host"}``; kind ``kvm`` runs the micro-VM
 variant) and answers one JSON line per scenario. A scenario
 that leaves a thread blocked on a fault ends the process (it answers first, then exits 3).
@@ -25,10 +25,11 @@ def main() -> None:
     warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process: wanted
     swap_dir = sys.argv[1]
     small = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None
+    huge = len(sys.argv) > 3 and sys.argv[3] == "huge"
     print(json.dumps({"ready": os.getpid()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        options = Options(swap_dir, small, corrupt=bool(cmd.get("corrupt")))
+        options = Options(swap_dir, small, corrupt=bool(cmd.get("corrupt")), huge_pages=huge)
         kind = KvmScenario if cmd.get("kind") == "kvm" else Scenario
         result = kind(int(cmd["seed"]), options).run()
         print(json.dumps(result), flush=True)
