@@ -14,11 +14,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import threading
 
 import numpy as np
 import pytest
 
-from huge_settings import HugeSettings, meminfo
+from huge_settings import NR_HUGEPAGES, HugeSettings, meminfo
 from vmmswap.dataplane import page_handler
 from vmmswap.dataplane.guest_memory import HUGETLB_2M_SIZE, Backing, GuestMemory, RegionSpec
 from vmmswap.dataplane.page_handler import InvalidAddressError, PageHandler
@@ -309,3 +310,48 @@ def test_hugetlb_file_faults_mapped_or_read_serve_the_same(
     assert rig.digests(rig.addr(0), 4 * SUB) == rig.expected(6, 4 * SUB)
     assert calls and all(calls) == (source == "mapped") and any(calls) == (source == "mapped")
     assert rig.handler.metrics().copied_from_file_pages == 4
+
+
+@pytest.mark.parametrize("check", ["looked at", "control: EEXIST trusted"])
+def test_hugetlb_copy_eexist_with_no_free_huge_page_keeps_the_page(
+        huge_settings: HugeSettings, make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch,
+        check: str) -> None:
+    """With no huge page free, the kernel answers a hugetlb COPY with EEXIST for a page that
+    is not there (6.18). Trusting it dropped the staged copy and the next fault was served
+    zeros (found by bench_hugepages sharing the pool with the torture soak). The handler must
+    keep the page staged and fail the fill (ENOMEM: the fault is retried later), then serve it
+    once a page is free. The control trusts EEXIST and reproduces the lost page."""
+    rig = hugetlb_rig(huge_settings, make_rig, 2)
+    rig.write(rig.addr(0), seed=5, pages=2 * SUB)
+    assert rig.enable() == 2  # both punched out of the guest: back in the pool
+    if check.startswith("control"):
+        monkeypatch.setattr(rig.handler.filler, "_exists", None)
+    # No huge page free (the fixture restores the pool).
+    total = int(NR_HUGEPAGES.read_text())
+    free = meminfo("HugePages_Free")
+    huge_settings._write(NR_HUGEPAGES, str(total - free), str(total))
+    assert meminfo("HugePages_Free") == 0
+    grow = threading.Timer(1.0, lambda: NR_HUGEPAGES.write_text(str(total)))
+    grow.start()
+    try:
+        if check.startswith("control"):
+            # EEXIST "settles" the page, the re-fault finds it nowhere and, once the pool
+            # has a page again, is zero-filled: the guest's data is gone.
+            assert rig.read(rig.addr(0, 3), 8) == bytes(8)
+            assert not rig.handler.staging.present.get(0)
+            return
+        with pytest.raises(OSError) as err:
+            rig.read(rig.addr(0, 3), 8)
+        assert err.value.errno == errno.ENOMEM and "EEXIST" in str(err.value)
+        assert rig.handler.staging.present.get(0), "the only copy was dropped"
+        grow.join()
+        # A retry of the blocked fault (the monitor retries) now fills the page.
+        rig.handler.handle_page_fault(rig.guest.uffd, rig.addr(0, 3))
+        memfd = rig.guest.regions()[0][1]
+        page = bytearray(HUGE)
+        assert os.preadv(memfd, [page], 0) == HUGE
+        got = [page_digest(bytes(page[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])) for i in range(SUB)]
+        assert got == rig.expected(5, SUB)
+    finally:
+        grow.join()
+        rig.vmm.kill()  # its read was answered outside the request, or never

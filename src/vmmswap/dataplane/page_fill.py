@@ -16,10 +16,18 @@ overwrites), and keeping it would only make swap-out write and swap-in skip a de
 
 Anything else (a changing address space, a dead process, ENOMEM, ...) stops the run: the pages
 not yet settled stay in their source, so a retry can still serve them.
+
+On hugetlbfs EEXIST is not proof: when the kernel cannot allocate the huge page (the pool or a
+hugetlb cgroup limit is exhausted) and the page table is there, COPY answers EEXIST for a page
+that is *not* there (measured on 6.18: a cgroup limited to one huge page, the second COPY is
+EEXIST and the page stays missing). Trusting it would drop the only copy and serve zeros next.
+So a huge-page fill takes an ``exists`` check, which looks at the page itself, and a page it
+does not find is an error (ENOMEM, retried later) instead of a skip.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,8 +72,14 @@ class FillOutcome:
     error: OSError | None = None
 
 
+#: ``exists(dst, src)``: whether the huge page at VMM address ``dst`` is really in guest memory
+#: after a COPY from ``src`` (this process) answered EEXIST.
+ExistsFn = Callable[[int, int], bool]
+
+
 def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
-             focus: int = 0, page_size: int = PAGE_SIZE) -> FillOutcome:
+             focus: int = 0, page_size: int = PAGE_SIZE,
+             exists: ExistsFn | None = None) -> FillOutcome:
     """COPY ``pages`` pages from ``src`` (this process) to ``dst`` (the uffd owner's memory).
 
     ``page_size`` is the guest's page: on hugetlbfs memory the kernel fills (and reports
@@ -86,7 +100,14 @@ def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
             out.done += n
             out.filled += n
             continue
-        except PageExistsError:
+        except PageExistsError as err:
+            if exists is not None and not exists(dst + offset, src + offset):
+                out.error = OSError(errno.ENOMEM, f"UFFDIO_COPY at {dst + offset:#x} answered "
+                                    "EEXIST but the huge page is not there: no huge page "
+                                    "could be allocated (hugetlb pool or cgroup limit "
+                                    "exhausted); the page stays in its source")
+                out.error.__cause__ = err
+                return out
             if out.done == focus:
                 out.focus_existed = True
             out.done += 1
@@ -132,7 +153,9 @@ class RunFiller:
     """
 
     def __init__(self, bounce_address: int, bounce_view: memoryview, *,
-                 threads: bool = True, page_size: int = PAGE_SIZE) -> None:
+                 threads: bool = True, page_size: int = PAGE_SIZE,
+                 exists: ExistsFn | None = None) -> None:
+        self._exists = exists
         self._address = bounce_address
         self._view = bounce_view
         self._page_size = page_size
@@ -179,7 +202,8 @@ class RunFiller:
         if mapped is not None:
             address, release = mapped
             try:
-                return copy_run(uffd, dst, address, count, wake=wake, focus=focus, page_size=ps)
+                return copy_run(uffd, dst, address, count, wake=wake, focus=focus, page_size=ps,
+                                exists=self._exists)
             finally:
                 release()
         buf = self._view[at * ps:(at + count) * ps]
@@ -188,7 +212,7 @@ class RunFiller:
         except OSError as err:
             return FillOutcome(error=err)
         return copy_run(uffd, dst, self._address + at * ps, count, wake=wake,
-                        focus=focus, page_size=ps)
+                        focus=focus, page_size=ps, exists=self._exists)
 
     def _pool_submit(self) -> ThreadPoolExecutor:
         if self._pool is None:

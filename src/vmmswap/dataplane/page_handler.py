@@ -43,12 +43,15 @@ The monitor is single-threaded and calls one method at a time; the handler holds
 from __future__ import annotations
 
 import bisect
+import ctypes
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final
+
+import numpy as np
 
 from vmmswap.dataplane import move
 from vmmswap.dataplane.guest_memory import (
@@ -140,7 +143,8 @@ class PageHandler:
         self._readahead = Readahead(max(1, max_readahead_bytes // ps))
         self.bounce = Bounce(max(max_readahead_bytes, MAX_SWAP_CHUNK_BYTES, ps), ps)
         self.filler = RunFiller(self.bounce.address, self.bounce.view, threads=fill_threads,
-                                page_size=ps)
+                                page_size=ps,
+                                exists=self._huge_page_exists if ps > PAGE_SIZE else None)
         self._zero = Mapping.anonymous(ps, populate=True)
         #: Huge pages are COPYed from the swap file's page cache in place, not read first
         #: (see SwapFile.map_pages); small pages keep the bounce buffer.
@@ -232,6 +236,28 @@ class PageHandler:
         self.close()
 
     # --- lookup ---------------------------------------------------------------------------------
+    def _huge_page_exists(self, dst: int, src: int) -> bool:
+        """After COPY said EEXIST for the huge page at VMM address ``dst``: is it there?
+
+        On hugetlbfs the kernel also says EEXIST when it could not allocate the page (see
+        :mod:`.page_fill`), so look: read the page through the memfd (a hole reads as zeros,
+        nothing is allocated). Data there means the page exists -- the guest's version wins.
+        Zeros there exist harmlessly only if our copy at ``src`` is zeros too (a hole then
+        faults to the same zeros); otherwise the page is taken as missing and the fill fails,
+        keeping our copy: a real page the guest zeroed whole since a racing fill would only
+        keep its fault retried, never lose data.
+        """
+        region = self.region_at(dst)
+        ps = region.page_size
+        page = bytearray(ps)
+        got = os.preadv(region.memfd, [page], dst - region.host_addr)
+        if got != ps:
+            return False
+        if np.frombuffer(page, dtype=np.uint64).any():
+            return True
+        ours = np.ctypeslib.as_array((ctypes.c_uint64 * (ps // 8)).from_address(src))
+        return not ours.any()
+
     def region_at(self, addr: int) -> Region:
         """The region holding VMM address ``addr``; InvalidAddressError if none does."""
         i = bisect.bisect_right(self._starts, addr) - 1
