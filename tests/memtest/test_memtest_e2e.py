@@ -28,7 +28,7 @@ from vmmswap.vm.memtest.session import (
     run_swap_passes,
 )
 
-pytestmark = [pytest.mark.kvm]
+pytestmark = [pytest.mark.kvm, pytest.mark.slow]
 
 
 def _image() -> Path:
