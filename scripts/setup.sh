@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up vmmswap on a fresh machine: the package with its dev tools, and the Linux guest's kernel
-# and initramfs (cached outside git; skipped with a warning where apt cannot fetch them).
+# and initramfs and memtest86+ (cached outside git; skipped with a warning where apt cannot fetch them).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
@@ -23,3 +23,4 @@ if command -v pyenv >/dev/null 2>&1; then
     pyenv rehash || true
 fi
 PYTHON=$python bash "$repo/scripts/fetch-linux-guest.sh" --best-effort
+PYTHON=$python bash "$repo/scripts/fetch-memtest.sh" --best-effort
