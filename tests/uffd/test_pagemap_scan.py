@@ -324,10 +324,17 @@ def test_bad_arguments_are_refused_and_change_nothing(pagemap: Pagemap,
 
 
 def test_a_gone_process_is_a_process_lookup_error() -> None:
+    hold, release = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover
+    if pid == 0:  # pragma: no cover - lives until the parent has its pagemap open
+        os.close(release)
+        os.read(hold, 1)
         os._exit(0)
-    pm = Pagemap.open(pid)
+    os.close(hold)
+    try:
+        pm = Pagemap.open(pid)
+    finally:
+        os.close(release)  # the child exits now (was a race: it could exit before the open)
     os.waitpid(pid, 0)
     mem = Mapping.anonymous(PAGE_SIZE)
     with pytest.raises(ProcessLookupError, match="exited"):
