@@ -36,6 +36,8 @@ class DemoResult:
     result: SwapPassesResult
     cycles: int
     seconds: float
+    #: memtest's screen at the end (its CPU line shows "SMP: 2T" when both vCPUs test).
+    screen: str = ""
 
     @property
     def expected_passes(self) -> int:
@@ -66,14 +68,14 @@ class DemoResult:
 
 
 def run_demo(image: Path | None = None, swap_dir: Path | None = None, *, cycles: int = CYCLES,
-             selection: Selection | None = None, pass_timeout: float = 120.0,
+             vcpus: int = 1, selection: Selection | None = None, pass_timeout: float = 120.0,
              report: Report | None = None) -> DemoResult:
     """Boot memtest under vmm-swap and run the swap cycles while it tests (see the module)."""
     say = report if report is not None else (lambda _: None)
     path = find_image(image)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="vmmswap-memtest-") as scratch:
-        guest = MemtestGuest(path, MemtestConfig())
+        guest = MemtestGuest(path, MemtestConfig.smp(vcpus))
         controller: SwapController | None = None
         try:
             controller = SwapController.launch(
@@ -82,15 +84,17 @@ def run_demo(image: Path | None = None, swap_dir: Path | None = None, *, cycles:
             chosen = selection if selection is not None else Selection()
             configure(guest, chosen)
             low, high = chosen.range_bytes
-            say(f"memtest started: tests {chosen.tests} over {low:#x}-{high:#x}")
+            say(f"memtest started on {vcpus} vCPU(s): tests {chosen.tests} over "
+                f"{low:#x}-{high:#x}")
             result = run_swap_passes(guest, controller, cycles=cycles,
                                      pass_timeout=pass_timeout, report=say)
+            screen = guest.screen().text()
         finally:
             guest.machine.close()
             if controller is not None:
                 controller.close()
             guest.close()
-    return DemoResult(result, cycles, time.monotonic() - start)
+    return DemoResult(result, cycles, time.monotonic() - start, screen)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="directory for the swap file (default: a temporary directory)")
     parser.add_argument("--cycles", type=int, default=CYCLES,
                         help=f"swap cycles, each ending in a pass while Active (default {CYCLES})")
+    parser.add_argument("--vcpus", type=int, default=1,
+                        help="vCPUs; with 2 memtest tests on both (its SMP mode; default 1)")
     parser.add_argument("--pass-timeout", type=float, default=120.0,
                         help="seconds one memtest pass may take (default 120)")
     return parser
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[vmmswap] {line}", flush=True)
 
     try:
-        demo = run_demo(args.image, args.swap_dir, cycles=args.cycles,
+        demo = run_demo(args.image, args.swap_dir, cycles=args.cycles, vcpus=args.vcpus,
                         pass_timeout=args.pass_timeout, report=report)
     except FileNotFoundError as exc:
         print(f"vmmswap demo --guest memtest86+: {exc}", file=sys.stderr)
