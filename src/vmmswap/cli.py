@@ -5,7 +5,7 @@
     vmmswap out [--wait] SOCKET
     vmmswap disable [--slow-file-cleanup] [--wait] SOCKET
     vmmswap status [--watch [SECONDS]] SOCKET
-    vmmswap demo [...]            (the micro-VM demo; --linux for the Linux guest)
+    vmmswap demo [...]            (the micro-VM demo; --linux or --guest memtest86+ for others)
     vmmswap serve-snapshot [...]  (a Firecracker-compatible page-fault handler)
 
 Exit codes: 0 success; 1 the command was refused or failed (wrong state, move or swap-out
@@ -229,17 +229,43 @@ def _parser() -> argparse.ArgumentParser:
     p = add("status", "Get vmm-swap status of a VM (JSON, one line).")
     p.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
                    help="refresh a human-readable table every SECONDS (default 1)")
-    sub.add_parser("demo", help="run the micro-VM demo (--linux: boot a Linux guest)",
+    sub.add_parser("demo", help="run the micro-VM demo (--linux / --guest memtest86+: "
+                   "boot that guest)",
                    add_help=False)
     sub.add_parser("serve-snapshot", add_help=False, help="serve a snapshot's memory to a "
                    "VMM (Firecracker's page-fault handler handshake)")
     return parser
 
 
+#: ``vmmswap demo --guest NAME``: the module whose ``main(argv)`` runs that guest's demo.
+_DEMO_GUESTS = {"micro": "vmmswap.vm.demo", "linux": "vmmswap.vm.linux.demo",
+                "memtest86+": "vmmswap.vm.memtest.demo"}
+
+
+def _demo_guest(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The ``--guest`` value (``--linux`` means linux) and argv without it."""
+    rest: list[str] = []
+    guest: str | None = None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--linux":
+            guest = "linux"
+        elif arg == "--guest":
+            guest = next(args, "")
+        elif arg.startswith("--guest="):
+            guest = arg.removeprefix("--guest=")
+        else:
+            rest.append(arg)
+    return guest, rest
+
+
 def _demo(argv: list[str]) -> int:
-    module_name = "vmmswap.vm.linux.demo" if "--linux" in argv else "vmmswap.vm.demo"
-    if module_name.endswith("linux.demo"):
-        argv = [a for a in argv if a != "--linux"]
+    guest, argv = _demo_guest(argv)
+    module_name = _DEMO_GUESTS.get(guest if guest is not None else "micro")
+    if module_name is None:
+        print(f"vmmswap demo: unknown --guest {guest!r} (one of {', '.join(_DEMO_GUESTS)})",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         module = importlib.import_module(module_name)
         entry: Callable[[list[str]], int | None] = module.main

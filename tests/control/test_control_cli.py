@@ -123,7 +123,16 @@ def test_cli_demo_dispatches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli.importlib, "import_module", Module)
     assert cli.main(["demo", "--fill", "8"]) == 0
     assert cli.main(["demo", "--linux", "--x"]) == 0
-    assert calls == [("vmmswap.vm.demo", ["--fill", "8"]), ("vmmswap.vm.linux.demo", ["--x"])]
+    assert cli.main(["demo", "--guest", "memtest86+", "--cycles", "1"]) == 0
+    assert cli.main(["demo", "--guest=linux"]) == 0
+    assert calls == [("vmmswap.vm.demo", ["--fill", "8"]), ("vmmswap.vm.linux.demo", ["--x"]),
+                     ("vmmswap.vm.memtest.demo", ["--cycles", "1"]),
+                     ("vmmswap.vm.linux.demo", [])]
+
+
+def test_cli_demo_unknown_guest(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--guest", "dos"]) == cli.EXIT_USAGE
+    assert "unknown --guest 'dos'" in capsys.readouterr().err
 
 
 def test_progress_line() -> None:

@@ -249,6 +249,12 @@ class KvmLapicState(ctypes.Structure):
     _fields_ = [("regs", ctypes.c_char * 1024)]
 
 
+#: Offset of the spurious-interrupt vector register in the local APIC's register page, and its
+#: APIC software-enable bit (SDM vol. 3, 11.9). KVM resets it to 0xFF: software-disabled.
+APIC_SVR_OFFSET: Final = 0xF0
+APIC_SVR_ENABLE: Final = 0x100
+
+
 class KvmVcpuEvents(ctypes.Structure):
     """``struct kvm_vcpu_events`` (64 bytes)."""
 

@@ -315,6 +315,18 @@ class VcpuFd:
     def set_mp_state(self, mp_state: int) -> None:
         _ioctl(self._fd, k.KVM_SET_MP_STATE, k.KvmMpState(mp_state=mp_state), "KVM_SET_MP_STATE")
 
+    def get_lapic(self) -> bytes:
+        """KVM_GET_LAPIC: the in-kernel local APIC's 1 KiB register page."""
+        state = k.KvmLapicState()
+        _ioctl(self._fd, k.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
+        return ctypes.string_at(ctypes.addressof(state), ctypes.sizeof(state))
+
+    def set_lapic(self, regs: bytes) -> None:
+        """KVM_SET_LAPIC with a register page as :meth:`get_lapic` returns it."""
+        state = k.KvmLapicState()
+        ctypes.memmove(ctypes.addressof(state), regs, min(len(regs), ctypes.sizeof(state)))
+        _ioctl(self._fd, k.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ: the guest's TSC frequency, to turn rdtsc deltas into time."""
         return _ioctl(self._fd, k.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")

@@ -7,11 +7,18 @@ VMM's Python code never faults on swapped guest memory.
 
 memtest refuses less than 64 MiB of RAM, which is also the layout's minimum. ``nobench nosm``
 keep out its x87 memory benchmark (PVM does not emulate x87) and SMBIOS probing; ``nosmp`` keeps
-it on the boot CPU; ``nobigstatus`` avoids the full-screen pass banner.
+it on the boot CPU (dropped with more than one vCPU); ``nobigstatus`` avoids the full-screen pass
+banner.
+
+With more than one vCPU every local APIC is software-enabled (SVR 0x1FF) before the first
+instruction, as a BIOS leaves it: KVM resets SVR to 0xFF (disabled), and memtest's SMP start then
+never gets past its first screen clear (measured: 10 bytes of output, then nothing for 40 s).
+With SVR 0x1FF it starts the AP through the MP table and runs both ("SMP: 2T (PAR)").
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +27,7 @@ from types import TracebackType
 from typing import Self
 
 from vmmswap.dataplane.guest_memory import GuestMemory
+from vmmswap.kernel import kvm as k
 from vmmswap.vm.linux import bootparams as layout
 from vmmswap.vm.linux.entry import gdt_bytes, identity_page_tables, setup_boot_vcpu
 from vmmswap.vm.linux.mptable import build_mptable
@@ -31,6 +39,8 @@ from vmmswap.vm.memtest.image import entry_point, load_image
 from vmmswap.vm.memtest.screen import Screen
 
 DEFAULT_CMDLINE = "console=ttyS0,115200 nobench nosm nobigstatus nosmp"
+#: The command line with more than one vCPU: memtest's SMP on.
+SMP_CMDLINE = DEFAULT_CMDLINE.removesuffix(" nosmp")
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,11 @@ class MemtestConfig:
     memory_size: int = 64 * layout.MIB
     vcpus: int = 1
     cmdline: str = DEFAULT_CMDLINE
+
+    @classmethod
+    def smp(cls, vcpus: int) -> MemtestConfig:
+        """``vcpus`` vCPUs, with memtest's SMP on when there is more than one."""
+        return cls(vcpus=vcpus, cmdline=DEFAULT_CMDLINE if vcpus == 1 else SMP_CMDLINE)
 
 
 class MemtestGuest:
@@ -60,6 +75,8 @@ class MemtestGuest:
                 self.fixup = FinitFixup()
                 self.fixup.install(self.machine.vcpus)
                 self._load()
+                if self.config.vcpus > 1:
+                    self._enable_lapics()
             except BaseException:
                 self.machine.close()
                 raise
@@ -86,6 +103,13 @@ class MemtestGuest:
         memory.write(layout.MPTABLE_ADDR, build_mptable(layout.MPTABLE_ADDR, self.config.vcpus))
         layout.write_sparse(memory, load_at, image.protected_mode)
         setup_boot_vcpu(self.machine.vcpus[0], entry_point(image), layout.ZERO_PAGE_ADDR)
+
+    def _enable_lapics(self) -> None:
+        for vcpu in self.machine.vcpus:
+            regs = bytearray(vcpu.get_lapic())
+            svr = struct.unpack_from("<I", regs, k.APIC_SVR_OFFSET)[0]
+            struct.pack_into("<I", regs, k.APIC_SVR_OFFSET, svr | k.APIC_SVR_ENABLE)
+            vcpu.set_lapic(bytes(regs))
 
     # --- running ------------------------------------------------------------------------------
 

@@ -11,7 +11,9 @@ which the fixed-pattern address tests cannot do.
 
 :func:`run_swap_passes` is the e2e check: a clean pass, then enable -> trim -> swap out while
 memtest runs (its pages come back through vmm-swap's faults) and a full pass while Active, then
-disable and one more pass; every pass must end with memtest's error count at 0.
+disable and one more pass; every pass must end with memtest's error count at 0. ``cycles=2``
+swaps out a second time after a pass while Active, the sequence ``vmmswap demo --guest
+memtest86+`` runs.
 """
 
 from __future__ import annotations
@@ -119,14 +121,26 @@ class PassRecord:
     swap_state: str
     seconds: float
     status: MemtestStatus
+    #: vmm-swap's page counters at the end of the pass (fault counters count since enable).
+    metrics: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One swap command: the state it reached, its time, and the pages it moved."""
+
+    name: str
+    state: str
+    seconds: float
+    pages: int
 
 
 @dataclass
 class SwapPassesResult:
     passes: list[PassRecord] = field(default_factory=list)
-    steps: dict[str, float] = field(default_factory=dict)
+    steps: list[StepRecord] = field(default_factory=list)
     pages_swapped_out: int = 0
-    #: vmm-swap's page counters at the end of the pass while Active (faults since enable).
+    #: vmm-swap's page counters at the end of the first pass while Active (faults since enable).
     active_metrics: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -134,10 +148,11 @@ class SwapPassesResult:
         return max((p.status.errors for p in self.passes), default=0)
 
 
-def run_swap_passes(guest: MemtestGuest, controller: SwapController, *,
+def run_swap_passes(guest: MemtestGuest, controller: SwapController, *, cycles: int = 1,
                     pass_timeout: float = 120.0, swap_timeout: float = 120.0,
                     report: Report | None = None) -> SwapPassesResult:
-    """A clean pass; swap out and a pass while Active; disable and a pass (memtest running)."""
+    """A clean pass; ``cycles`` times enable -> trim -> out and a full pass while Active; then
+    disable and a pass (memtest running throughout). Stops at the first pass with errors."""
     say = report if report is not None else (lambda _: None)
     result = SwapPassesResult()
     passes = current_status(guest).passes
@@ -147,32 +162,37 @@ def run_swap_passes(guest: MemtestGuest, controller: SwapController, *,
         start = time.monotonic()
         status = wait_for_pass(guest, passes + 1, pass_timeout)
         passes = status.passes
-        state = str(controller.status().state)
-        result.passes.append(PassRecord(phase, state, time.monotonic() - start, status))
+        swap = controller.status()
+        metrics = {**swap.metrics.crosvm_dict(), **swap.metrics.readahead_dict()}
+        result.passes.append(PassRecord(phase, str(swap.state), time.monotonic() - start,
+                                        status, metrics))
         say(f"{phase}: pass {status.passes} done in {time.monotonic() - start:.1f} s, "
-            f"swap {state}, memtest errors {status.errors}")
+            f"swap {swap.state}, memtest errors {status.errors}")
         return status
 
     def step(name: str, action: Callable[[], SwapStatus]) -> SwapStatus:
         start = time.monotonic()
         status = action()
-        result.steps[name] = time.monotonic() - start
-        say(f"{name}: {status.state} in {result.steps[name]:.2f} s "
-            f"({int(status.state_transition.pages)} pages)")
+        seconds = time.monotonic() - start
+        pages = int(status.state_transition.pages)
+        result.steps.append(StepRecord(name, str(status.state), seconds, pages))
+        say(f"{name}: {status.state} in {seconds:.2f} s ({pages} pages)")
         return status
 
     if one_pass("before swap").errors:
         return result
-    step("enable", controller.enable)
-    step("trim", lambda: controller.trim(wait=True, timeout=swap_timeout))
-    out = step("swap out", lambda: controller.swap_out(wait=True, timeout=swap_timeout))
-    result.pages_swapped_out = int(out.state_transition.pages)
-    active = one_pass("while Active")
-    metrics = controller.status().metrics
-    result.active_metrics = {**metrics.crosvm_dict(), **metrics.readahead_dict()}
-    say(f"vmm-swap counters after the Active pass: {result.active_metrics}")
-    if active.errors:
-        return result
+    for cycle in range(1, cycles + 1):
+        step("enable", controller.enable)
+        step("trim", lambda: controller.trim(wait=True, timeout=swap_timeout))
+        out = step("swap out", lambda: controller.swap_out(wait=True, timeout=swap_timeout))
+        if cycle == 1:
+            result.pages_swapped_out = int(out.state_transition.pages)
+        active = one_pass(f"while Active {cycle}")
+        if cycle == 1:
+            result.active_metrics = result.passes[-1].metrics
+            say(f"vmm-swap counters after the Active pass: {result.active_metrics}")
+        if active.errors:
+            return result
     step("disable", lambda: controller.disable(wait=True, timeout=swap_timeout))
     one_pass("after disable")
     return result
