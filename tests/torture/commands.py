@@ -12,17 +12,25 @@ Expectations checked on every command:
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 from vmmswap.control.controller import SwapController, SwapFailedError, SwapStateError
 from vmmswap.control.status import SwapState
+from vmmswap.dataplane.guest_memory import GuestMemory
 
 from .actors import Failure
 
 TIMEOUT: Final = 30.0
+#: The test entry of the monitor with the fault-injecting page handler (tests/control).
+INJECTING_MONITOR: Final = (sys.executable,
+                            str(Path(__file__).resolve().parents[1] / "control" /
+                                "monitor_entry.py"), "control_inject:factory")
 S = SwapState
 #: Where each in-progress state may go on its own while a refused command was answered.
 MAY_BECOME: Final = {S.TRIM_IN_PROGRESS: {S.PENDING}, S.SWAP_OUT_IN_PROGRESS: {S.ACTIVE, S.FAILED},
@@ -47,16 +55,60 @@ class Stats:
 
 
 class HostCommands:
-    """The host's commands; a scenario sets ``rng``, ``ctl``, ``disk_full`` and ``eio_at``."""
+    """The host's commands and the run around them; a scenario sets ``rng``, ``ctl``,
+    ``disk_full``, ``eio_at`` and ``options`` and implements ``_run``, ``_teardown`` and
+    ``_result``."""
 
     rng: random.Random
     ctl: SwapController | None
     disk_full: bool
     eio_at: int
+    options: Any  # scenario.Options (kept untyped here: scenario imports this module)
 
     def __init__(self) -> None:
         self.stats = Stats()
         self.log: list[str] = []
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _teardown(self, error: str | None) -> str | None:
+        raise NotImplementedError
+
+    def _result(self, error: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run(self) -> dict[str, Any]:
+        """Run the scenario; its result (``error`` None when it passed) with its time."""
+        start = time.monotonic()
+        error = None
+        try:
+            self._run()
+        except Failure as err:
+            error = str(err)
+        except Exception as err:
+            error = f"host: {type(err).__name__}: {err}"
+        finally:
+            error = self._teardown(error)
+        return {**self._result(error), "seconds": round(time.monotonic() - start, 3)}
+
+    def launch(self, memory: GuestMemory, readahead: bool, inject: dict[str, str]) -> None:
+        """Launch the monitor on the scenario's swap dir (the tiny one when the disk is to
+        be full); with ``inject`` (INJECT_* settings) the fault-injecting test monitor."""
+        swap_dir = self.options.small_swap_dir if self.disk_full else self.options.swap_dir
+        assert swap_dir is not None
+        if not inject:
+            self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
+                                             on_monitor_died=None)
+            return
+        os.environ.update(inject)
+        try:  # the controller copies the environment into the monitor at launch
+            self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
+                                             on_monitor_died=None,
+                                             monitor_command=INJECTING_MONITOR)
+        finally:
+            for key in inject:
+                del os.environ[key]
 
     def host_command(self) -> None:
         """One random command (or a pause) of the host."""

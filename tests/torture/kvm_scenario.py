@@ -13,9 +13,7 @@ that served zero pages would: the final check must report a zero qword where dat
 
 from __future__ import annotations
 
-import os
 import random
-import time
 from typing import Any, Final
 
 from vmmswap.control.controller import SwapController
@@ -26,7 +24,7 @@ from vmmswap.vm.workload import TortureReport, Workload
 
 from .actors import Failure
 from .commands import TIMEOUT, HostCommands, S
-from .scenario import INJECTING_MONITOR, Options
+from .scenario import Options
 
 MIB: Final = 1 << 20
 SYSTEM: Final = 2 * MIB  # the guest's system area at the start of region 0
@@ -57,23 +55,11 @@ class KvmScenario(HostCommands):
         self.guest = {"guest_writes": 0, "guest_verifies": 0, "guest_balloons": 0,
                       "guest_pages_checked": 0}
 
-    def run(self) -> dict[str, Any]:
-        start = time.monotonic()
-        error = None
-        try:
-            self._run()
-        except Failure as err:
-            error = str(err)
-        except Exception as err:
-            error = f"host: {type(err).__name__}: {err}"
-        finally:
-            error = self._teardown(error)
+    def _result(self, error: str | None) -> dict[str, Any]:
         if error is not None:
             error = f"SEED {self.seed} (kvm): {error}\nhost log: " + " | ".join(self.log[-15:])
         return {"seed": self.seed, "kind": "kvm", "backing": self.backing.value,
-                "ok": error is None, "error": error,
-                "seconds": round(time.monotonic() - start, 3), **self.stats.__dict__,
-                **self.guest}
+                "ok": error is None, "error": error, **self.stats.__dict__, **self.guest}
 
     def _run(self) -> None:
         vm = self.vm = MicroVM(self.size, vcpus=2, regions=2, backing=self.backing)
@@ -85,22 +71,13 @@ class KvmScenario(HostCommands):
         self.rng.shuffle(own)
         self.ranges = own
         w = vm.workload
-        swap_dir = self.options.small_swap_dir if self.disk_full else self.options.swap_dir
-        assert swap_dir is not None
         readahead = self.rng.random() < 0.8
+        inject = {}
         if self.eio_at:
             self.stats.eio_scenarios = 1
             self.note(f"swap-file write {self.eio_at} will tear with EIO")
-            os.environ["INJECT_EIO_PWRITE_AT"] = str(self.eio_at)
-            try:
-                self.ctl = SwapController.launch(vm.memory, swap_dir, readahead=readahead,
-                                                 on_monitor_died=None,
-                                                 monitor_command=INJECTING_MONITOR)
-            finally:
-                del os.environ["INJECT_EIO_PWRITE_AT"]
-        else:
-            self.ctl = SwapController.launch(vm.memory, swap_dir, readahead=readahead,
-                                             on_monitor_died=None)
+            inject["INJECT_EIO_PWRITE_AT"] = str(self.eio_at)
+        self.launch(vm.memory, readahead, inject)
         vm.start()
         w.timeout = TIMEOUT
         shared_len = OWN - SHARED

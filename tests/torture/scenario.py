@@ -18,11 +18,9 @@ import contextlib
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
@@ -35,10 +33,7 @@ from .actors import Actor, Failure, Worker, device_main
 from .commands import TIMEOUT, HostCommands, S
 from .model import LAYOUT, SHARED, UNKNOWN, Ownership, check, content
 
-#: The test entry of the monitor with the fault-injecting page handler (tests/control).
-INJECTING_MONITOR: Final = (sys.executable,
-                            str(Path(__file__).resolve().parents[1] / "control" /
-                                "monitor_entry.py"), "control_inject:factory")
+
 @dataclass
 class Options:
     """What a scenario may do; ``small_swap_dir`` is a tiny tmpfs (disk full), or None."""
@@ -98,19 +93,8 @@ class Scenario(HostCommands):
         self.workers: list[Worker] = []
 
     # --- the run --------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        start = time.monotonic()
-        error = None
-        try:
-            self._run()
-        except Failure as err:
-            error = str(err)
-        except Exception as err:
-            error = f"host: {type(err).__name__}: {err}"
-        finally:
-            error = self._teardown(error)
-        return {"seed": self.seed, "ok": error is None, "error": error,
-                "seconds": round(time.monotonic() - start, 3), **self.stats.__dict__}
+    def _result(self, error: str | None) -> dict[str, Any]:
+        return {"seed": self.seed, "ok": error is None, "error": error, **self.stats.__dict__}
 
     def _run(self) -> None:
         memory = self.memory = GuestMemory.create(list(LAYOUT), name="torture")
@@ -118,8 +102,6 @@ class Scenario(HostCommands):
         for i in np.flatnonzero(shared):  # written before launch, never again
             memory.write(self.gaddr(int(i)), content(self.own.gpages[i:i + 1],
                                                      self.versions[i:i + 1]).tobytes())
-        swap_dir = self.options.small_swap_dir if self.disk_full else self.options.swap_dir
-        assert swap_dir is not None
         readahead = self.rng.random() < 0.8
         inject = {}
         if self.eio_at:
@@ -129,18 +111,7 @@ class Scenario(HostCommands):
         if self.fault_delay_ms:
             self.note(f"every fault waits {self.fault_delay_ms} ms in the monitor")
             inject["INJECT_FAULT_DELAY_MS"] = str(self.fault_delay_ms)
-        if inject:
-            os.environ.update(inject)
-            try:  # the controller copies the environment into the monitor at launch
-                self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
-                                                 on_monitor_died=None,
-                                                 monitor_command=INJECTING_MONITOR)
-            finally:
-                for key in inject:
-                    del os.environ[key]
-        else:
-            self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
-                                             on_monitor_died=None)
+        self.launch(memory, readahead, inject)
         corrupt_worker = self.rng.randrange(self.workers_n) if self.options.corrupt else -1
         for w in range(self.workers_n):
             worker = Worker(f"seed {self.seed} worker {w}", w, memory, self.own, self.versions,
