@@ -21,6 +21,7 @@ from typing import Final
 
 from vmmswap.snapshot.handshake import HandshakeError, receive_handshake
 from vmmswap.snapshot.server import ServeError, SnapshotServer
+from vmmswap.snapshot.source import FileSource
 from vmmswap.snapshot.working_set import WorkingSetError, load_working_set, save_working_set
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
@@ -59,9 +60,9 @@ def serve_one(listener: socket.socket, mem_file: str, *, working_set: str | None
               record: str | None = None, record_seconds: float | None = None,
               ) -> dict[str, float | int]:
     """Accept VMMs until one hands over a valid handshake; serve it until it goes away."""
-    mem_fd = os.open(mem_file, os.O_RDONLY | os.O_CLOEXEC)
+    source = FileSource.open(mem_file)
     try:
-        size = os.fstat(mem_fd).st_size
+        size = source.size
         prefetch = (load_working_set(working_set, file_pages=size // 4096)
                     if working_set else None)
         while True:
@@ -79,7 +80,7 @@ def serve_one(listener: socket.socket, mem_file: str, *, working_set: str | None
                     continue
                 os.set_blocking(uffd_fd, False)
                 uffd = Userfaultfd.from_raw_descriptor(uffd_fd)
-                server = SnapshotServer(uffd, regions, mem_fd, prefetch=prefetch,
+                server = SnapshotServer(uffd, regions, source, prefetch=prefetch,
                                         record=record is not None,
                                         record_seconds=record_seconds)
                 try:
@@ -91,7 +92,7 @@ def serve_one(listener: socket.socket, mem_file: str, *, working_set: str | None
                     uffd.close()
                 return stats.as_dict()
     finally:
-        os.close(mem_fd)
+        source.close()
 
 
 def main(argv: list[str]) -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import select
 import socket
 import time
@@ -48,6 +47,7 @@ import numpy.typing as npt
 from vmmswap.dataplane.page_fill import Bounce, copy_run
 from vmmswap.dataplane.readahead import DOWN, Readahead
 from vmmswap.snapshot.handshake import RegionMapping
+from vmmswap.snapshot.source import MemorySource
 from vmmswap.uffd.errors import MappingChangingError, PageExistsError, PartialFillError
 from vmmswap.uffd.events import PageFault, Remove, Unmap
 from vmmswap.uffd.userfaultfd import Userfaultfd
@@ -121,18 +121,18 @@ class Region:
 
 
 class SnapshotServer:
-    """Serves one VMM's faults from ``mem_fd`` (see the module docstring).
+    """Serves one VMM's faults from ``source`` (see the module docstring).
 
     ``prefetch`` is an array of 4 KiB page numbers of the memory file (a working set) to fill
     ahead of demand; ``record`` keeps a bitmap of the file's pages served on demand, for
     :meth:`recorded_pages`, until ``record_seconds`` after the first fault (None: until the end).
     """
 
-    def __init__(self, uffd: Userfaultfd, mappings: list[RegionMapping], mem_fd: int, *,
+    def __init__(self, uffd: Userfaultfd, mappings: list[RegionMapping], source: MemorySource, *,
                  prefetch: npt.NDArray[np.uint64] | None = None, record: bool = False,
                  record_seconds: float | None = None) -> None:
         self.uffd = uffd
-        self.mem_fd = mem_fd
+        self.source = source
         self.regions = sorted((Region(m) for m in mappings), key=lambda r: r.base)
         self._bases = [r.base for r in self.regions]
         self.stats = ServeStats()
@@ -273,11 +273,11 @@ class SnapshotServer:
 
     def _read(self, region: Region, first: int, count: int) -> None:
         length = count * region.page_size
-        view = self._bounce.view[:length]
-        got = os.preadv(self.mem_fd, [view], region.file_offset(first))
-        if got != length:
-            raise ServeError(f"memory file short read at {region.file_offset(first):#x}: "
-                             f"{got} of {length} bytes")
+        try:
+            self.source.read_into(region.file_offset(first), self._bounce.view[:length])
+        except OSError as err:
+            raise ServeError(f"memory source failed at {region.file_offset(first):#x} "
+                             f"({length} bytes): {err}") from err
 
     def _fill_file(self, region: Region, first: int, count: int, *, focus: int) -> int:
         """COPY file pages ``[first, first + count)``; returns the pages settled from ``first``.

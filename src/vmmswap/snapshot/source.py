@@ -1,0 +1,74 @@
+"""Where a snapshot's memory bytes come from: the seam between the handler and its storage.
+
+The handler (:mod:`vmmswap.snapshot.server`) asks for byte ranges of the *memory file* -- guest
+memory region after region, Firecracker's layout -- and never cares whether they come from a
+local file, a base snapshot with a diff overlaid on it, or chunks fetched from an object store.
+Each of those is a :class:`MemorySource`.
+
+The contract that keeps data safe: :meth:`MemorySource.read_into` fills the *whole* view with the
+snapshot's bytes or raises. It never returns short, and never fills a range it could not read
+with zeros: a source that cannot get a byte (a store unreachable, a chunk failing its hash)
+blocks or raises, and the handler leaves the fault unanswered.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol, runtime_checkable
+
+
+class SourceError(OSError):
+    """The source cannot provide the bytes asked for; nothing was served from them."""
+
+
+@runtime_checkable
+class MemorySource(Protocol):
+    """A read-only view of a snapshot's memory file."""
+
+    @property
+    def size(self) -> int:
+        """Bytes in the memory file (the handshake's regions must lie inside)."""
+        ...
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill all of ``view`` with the bytes at ``offset``, or raise (SourceError/OSError)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the source holds; reads after close are an error."""
+        ...
+
+
+class FileSource:
+    """A memory file on a local file system, read with ``preadv`` (holes read as zeros)."""
+
+    def __init__(self, fd: int, *, owned: bool = False) -> None:
+        self._fd = fd
+        self._owned = owned
+        self._size = os.fstat(fd).st_size
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> FileSource:
+        return cls(os.open(path, os.O_RDONLY | os.O_CLOEXEC), owned=True)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got == 0:
+                raise SourceError(f"memory file short read at {offset + done:#x}: "
+                                  f"{done} of {len(view)} bytes (the file ends at "
+                                  f"{self._size:#x})")
+            done += got
+
+    def close(self) -> None:
+        if self._owned and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
