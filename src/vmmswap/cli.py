@@ -4,7 +4,7 @@
     vmmswap trim [--wait] SOCKET
     vmmswap out [--wait] SOCKET
     vmmswap disable [--slow-file-cleanup] [--wait] SOCKET
-    vmmswap status [--watch [SECONDS]] SOCKET
+    vmmswap status [--watch [SECONDS]] [--format json|prometheus] [--output FILE] SOCKET
     vmmswap demo [...]            (the micro-VM demo; --linux or --guest memtest86+ for others)
     vmmswap serve-snapshot [...]  (a Firecracker-compatible page-fault handler)
 
@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Final, TextIO
 
+from vmmswap.control.prometheus import render as render_prometheus
+from vmmswap.control.prometheus import write_textfile
 from vmmswap.control.protocol import (
     Command,
     ErrorKind,
@@ -202,6 +204,19 @@ def _watch(client: Client, interval: float, out: TextIO) -> int:
         return EXIT_OK
 
 
+def _print_status(status: SwapStatus, fmt: str, output: str | None, out: TextIO) -> int:
+    text = render_prometheus(status) if fmt == "prometheus" else status.to_json() + "\n"
+    if output is None:
+        out.write(text)
+        return EXIT_OK
+    try:
+        write_textfile(output, text)
+    except OSError as err:
+        print(f"vmmswap status: cannot write {output}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 # --- entry point --------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -229,6 +244,12 @@ def _parser() -> argparse.ArgumentParser:
     p = add("status", "Get vmm-swap status of a VM (JSON, one line).")
     p.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
                    help="refresh a human-readable table every SECONDS (default 1)")
+    p.add_argument("--format", choices=("json", "prometheus"), default="json",
+                   help="json: crosvm's one line (default); prometheus: the text exposition "
+                   "format (vmmswap_ metrics in base units)")
+    p.add_argument("--output", metavar="FILE",
+                   help="write to FILE atomically instead of stdout (for a node exporter's "
+                   "textfile collector)")
     sub.add_parser("demo", help="run the micro-VM demo (--linux / --guest memtest86+: "
                    "boot that guest)",
                    add_help=False)
@@ -307,8 +328,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         req = Request(command, getattr(args, "slow_file_cleanup", False))
         response = client.send(req)
         if command is Command.STATUS and response.ok and response.status is not None:
-            print(response.status.to_json(), file=out)
-            return EXIT_OK
+            return _print_status(response.status, args.format, args.output, out)
         if not response.ok:
             state = f" (state {response.status.state})" if response.status else ""
             print(f"vmmswap {command}: {response.message}{state}", file=sys.stderr)
