@@ -12,31 +12,16 @@
 # CI machines that may lack apt; the tests then skip with a reason).
 set -euo pipefail
 
-force=0
-best_effort=0
-for arg in "$@"; do
-    case "$arg" in
-        --force) force=1 ;;
-        --best-effort) best_effort=1 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-        *) echo "fetch-linux-guest: unknown option $arg" >&2; exit 2 ;;
-    esac
-done
+fetch_name=fetch-linux-guest
+fetch_help_lines=2,13
+# shellcheck source=lib/fetch-common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/fetch-common.sh"
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${VMMSWAP_LINUX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmmswap/linux}
 init_script=$repo/src/vmmswap/vm/linux/init.sh
 builder=$repo/src/vmmswap/vm/linux/initramfs.py
 python=${PYTHON:-python3}
-
-fail() {
-    echo "fetch-linux-guest: $*" >&2
-    if [ "$best_effort" = 1 ]; then
-        echo "fetch-linux-guest: continuing without the Linux guest (--best-effort)" >&2
-        exit 0
-    fi
-    exit 1
-}
 
 init_hash=$(sha256sum "$init_script" | cut -d' ' -f1)
 builder_hash=$(sha256sum "$builder" | cut -d' ' -f1)
@@ -66,15 +51,7 @@ if [ "$force" = 0 ] && [ -s "$cache/bzImage" ] && [ -x "$cache/busybox" ] \
     exit 0
 fi
 
-command -v apt-get >/dev/null || fail "apt-get not found: this needs a Debian-based machine"
-command -v dpkg-deb >/dev/null || fail "dpkg-deb not found"
-mkdir -p "$cache"
-work=$(mktemp -d "$cache/.fetch.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-
-apt_opts=()
-# As root, apt drops to the _apt user for downloads and warns that it cannot write here.
-[ "$(id -u)" = 0 ] && apt_opts+=(-o APT::Sandbox::User=root)
+fetch_workdir "$cache"
 
 # Resolves the metapackage to the real kernel package (e.g. linux-image-6.1.0-50-amd64).
 resolve_kernel() {
@@ -90,14 +67,7 @@ if [ -z "$kernel_pkg" ]; then
 fi
 [ -n "$kernel_pkg" ] || fail "cannot resolve linux-image-amd64 to a linux-image-*-amd64 package"
 
-download() {
-    (cd "$work" && apt-get "${apt_opts[@]}" download -qq "$@")
-}
-if ! download "$kernel_pkg" busybox-static; then
-    echo "fetch-linux-guest: download failed, running apt-get update and trying again"
-    apt-get "${apt_opts[@]}" update -qq || fail "apt-get update failed"
-    download "$kernel_pkg" busybox-static || fail "apt-get download $kernel_pkg busybox-static failed"
-fi
+fetch_download "$kernel_pkg" busybox-static
 
 dpkg-deb -x "$work"/"$kernel_pkg"_*.deb "$work/kernel"
 dpkg-deb -x "$work"/busybox-static_*.deb "$work/busybox"
