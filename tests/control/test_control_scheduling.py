@@ -54,15 +54,25 @@ def _events(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+
+def _logged_vmm(make_vmm: Callable[..., TestVmm], swap_dir: Path, log: Path, *, seed: int,
+                **inject: str) -> tuple[TestVmm, Model]:
+    """A VMM on the injecting monitor (``inject`` plus the event log at ``log``), without
+    readahead so every fault is one event, with 4 MiB + 2 MiB written (seeds ``seed`` and
+    ``seed + 1``)."""
+    vmm = make_vmm(**INJECT, **inject, INJECT_EVENT_LOG=str(log))
+    vmm.launch(swap_dir, readahead=False)
+    model = Model(vmm)
+    model.write(0, 0, 4 * MIB, seed=seed)
+    model.write(1, 0, 2 * MIB, seed=seed + 1)
+    return vmm, model
+
+
 @REAL_ONLY
 def test_out_yields_to_a_fault_between_chunks(
         make_vmm: Callable[..., TestVmm], swap_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "events"
-    vmm = make_vmm(**INJECT, INJECT_OUT_CHUNK_DELAY_MS="150", INJECT_EVENT_LOG=str(log))
-    vmm.launch(swap_dir, readahead=False)
-    model = Model(vmm)
-    model.write(0, 0, 4 * MIB, seed=3)
-    model.write(1, 0, 2 * MIB, seed=4)
+    vmm, model = _logged_vmm(make_vmm, swap_dir, log, seed=3, INJECT_OUT_CHUNK_DELAY_MS="150")
     vmm.ok("enable")
     vmm.ok("out", wait=False)
     deadline = time.monotonic() + 30
@@ -109,11 +119,7 @@ def test_background_work_is_not_starved_by_faults_that_never_pause(
     are served, so a fault is always waiting. Swap-out and swap-in must still make progress
     while the faults go on (found by the torture harness: a disable waited for ever)."""
     log = tmp_path / "events"
-    vmm = make_vmm(**INJECT, INJECT_FAULT_DELAY_MS="5", INJECT_EVENT_LOG=str(log))
-    vmm.launch(swap_dir, readahead=False)
-    model = Model(vmm)
-    model.write(0, 0, 4 * MIB, seed=5)
-    model.write(1, 0, 2 * MIB, seed=6)
+    vmm, model = _logged_vmm(make_vmm, swap_dir, log, seed=5, INJECT_FAULT_DELAY_MS="5")
     vmm.ok("enable")
     if phase == "in":
         vmm.ok("out")

@@ -92,11 +92,18 @@ class HostCommands:
             error = self._teardown(error)
         return {**self._result(error), "seconds": round(time.monotonic() - start, 3)}
 
-    def launch(self, memory: GuestMemory, readahead: bool, inject: dict[str, str]) -> None:
+    def launch(self, memory: GuestMemory, readahead: bool,
+               inject: dict[str, str] | None = None) -> None:
         """Launch the monitor on the scenario's swap dir (the tiny one when the disk is to
-        be full); with ``inject`` (INJECT_* settings) the fault-injecting test monitor."""
+        be full); with INJECT_* settings (``inject``, plus the torn write of ``eio_at``) the
+        fault-injecting test monitor."""
         swap_dir = self.options.small_swap_dir if self.disk_full else self.options.swap_dir
         assert swap_dir is not None
+        inject = dict(inject or {})
+        if self.eio_at:
+            self.stats.eio_scenarios = 1
+            self.note(f"swap-file write {self.eio_at} will tear with EIO")
+            inject["INJECT_EIO_PWRITE_AT"] = str(self.eio_at)
         if not inject:
             self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
                                              on_monitor_died=None)

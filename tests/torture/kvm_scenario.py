@@ -72,12 +72,7 @@ class KvmScenario(HostCommands):
         self.ranges = own
         w = vm.workload
         readahead = self.rng.random() < 0.8
-        inject = {}
-        if self.eio_at:
-            self.stats.eio_scenarios = 1
-            self.note(f"swap-file write {self.eio_at} will tear with EIO")
-            inject["INJECT_EIO_PWRITE_AT"] = str(self.eio_at)
-        self.launch(vm.memory, readahead, inject)
+        self.launch(vm.memory, readahead)
         vm.start()
         w.timeout = TIMEOUT
         shared_len = OWN - SHARED

@@ -104,10 +104,6 @@ class Scenario(HostCommands):
                                                      self.versions[i:i + 1]).tobytes())
         readahead = self.rng.random() < 0.8
         inject = {}
-        if self.eio_at:
-            self.stats.eio_scenarios = 1
-            self.note(f"swap-file write {self.eio_at} will tear with EIO")
-            inject["INJECT_EIO_PWRITE_AT"] = str(self.eio_at)
         if self.fault_delay_ms:
             self.note(f"every fault waits {self.fault_delay_ms} ms in the monitor")
             inject["INJECT_FAULT_DELAY_MS"] = str(self.fault_delay_ms)
