@@ -27,11 +27,10 @@ import errno
 import importlib
 import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from vmmswap.control.monitor import default_handler_factory
-from vmmswap.dataplane.guest_memory import RegionSpec
+from vmmswap.control.monitor_resume import HandlerSetup
 
 
 class Injected:
@@ -106,13 +105,13 @@ class _LoggedSwapIn:
         return pages
 
 
-def factory(regions: Sequence[tuple[RegionSpec, int]], swap_fd: int, readahead: bool) -> Any:
+def factory(setup: HandlerSetup) -> Any:
     base = os.environ.get("INJECT_BASE", "")
     if base:
         module, _, name = base.partition(":")
-        inner = getattr(importlib.import_module(module), name)(regions, swap_fd, readahead)
+        inner = getattr(importlib.import_module(module), name)(setup)
     else:
-        inner = default_handler_factory(regions, swap_fd, readahead)
+        inner = default_handler_factory(setup)
     pwrite_at = int(os.environ.get("INJECT_EIO_PWRITE_AT", "0"))
     if pwrite_at > 0:
         _fail_pwrite(inner, pwrite_at)
