@@ -177,6 +177,8 @@ class KeptDescriptors:
     #: Device processes: pid -> (uffd, pidfd), from the keeper socket.
     devices: dict[int, tuple[int, int]] = field(default_factory=dict)
     keeper: socket.socket | None = None
+    #: The guest memory whose discards are announced in the page state.
+    memory: GuestMemory | None = None
     #: pidfds received and not yet handed to the watch.
     unwatched: list[int] = field(default_factory=list)
 
@@ -195,6 +197,11 @@ class KeptDescriptors:
                 state_module = importlib.import_module("vmmswap.dataplane.page_state")
                 kept.page_state = state_module.PageState.create(tuple(memory.specs()),
                                                                 page_size)
+                # A discard is written down in the page state before it is made: a monitor
+                # killed after reading its REMOVE leaves the mark for its successor.
+                log = importlib.import_module("vmmswap.dataplane.discard_log")
+                memory.set_discard_hook(log.DiscardLog(kept.page_state).announce)
+                kept.memory = memory
         except BaseException:
             kept.close(keep_swap=True)
             raise
@@ -263,6 +270,9 @@ class KeptDescriptors:
         self.keeper = sock
 
     def close(self, keep_swap: bool = False) -> None:
+        if self.memory is not None:
+            self.memory.set_discard_hook(None)
+            self.memory = None
         if self.keeper is not None:
             self.keeper.close()
             self.keeper = None
