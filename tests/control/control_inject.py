@@ -18,17 +18,24 @@ handler it wraps comes from ``INJECT_BASE`` ("module:function", or empty for the
 * ``INJECT_EVENT_LOG=PATH``: append one line per event to PATH (``out-begin``, ``out-end N``,
   ``in-step N``, ``fault ADDR``), in the order the monitor handled them, for tests of that order;
 * ``INJECT_BUG_REMOVE=1``: every REMOVE event raises RuntimeError -- a bug, not an I/O error:
-  the monitor must survive it and keep serving faults.
+  the monitor must survive it and keep serving faults;
+* ``INJECT_SLOW_MOVE_MS=T``: the move to staging waits T ms first (the VMM is frozen and the
+  control area says the move began: a monitor killed then leaves a half-done enable);
+* negative controls of the restart, for a successor monitor: ``INJECT_SKIP_WAKE=1`` skips the
+  UFFDIO_WAKE of every range; ``INJECT_FRESH_ON_RESUME=1`` builds a fresh handler instead of
+  resuming the page state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
 import os
 import time
 from typing import Any
 
+from vmmswap.control import monitor
 from vmmswap.control.monitor import default_handler_factory
 from vmmswap.control.monitor_resume import HandlerSetup
 
@@ -83,6 +90,7 @@ class Injected:
         self._inner.handle_remove(start, end)
 
     def move_to_staging(self) -> int:
+        time.sleep(float(os.environ.get("INJECT_SLOW_MOVE_MS", "0")) / 1000)
         moved: int = self._inner.move_to_staging()
         if self._move:
             raise OSError(errno.EIO, f"injected failure after moving {moved} pages")
@@ -106,6 +114,10 @@ class _LoggedSwapIn:
 
 
 def factory(setup: HandlerSetup) -> Any:
+    if setup.resume and os.environ.get("INJECT_SKIP_WAKE") == "1":
+        monitor.wake_all = lambda *_: 0  # looked up at call time, after this factory ran
+    if setup.resume and os.environ.get("INJECT_FRESH_ON_RESUME") == "1":
+        setup = dataclasses.replace(setup, resume=False)
     base = os.environ.get("INJECT_BASE", "")
     if base:
         module, _, name = base.partition(":")

@@ -19,6 +19,7 @@ descriptor would do: silent data loss). See :class:`MonitorDiedError`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -277,6 +278,44 @@ class SwapController:
         if spare is not None and spare.process.poll() is not None:
             spare.close()
             spare = None
+        init = InitRequest(tuple(self._memory.specs()), os.getpid(), self._readahead,
+                           self.control_socket, keeper=True, control_area=True,
+                           restart_state=self._kept.restart_state,
+                           resume=ResumeInfo(len(self._deaths) + 1, died_at))
+        if spare is not None:
+            try:
+                process, ours, keeper_ours = self._start_successor(init, spare)
+            except (OSError, _SuccessorDiedError) as err:
+                # The spare died before it was needed (killed with the monitor, say): it never
+                # served anything, so it is no death of the VMM's monitor. Start one afresh.
+                _log.warning("the spare monitor could not take over (%s); starting one", err)
+                process, ours, keeper_ours = self._start_successor(init, None)
+        else:
+            process, ours, keeper_ours = self._start_successor(init, None)
+        seconds = time.monotonic() - died_at
+        with self._lock:
+            old, self._sock, self._process = self._sock, ours, process
+            old.close()
+        self._kept.replace_keeper(keeper_ours)
+        assert self._watch is not None
+        self._watch.set_keeper(keeper_ours.fileno())
+        with self._changed:
+            self._deaths.append(died_at)
+            self._generation += 1
+            self._changed.notify_all()
+        self._start_spare()
+        message = ""
+        # Straight to the socket: this thread is the one that would start a next successor,
+        # so it must not wait for one as _request does.
+        with contextlib.suppress(OSError, ProtocolError), self._lock:
+            answer = request(self._sock, Request(Command.STATUS))
+            message = (answer.status.error if answer.status is not None else None) or ""
+        return MonitorRestart(len(self._deaths), dead_pid, code, process.pid, seconds, message)
+
+    def _start_successor(self, init: InitRequest, spare: Spare | None,
+                         ) -> tuple[subprocess.Popen[bytes], socket.socket, socket.socket]:
+        """Start (or wake the spare as) the successor and wait until it serves; its process,
+        its socket and the VMM's end of its keeper socket."""
         if spare is None:
             ours, theirs = seqpacket_pair()
             try:
@@ -292,10 +331,7 @@ class SwapController:
         try:
             fds, pids = self._kept.init_fds(self._uffd.fileno(), keeper_theirs.fileno(),
                                             self._memory.memfds())
-            init = InitRequest(tuple(self._memory.specs()), os.getpid(), self._readahead,
-                               self.control_socket, keeper=True, control_area=True,
-                               restart_state=self._kept.restart_state, devices=tuple(pids),
-                               resume=ResumeInfo(len(self._deaths) + 1, died_at))
+            init = dataclasses.replace(init, devices=tuple(pids))
             _handshake(ours, process, init, fds, resume=True)
         except BaseException:
             ours.close()
@@ -304,22 +340,7 @@ class SwapController:
             raise
         finally:
             keeper_theirs.close()
-        seconds = time.monotonic() - died_at
-        with self._lock:
-            old, self._sock, self._process = self._sock, ours, process
-            old.close()
-        self._kept.replace_keeper(keeper_ours)
-        assert self._watch is not None
-        self._watch.set_keeper(keeper_ours.fileno())
-        with self._changed:
-            self._deaths.append(died_at)
-            self._generation += 1
-            self._changed.notify_all()
-        self._start_spare()
-        message = ""
-        with contextlib.suppress(SwapError, OSError):
-            message = self.status().error or ""
-        return MonitorRestart(len(self._deaths), dead_pid, code, process.pid, seconds, message)
+        return process, ours, keeper_ours
 
     def _await_successor(self, generation: int, timeout: float = 2 * LAUNCH_TIMEOUT) -> bool:
         """After a request lost its answer: wait until a successor serves (True) or the
