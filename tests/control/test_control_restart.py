@@ -8,6 +8,7 @@ fault stuck, one that rebuilds instead of resuming the page state returns wrong 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -17,6 +18,8 @@ from typing import Any
 
 import pytest
 from control_helpers import MIB, Model, TestVmm, pid_alive, wait_gone
+
+from vmmswap.control.freeze import thread_states
 
 pytestmark = pytest.mark.timeout(180)
 INJECT = {"VMMSWAP_TEST_HANDLER_FACTORY": "control_inject:factory", "INJECT_BASE": ""}
@@ -238,4 +241,57 @@ def test_a_device_uffd_is_kept_by_the_vmm_and_served_by_the_successor(
     while pid in _restarts(vmm)["kept_devices"]:
         assert time.monotonic() < deadline + 20, "the exited device's uffd was never dropped"
         time.sleep(0.02)
+    model.verify()
+
+
+def test_an_enable_killed_during_the_move_is_reported_and_consistent(
+        real_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
+    """The VMM is frozen and the control area says the move began when the monitor dies: the
+    thaw guard resumes the VMM, the successor serves in Pending, the enable is reported as
+    interrupted (not redone), and every page is intact."""
+    vmm = real_vmm(**INJECT, INJECT_SLOW_MOVE_MS="2500")
+    monitor = vmm.launch(swap_dir)
+    model = Model(vmm)
+    model.write(0, 0, 2 * MIB, seed=21)
+    assert vmm.proc.stdin is not None
+    vmm.proc.stdin.write(json.dumps({"op": "enable"}) + "\n")
+    vmm.proc.stdin.flush()
+    deadline = time.monotonic() + 20
+    while not all(s == "T" for s in thread_states(vmm.pid).values()):
+        assert time.monotonic() < deadline, "enable never froze the VMM"
+        time.sleep(0.01)
+    os.kill(monitor, signal.SIGKILL)
+    result = vmm._readline(60)
+    assert not result["ok"] and result["error"] == "MonitorRestartedError", result
+    assert "enable was interrupted" in result["message"]
+    status = vmm.ok("status")["status"]
+    assert status["state"] == "Pending" and "run enable again" in status["error"], status
+    model.verify()
+    assert vmm.ok("enable")["status"]["state"] == "Pending"
+    model.verify()
+    assert vmm.ok("disable")["status"]["state"] == "Ready"
+    model.verify()
+
+
+def test_an_out_killed_midway_is_resumed_by_the_successor(
+        real_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
+    vmm = real_vmm(**INJECT, INJECT_OUT_CHUNK_DELAY_MS="400")
+    vmm.launch(swap_dir)
+    model = Model(vmm)
+    model.write(0, 0, 4 * MIB, seed=31)
+    model.write(1, 0, 2 * MIB, seed=32)
+    vmm.ok("enable")
+    assert vmm.ok("out", wait=False)["status"]["state"] == "SwapOutInProgress"
+    time.sleep(0.6)  # the first chunk is written, the second in its delay
+    _kill_monitor(vmm)
+    _wait_restarts(vmm, 1)
+    status = vmm.ok("status")["status"]
+    assert status["state"] in ("SwapOutInProgress", "Active"), status
+    deadline = time.monotonic() + 30
+    while status["state"] != "Active":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+        status = vmm.ok("status")["status"]
+    assert status["metrics"]["swap_pages"] == 6 * MIB // 4096 and \
+        status["metrics"]["staging_pages"] == 0, status
     model.verify()
