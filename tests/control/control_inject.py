@@ -21,6 +21,10 @@ handler it wraps comes from ``INJECT_BASE`` ("module:function", or empty for the
   the monitor must survive it and keep serving faults;
 * ``INJECT_SLOW_MOVE_MS=T``: the move to staging waits T ms first (the VMM is frozen and the
   control area says the move began: a monitor killed then leaves a half-done enable);
+* ``INJECT_CRASH_AT=N`` with ``INJECT_CRASH_TOKEN=PATH``: the monitor SIGKILLs itself at the
+  N-th data-plane crash point it passes (``dataplane.crash_points``: between two steps of a
+  state change) -- once per token: the process that manages to unlink PATH dies, so a
+  successor inheriting the setting does not die again unless the test re-creates the file;
 * negative controls of the restart, for a successor monitor: ``INJECT_SKIP_WAKE=1`` skips the
   UFFDIO_WAKE of every range; ``INJECT_FRESH_ON_RESUME=1`` builds a fresh handler instead of
   resuming the page state.
@@ -32,12 +36,14 @@ import dataclasses
 import errno
 import importlib
 import os
+import signal
 import time
 from typing import Any
 
 from vmmswap.control import monitor
 from vmmswap.control.monitor import default_handler_factory
 from vmmswap.control.monitor_resume import HandlerSetup
+from vmmswap.dataplane import crash_points
 
 
 class Injected:
@@ -113,7 +119,35 @@ class _LoggedSwapIn:
         return pages
 
 
+_CRASH_HOOKED = False
+
+
+def _arm_crash() -> None:
+    """Install the self-kill at the N-th crash point (see INJECT_CRASH_AT), once."""
+    global _CRASH_HOOKED
+    at, token = int(os.environ.get("INJECT_CRASH_AT", "0")), os.environ.get("INJECT_CRASH_TOKEN")
+    if _CRASH_HOOKED or at <= 0 or not token:
+        return
+    _CRASH_HOOKED = True
+    passed = 0
+
+    def hook(_name: str) -> None:
+        nonlocal passed
+        passed += 1
+        if passed < at:
+            return
+        try:
+            os.unlink(token)
+        except OSError:
+            return  # disarmed, or another monitor took the token
+        os.write(2, f"injected: monitor {os.getpid()} killed at crash point {_name}\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    crash_points.set_hook(hook)
+
+
 def factory(setup: HandlerSetup) -> Any:
+    _arm_crash()
     if setup.resume and os.environ.get("INJECT_SKIP_WAKE") == "1":
         monitor.wake_all = lambda *_: 0  # looked up at call time, after this factory ran
     if setup.resume and os.environ.get("INJECT_FRESH_ON_RESUME") == "1":

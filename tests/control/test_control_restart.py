@@ -260,6 +260,7 @@ def test_an_enable_killed_during_the_move_is_reported_and_consistent(
     while not all(s == "T" for s in thread_states(vmm.pid).values()):
         assert time.monotonic() < deadline, "enable never froze the VMM"
         time.sleep(0.01)
+    time.sleep(0.5)  # registered, and the area says the move began (it waits 2.5 s first)
     os.kill(monitor, signal.SIGKILL)
     result = vmm._readline(60)
     assert not result["ok"] and result["error"] == "MonitorRestartedError", result

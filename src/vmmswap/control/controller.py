@@ -188,6 +188,12 @@ class SwapController:
         #: time.monotonic() of every death a successor took over from.
         self._deaths: list[float] = []
         self._spare: Spare | None = None
+        #: Held while a spare is being started, and to announce an enable: an enable's freeze
+        #: must never meet a half-started process (the child of vfork, stopped before its
+        #: exec, keeps the starting thread in D and the freeze times out).
+        self._spawn_lock = threading.Lock()
+        self._enabling = 0
+        self._spare_wanted = False
         self._watch: MonitorWatch | None = None
         if on_monitor_died is not None or restart_policy.max_restarts > 0:
             # A weak reference: the watch must not keep a dropped controller alive (its
@@ -213,12 +219,19 @@ class SwapController:
 
     # --- a monitor's death ----------------------------------------------------------------------
     def _start_spare(self) -> None:
-        if not self.policy.spare or self.policy.max_restarts <= 0 or self._spare is not None:
+        if not self.policy.spare or self.policy.max_restarts <= 0:
             return
-        try:
-            self._spare = Spare.start(self._command)
-        except OSError as err:
-            _log.warning("no spare monitor (a restart will take longer): %s", err)
+        with self._spawn_lock:
+            if self._spare is not None or self._closed or self._closing or self._dead:
+                return
+            if self._enabling:
+                self._spare_wanted = True  # started when the enable is over
+                return
+            self._spare_wanted = False
+            try:
+                self._spare = Spare.start(self._command)
+            except OSError as err:
+                _log.warning("no spare monitor (a restart will take longer): %s", err)
 
     def _monitor_exited(self, died_at: float) -> int | None:
         """From the watch thread: the monitor is gone. Start a successor (its pid is
@@ -513,7 +526,16 @@ class SwapController:
         MonitorRestartedError if the monitor died during it (the successor's status says
         where it left off).
         """
-        return self._call(Command.ENABLE)
+        with self._spawn_lock:
+            self._enabling += 1
+        try:
+            return self._call(Command.ENABLE)
+        finally:
+            with self._spawn_lock:
+                self._enabling -= 1
+                wanted = self._spare_wanted and not self._enabling
+            if wanted:
+                self._start_spare()
 
     def trim(self, wait: bool = False, timeout: float | None = None) -> SwapStatus:
         """Drop staging pages that are zero or already in the swap file (state Pending only)."""

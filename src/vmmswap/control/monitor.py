@@ -81,6 +81,7 @@ from vmmswap.control.status import SwapState, SwapStatus
 from vmmswap.control.swap_cleanup import FileTruncator
 from vmmswap.control.thaw_guard import ThawGuard
 from vmmswap.control.thp_restore import HugePageRestorer
+from vmmswap.dataplane import discard_log
 from vmmswap.dataplane.guest_memory import (
     memfd_page_size,
     resident_bytes,
@@ -242,7 +243,15 @@ class Monitor:
                            witness=self._thaw_guard)
 
     def register_all(self) -> None:
+        """A fresh enable's registration (VMM tree frozen). Discards announced before it
+        never made a REMOVE event (nothing was registered), so their marks in the page state
+        would never be cleared, and a successor would apply them to pages written and moved
+        since: zero pages (found by the torture harness). Those discards are done (their
+        pages are holes, which the move skips) or wait frozen before their madvise, whose
+        REMOVE now arrives: every mark can go."""
         self.uffds.register_all()
+        if self.page_state is not None:
+            discard_log.clear(self.page_state, 0, self.page_state.num_pages)
 
     def unregister_all(self) -> None:
         self.uffds.unregister_all()
