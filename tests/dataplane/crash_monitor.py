@@ -22,6 +22,7 @@ import select
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from vmmswap.dataplane import crash_points, move
@@ -37,17 +38,27 @@ from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 MAX_MESSAGE = 1 << 16
 
 
-def _serve(handler: PageHandler, uffd: Userfaultfd, stop_fd: int) -> None:
-    """Serve faults and REMOVE events until the stop pipe is closed (or 20 s pass)."""
+def _serve(handler: PageHandler, uffd: Userfaultfd, stop_fd: int,
+           work: Iterator[None] | None = None) -> None:
+    """Serve faults and REMOVE events until the stop pipe is closed (or 20 s pass idle);
+    between rounds without events, run one step of ``work`` (as the monitor does)."""
     poller = select.poll()
     poller.register(uffd.fileno(), select.POLLIN)
     poller.register(stop_fd, select.POLLIN)
+    stopped = False
     while True:
-        ready = dict(poller.poll(20_000))
-        if not ready:
-            return
+        ready = dict(poller.poll(0 if work is not None else 20_000))
+        if stop_fd in ready:
+            stopped = True
+            poller.unregister(stop_fd)
         if uffd.fileno() not in ready:
-            return  # stopped, nothing pending
+            if work is not None:
+                if next(work, StopIteration) is StopIteration:
+                    work = None
+                continue
+            if stopped or not ready:
+                return
+            continue
         events = collections.deque(uffd.read_events())
         while events:
             event = events.popleft()
@@ -60,6 +71,18 @@ def _serve(handler: PageHandler, uffd: Userfaultfd, stop_fd: int) -> None:
                     handler.handle_page_fault(uffd, event.address, event.write)
                 except MappingChangingError:
                     events.extendleft(reversed([*uffd.read_events(), event]))
+
+
+def _mixed_work(handler: PageHandler, uffd: Userfaultfd, step: int) -> Iterator[None]:
+    """Swap-out chunks, a trim, then a swap-in, a step at a time (faults served between)."""
+    while handler.swap_out(step * PAGE_SIZE) > 0:
+        yield
+    trim = handler.start_trim()
+    while trim.trim_pages(step) is not None:
+        yield
+    swap_in = handler.start_swap_in()
+    while swap_in.swap_in(uffd, step * PAGE_SIZE) > 0:
+        yield
 
 
 def _child(cfg: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
@@ -99,6 +122,8 @@ def _child(cfg: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
             pass
     elif op == "serve":
         _serve(handler, uffd, stop_fd)
+    elif op == "mixed":
+        _serve(handler, uffd, stop_fd, _mixed_work(handler, uffd, step))
     else:
         raise ValueError(f"unknown op {op}")
     sock.send(json.dumps({"done": True, "hits": len(hits), "names": hits}).encode())

@@ -183,10 +183,25 @@ class Trial:
 
     # --- the operation in a child that dies -----------------------------------------------------
     def run(self, op: str, kill_at: int, *, wrong_order: bool = False,
-            kill_after: float | None = None, workers: int = 2) -> Outcome:
+            kill_after: float | None = None, workers: int = 2,
+            then_kill_at: int | None = None) -> Outcome:
+        """Run ``op`` in a child killed at ``kill_at``; with ``then_kill_at``, run it again in a
+        second child (a successor that dies too) before this process resumes and checks."""
+        outcome, pending, reply = self.run_child(op, kill_at, wrong_order=wrong_order,
+                                                 kill_after=kill_after, workers=workers)
+        if then_kill_at is not None:
+            assert not pending
+            second, _, _ = self.run_child(op, then_kill_at, workers=workers)
+            outcome.killed_at = f"{outcome.killed_at}, then {second.killed_at}"
+        self.check(outcome, pending, reply)
+        return outcome
+
+    def run_child(self, op: str, kill_at: int, *, wrong_order: bool = False,
+                  kill_after: float | None = None, workers: int = 2
+                  ) -> tuple[Outcome, bool, dict[str, Any] | None]:
         outcome = Outcome()
         stop_r, stop_w = os.pipe()
-        cfg = {"op": "serve" if op.startswith("serve") else op, "kill_at": kill_at,
+        cfg = {"op": "serve" if op.startswith("serve_") else op, "kill_at": kill_at,
                "workers": workers, "wrong_order": wrong_order,
                "regions": [[s.guest_addr, s.host_addr, s.size] for s in self.specs],
                "readahead": self.rng.random() < 0.7, "step_pages": self.rng.choice([1, 3, 8])}
@@ -195,7 +210,7 @@ class Trial:
         socket.send_fds(self.forks.sock, [json.dumps(cfg).encode()], fds)
         os.close(stop_r)
         pending = False
-        if op == "serve_faults":
+        if op in ("serve_faults", "mixed"):
             # The later region first: the pages staged last are served by the dead monitor.
             ranges = [[s.host_addr, s.size // P] for s in reversed(self.specs)]
             self.vmm.sock.send(json.dumps({"op": "digests_many", "ranges": ranges}).encode())
@@ -246,8 +261,7 @@ class Trial:
                     exited = True
         if stop_w >= 0:
             os.close(stop_w)
-        self.check(outcome, pending, reply)
-        return outcome
+        return outcome, pending, reply
 
     # --- the successor ----------------------------------------------------------------------------
     def check(self, outcome: Outcome, pending: bool, reply: dict[str, Any] | None) -> None:
@@ -328,7 +342,11 @@ def _trial(agent: Vmm, forks: ForkServer, tmp_path: Path, op: str, seed: int, ki
         trial.close()
 
 
-OPS = ["move", "out", "trim", "swapin", "serve_faults", "serve_remove"]
+OPS = ["move", "out", "trim", "swapin", "serve_faults", "serve_remove", "mixed"]
+
+
+#: Injected kill points per operation (spread evenly over the points it passes).
+BUDGET = 32
 
 
 def _kill_points(hits: int, budget: int) -> list[int]:
@@ -346,7 +364,7 @@ def test_crash_at_every_step(agent: Vmm, fork_server: ForkServer, tmp_path: Path
     assert dry.hits > 0
     failures = []
     kills = 0
-    for k in _kill_points(dry.hits, 24):
+    for k in _kill_points(dry.hits, BUDGET):
         out = _trial(agent, fork_server, tmp_path, op, seed, k)
         kills += out.killed_at is not None
         failures += [f"kill {k} at {out.killed_at}: {w}" for w in out.wrong]
@@ -355,7 +373,7 @@ def test_crash_at_every_step(agent: Vmm, fork_server: ForkServer, tmp_path: Path
         out = _trial(agent, fork_server, tmp_path, op, seed + 100 * (i + 1), -1,
                      kill_after=random.Random(seed + i).uniform(0.0, 0.03))
         failures += [f"random kill {i}: {w}" for w in out.wrong]
-    assert kills >= min(dry.hits, 24) * 0.9
+    assert kills >= min(dry.hits, BUDGET) * 0.9
     assert not failures, "\n".join(failures[:20])
 
 
@@ -418,3 +436,20 @@ def test_control_successor_without_sweep_leaks_staging(
     monkeypatch.undo()
     good = _kills_at(agent, fork_server, tmp_path, "serve_faults", 10, "serve.fault_read")
     assert not [w for o in good for w in o.wrong]
+
+
+@pytest.mark.parametrize("op", ["move", "out", "trim", "swapin"])
+def test_two_deaths_in_a_row(agent: Vmm, fork_server: ForkServer, tmp_path: Path,
+                             op: str) -> None:
+    """The successor dies too, at another step of the same operation, before a third
+    handler resumes: still every page intact."""
+    seed = 2000 + OPS.index(op)
+    dry = _trial(agent, fork_server, tmp_path, op, seed, -1)
+    rng = random.Random(seed)
+    failures = []
+    for _ in range(6):
+        first = rng.randrange(dry.hits)
+        out = _trial(agent, fork_server, tmp_path, op, seed, first,
+                     then_kill_at=rng.randrange(max(1, dry.hits - first)))
+        failures += [f"kills at {out.killed_at}: {w}" for w in out.wrong]
+    assert not failures, "\n".join(failures[:20])
