@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from vmmswap.dataplane.guest_memory import data_ranges
+from huge_settings import HugeSettings
+from vmmswap.dataplane.guest_memory import HUGETLB_2M_SIZE, data_ranges
 from vmmswap.dataplane.page_handler import PageHandler
 from vmmswap.dataplane.page_state import PageState
 from vmmswap.dataplane.staging import StagingMemory, create_staging_memfd
@@ -47,8 +48,23 @@ from .harness import FaultServer, Guest, Vmm
 pytestmark = pytest.mark.timeout(120)
 
 P = PAGE_SIZE
-LAYOUT = [(0, 48 * P), (1 << 20, 16 * P)]
-N = 64
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The guest of a trial: its page (4 KiB, or 2 MiB hugetlbfs) and regions in pages."""
+
+    page_size: int
+    layout: tuple[tuple[int, int], ...]  # (guest address, pages)
+    backing: str
+
+    @property
+    def pages(self) -> int:
+        return sum(n for _, n in self.layout)
+
+
+SMALL = Geometry(P, ((0, 48), (1 << 20, 16)), "4k")
+HUGE = Geometry(HUGETLB_2M_SIZE, ((0, 6), (64 << 20, 2)), "2M")
 MONITOR = Path(__file__).with_name("crash_monitor.py")
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 DIGEST = {0: page_digest(page_content(0))}
@@ -106,20 +122,26 @@ class Outcome:
 class Trial:
     """One guest, one operation in a child that dies, one successor that checks everything."""
 
-    def __init__(self, vmm: Vmm, forks: ForkServer, swap_dir: Path, seed: int) -> None:
+    def __init__(self, vmm: Vmm, forks: ForkServer, swap_dir: Path, seed: int,
+                 geometry: Geometry = SMALL) -> None:
+        self.geometry = geometry
+        ps = self.ps = geometry.page_size
+        self.n = n = geometry.pages
         self.vmm = vmm
         self.forks = forks
         self.rng = random.Random(seed)
         self.seed = seed
-        self.guest: Guest = vmm.new_guest(LAYOUT)
-        order = sorted(range(len(LAYOUT)), key=lambda i: self.guest.specs[i].host_addr)
+        self.guest: Guest = vmm.new_guest([(g, k * ps) for g, k in geometry.layout],
+                                          backing=geometry.backing)
+        order = sorted(range(len(geometry.layout)),
+                       key=lambda i: self.guest.specs[i].host_addr)
         self.specs = [self.guest.specs[i] for i in order]
         self.regions = [(self.guest.specs[i], self.guest.memfds[i]) for i in order]
-        self.host = [s.host_addr + k * P for s in self.specs for k in range(s.size // P)]
-        self.gpa = [s.guest_addr + k * P for s in self.specs for k in range(s.size // P)]
-        self.model = np.zeros(N, dtype=np.int64)
-        self.state = PageState.create(self.specs, P)
-        self.staging = create_staging_memfd(P)
+        self.host = [s.host_addr + k * ps for s in self.specs for k in range(s.size // ps)]
+        self.gpa = [s.guest_addr + k * ps for s in self.specs for k in range(s.size // ps)]
+        self.model = np.zeros(n, dtype=np.int64)
+        self.state = PageState.create(self.specs, ps)
+        self.staging = create_staging_memfd(ps)
         self.swap_fd = os.open(swap_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
 
     # --- the agent ------------------------------------------------------------------------------
@@ -141,15 +163,15 @@ class Trial:
         self.vmm.request({"op": "write_many", "writes": writes}, server)
 
     def digests(self, server: FaultServer) -> list[str]:
-        out: list[str] = []
-        for spec in self.specs:
-            out += self.vmm.request({"op": "digests", "addr": spec.host_addr,
-                                     "pages": spec.size // P}, server)["digests"]
-        return out
+        """The first 4 KiB of every page (what the model writes), in page order."""
+        ranges = [[addr, 1] for addr in self.host]
+        got: list[str] = self.vmm.request({"op": "digests_many", "ranges": ranges},
+                                          server)["digests"]
+        return got
 
     def wrong_pages(self, digests: list[str], when: str) -> list[str]:
         return [f"{when}: page {p} (model seed {int(self.model[p])})"
-                for p in range(N) if digests[p] != _digest(int(self.model[p]))]
+                for p in range(self.n) if digests[p] != _digest(int(self.model[p]))]
 
     # --- building the state ---------------------------------------------------------------------
     def handler(self, *, resume: bool) -> PageHandler:
@@ -166,18 +188,19 @@ class Trial:
         self.request({"op": "log_discards", "on": log_discards}, None, [self.state.fileno()])
         h = self.handler(resume=False)
         server = FaultServer(h, self.guest.uffd)
-        self.write(server, rng.sample(range(N), 44))
+        n, ps = self.n, self.ps
+        self.write(server, rng.sample(range(n), n * 11 // 16))
         h.move_to_staging()
         for _ in range(rng.randint(1, 4)):
-            h.swap_out(rng.randint(1, 12) * P)
-        for p in rng.sample(range(N), 12):  # back from the file or staging: clean copies
+            h.swap_out(rng.randint(1, max(1, n // 5)) * ps)
+        for p in rng.sample(range(n), n // 5):  # back from the file or staging: clean copies
             self.vmm.request({"op": "digests", "addr": self.host[p], "pages": 1}, server)
-        self.write(server, rng.sample(range(N), 8))
+        self.write(server, rng.sample(range(n), n // 8))
         h.move_to_staging()
         for _ in range(rng.randint(0, 3)):
-            h.swap_out(rng.randint(1, 12) * P)
-        self.write(server, rng.sample(range(N), 6))  # resident
-        self.held = [p for p in range(N) if self.model[p] and (
+            h.swap_out(rng.randint(1, max(1, n // 5)) * ps)
+        self.write(server, rng.sample(range(n), max(2, n // 10)))  # resident
+        self.held = [p for p in range(n) if self.model[p] and (
             h.staging.present.get(p) or h.swap_file.is_current(p))]
         h.close()
 
@@ -212,16 +235,17 @@ class Trial:
         pending = False
         if op in ("serve_faults", "mixed"):
             # The later region first: the pages staged last are served by the dead monitor.
-            ranges = [[s.host_addr, s.size // P] for s in reversed(self.specs)]
+            ranges = [[addr, 1] for addr in reversed(self.host)]
             self.vmm.sock.send(json.dumps({"op": "digests_many", "ranges": ranges}).encode())
             pending = True
         elif op == "serve_remove":
             pages = self.rng.sample(self.held, min(6, len(self.held)))
-            pages += self.rng.sample(range(N), 3)
+            pages += self.rng.sample(range(self.n), 3)
             for p in pages:
                 self.model[p] = 0
             self.vmm.sock.send(json.dumps({"op": "discard_many",
-                                           "ranges": [[self.gpa[p], P] for p in pages]}).encode())
+                                           "ranges": [[self.gpa[p], self.ps] for p in pages]}
+                                          ).encode())
             pending = True
         reply: dict[str, Any] | None = None
         pid = -1
@@ -274,9 +298,7 @@ class Trial:
                 self.vmm._wait_readable(30.0, server)
                 reply = json.loads(self.vmm.sock.recv(1 << 20))
             if reply is not None and "digests" in reply:
-                got = reply["digests"]
-                last = self.specs[-1].size // P
-                outcome.wrong += self.wrong_pages(got[last:] + got[:last], "during")
+                outcome.wrong += self.wrong_pages(reply["digests"][::-1], "during")
             outcome.wrong += self.slot_accounting("resumed")
             outcome.wrong += self.wrong_pages(self.digests(server), "after")
             h.staging.flush()
@@ -294,21 +316,21 @@ class Trial:
     def cycle(self, h: PageHandler) -> None:
         """A whole cycle on the successor: stale state would show after it."""
         h.move_to_staging()
-        while h.swap_out(5 * P) > 0:
+        while h.swap_out(5 * self.ps) > 0:
             pass
         h.move_to_staging()
         ctx = h.start_trim()
         while ctx.trim_pages(7) is not None:
             pass
         swap_in = h.start_swap_in()
-        while swap_in.swap_in(self.guest.uffd, 9 * P) > 0:
+        while swap_in.swap_in(self.guest.uffd, 9 * self.ps) > 0:
             pass
 
     def slot_accounting(self, when: str) -> list[str]:
         slots = self.state.slots.astype(np.int64) - 1
         named = slots[slots >= 0]
         used = np.flatnonzero(np.unpackbits(self.state.slot_used.view(np.uint8),
-                                            bitorder="little")[:N])
+                                            bitorder="little")[:self.n])
         problems = []
         if np.unique(named).size != named.size:
             problems.append(f"{when}: a slot is named by two pages")
@@ -320,8 +342,9 @@ class Trial:
 
     def staging_leftovers(self, h: PageHandler) -> list[str]:
         out = []
-        for start, end in data_ranges(self.staging, N * P):
-            for p in range(start // P, (end + P - 1) // P):
+        ps = self.ps
+        for start, end in data_ranges(self.staging, self.n * ps):
+            for p in range(start // ps, (end + ps - 1) // ps):
                 if not h.staging.present.get(p):
                     out.append(f"staging page {p} is held but not present (leaked)")
         return out
@@ -333,8 +356,8 @@ class Trial:
 
 
 def _trial(agent: Vmm, forks: ForkServer, tmp_path: Path, op: str, seed: int, kill_at: int,
-           **kwargs: Any) -> Outcome:
-    trial = Trial(agent, forks, tmp_path, seed)
+           geometry: Geometry = SMALL, **kwargs: Any) -> Outcome:
+    trial = Trial(agent, forks, tmp_path, seed, geometry)
     try:
         trial.build(kwargs.pop("log_discards", True))
         return trial.run(op, kill_at, **kwargs)
@@ -436,6 +459,28 @@ def test_control_successor_without_sweep_leaks_staging(
     monkeypatch.undo()
     good = _kills_at(agent, fork_server, tmp_path, "serve_faults", 10, "serve.fault_read")
     assert not [w for o in good for w in o.wrong]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_crash_at_every_step_on_hugetlbfs(agent: Vmm, fork_server: ForkServer, tmp_path: Path,
+                                          huge_settings: HugeSettings, op: str) -> None:
+    """The same on 2 MiB hugetlbfs guest memory (every page, bit and slot a huge page)."""
+    huge_settings.reserve_hugetlb(HUGE.pages + 1)
+    seed = 3000 + OPS.index(op)
+    try:
+        dry = _trial(agent, fork_server, tmp_path, op, seed, -1, HUGE)
+        assert dry.killed_at is None and not dry.wrong, dry.wrong
+        failures = []
+        for k in _kill_points(dry.hits, 12):
+            out = _trial(agent, fork_server, tmp_path, op, seed, k, HUGE)
+            failures += [f"kill {k} at {out.killed_at}: {w}" for w in out.wrong]
+        assert not failures, "\n".join(failures[:20])
+    finally:
+        # Give the huge pages back before the pool shrinks again.
+        agent.request({"op": "drop"})
+        if agent.guest is not None:
+            agent.guest.close()
+            agent.guest = None
 
 
 @pytest.mark.parametrize("op", ["move", "out", "trim", "swapin"])
