@@ -290,7 +290,8 @@ class PageState:
             return
         fd, self._fd = self._fd, -1
         mapping, self._mmap = self._mmap, None
-        self.control.release()
+        with contextlib.suppress(BufferError):  # a slice of it is still held
+            self.control.release()
         if mapping is not None:
             # Arrays still viewed: unmapped when the last view goes.
             with contextlib.suppress(BufferError):
