@@ -117,7 +117,10 @@ def _waits(pids: Collection[int]) -> dict[int, str]:
     for pid in pids:
         for tid, state in thread_states(pid).items():
             if not _stopped(state):
-                out[tid] = _read(f"/proc/{pid}/task/{tid}/wchan") or "?"
+                comm = (_read(f"/proc/{pid}/task/{tid}/comm") or "?").strip()
+                ppid = (_read(f"/proc/{pid}/stat") or ") ? ? ?").rsplit(")", 1)[1].split()[1]
+                out[tid] = (f"{comm} (ppid {ppid}): "
+                            f"{_read(f'/proc/{pid}/task/{tid}/wchan') or '?'}")
     return out
 
 
