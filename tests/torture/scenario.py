@@ -275,6 +275,7 @@ class Scenario(HostCommands):
         dev_seed = self.rng.randrange(1 << 30)
         state = self.state()
         ctl = self.controller()
+        restarts = ctl.restarts  # before the attach: a death from here on may refuse it
         registrar = ctl.prepare_fork()
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -291,7 +292,7 @@ class Scenario(HostCommands):
                 os._exit(code)
         os.close(write_fd)
         registrar.close()
-        self.devices[slot] = Device(slot, pid, read_fd, state, ctl.restarts)
+        self.devices[slot] = Device(slot, pid, read_fd, state, restarts)
         self.stats.devices_forked += 1
         self.note(f"fork device slot {slot} pid {pid} ({ops} ops) in {state}")
 
