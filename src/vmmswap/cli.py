@@ -128,6 +128,9 @@ def status_table(status: SwapStatus) -> str:
         ("readahead pages", str(m.readahead_pages)),
         ("faults avoided", str(m.faults_avoided)),
         ("device processes", str(status.devices)),
+        ("monitor restarts", str(status.restarts) + (
+            f" (last resumed in {status.last_resume_seconds * 1000:.0f} ms)"
+            if status.restarts else "")),
     ]
     if status.error:
         rows.append(("error", status.error))

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vmmswap.control.monitor_resume import HandlerSetup, NotResumableError
 from vmmswap.dataplane.guest_memory import RegionSpec, data_ranges
 from vmmswap.kernel import libc
 from vmmswap.uffd.errors import PageExistsError
@@ -175,6 +176,9 @@ class FakeHandler:
             mapping.close()
 
 
-def factory(regions: Sequence[tuple[RegionSpec, int]], swap_fd: int,
-            readahead: bool) -> FakeHandler:
-    return FakeHandler(regions, swap_fd)
+def factory(setup: HandlerSetup) -> FakeHandler:
+    """A fresh fake handler. Its staging lives in this process only, so a successor monitor
+    cannot take it over (NotResumableError), like a data plane without page state."""
+    if setup.resume:
+        raise NotResumableError("the fake handler keeps its pages in the dead monitor")
+    return FakeHandler(setup.regions, setup.swap_fd)

@@ -18,20 +18,32 @@ handler it wraps comes from ``INJECT_BASE`` ("module:function", or empty for the
 * ``INJECT_EVENT_LOG=PATH``: append one line per event to PATH (``out-begin``, ``out-end N``,
   ``in-step N``, ``fault ADDR``), in the order the monitor handled them, for tests of that order;
 * ``INJECT_BUG_REMOVE=1``: every REMOVE event raises RuntimeError -- a bug, not an I/O error:
-  the monitor must survive it and keep serving faults.
+  the monitor must survive it and keep serving faults;
+* ``INJECT_SLOW_MOVE_MS=T``: the move to staging waits T ms first (the VMM is frozen and the
+  control area says the move began: a monitor killed then leaves a half-done enable);
+* ``INJECT_CRASH_AT=N`` with ``INJECT_CRASH_TOKEN=PATH``: the monitor SIGKILLs itself at the
+  N-th data-plane crash point it passes (``dataplane.crash_points``: between two steps of a
+  state change) -- once per token: the process that manages to unlink PATH dies, so a
+  successor inheriting the setting does not die again unless the test re-creates the file;
+* negative controls of the restart, for a successor monitor: ``INJECT_SKIP_WAKE=1`` skips the
+  UFFDIO_WAKE of every range; ``INJECT_FRESH_ON_RESUME=1`` builds a fresh handler instead of
+  resuming the page state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
 import os
+import signal
 import time
-from collections.abc import Sequence
 from typing import Any
 
+from vmmswap.control import monitor
 from vmmswap.control.monitor import default_handler_factory
-from vmmswap.dataplane.guest_memory import RegionSpec
+from vmmswap.control.monitor_resume import HandlerSetup
+from vmmswap.dataplane import crash_points
 
 
 class Injected:
@@ -84,6 +96,7 @@ class Injected:
         self._inner.handle_remove(start, end)
 
     def move_to_staging(self) -> int:
+        time.sleep(float(os.environ.get("INJECT_SLOW_MOVE_MS", "0")) / 1000)
         moved: int = self._inner.move_to_staging()
         if self._move:
             raise OSError(errno.EIO, f"injected failure after moving {moved} pages")
@@ -106,13 +119,45 @@ class _LoggedSwapIn:
         return pages
 
 
-def factory(regions: Sequence[tuple[RegionSpec, int]], swap_fd: int, readahead: bool) -> Any:
+_CRASH_HOOKED = False
+
+
+def _arm_crash() -> None:
+    """Install the self-kill at the N-th crash point (see INJECT_CRASH_AT), once."""
+    global _CRASH_HOOKED
+    at, token = int(os.environ.get("INJECT_CRASH_AT", "0")), os.environ.get("INJECT_CRASH_TOKEN")
+    if _CRASH_HOOKED or at <= 0 or not token:
+        return
+    _CRASH_HOOKED = True
+    passed = 0
+
+    def hook(_name: str) -> None:
+        nonlocal passed
+        passed += 1
+        if passed < at:
+            return
+        try:
+            os.unlink(token)
+        except OSError:
+            return  # disarmed, or another monitor took the token
+        os.write(2, f"injected: monitor {os.getpid()} killed at crash point {_name}\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    crash_points.set_hook(hook)
+
+
+def factory(setup: HandlerSetup) -> Any:
+    _arm_crash()
+    if setup.resume and os.environ.get("INJECT_SKIP_WAKE") == "1":
+        monitor.wake_all = lambda *_: 0  # looked up at call time, after this factory ran
+    if setup.resume and os.environ.get("INJECT_FRESH_ON_RESUME") == "1":
+        setup = dataclasses.replace(setup, resume=False)
     base = os.environ.get("INJECT_BASE", "")
     if base:
         module, _, name = base.partition(":")
-        inner = getattr(importlib.import_module(module), name)(regions, swap_fd, readahead)
+        inner = getattr(importlib.import_module(module), name)(setup)
     else:
-        inner = default_handler_factory(regions, swap_fd, readahead)
+        inner = default_handler_factory(setup)
     pwrite_at = int(os.environ.get("INJECT_EIO_PWRITE_AT", "0"))
     if pwrite_at > 0:
         _fail_pwrite(inner, pwrite_at)

@@ -10,6 +10,7 @@ page that comes back from the wrong place, or as zeros, is detected. Seed 0 writ
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vmmswap.control.controller import SwapController, SwapError
+from vmmswap.control.controller import RestartPolicy, SwapController, SwapError
 from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
@@ -62,11 +63,25 @@ class Vmm:
 
     # --- ops -------------------------------------------------------------------------------------
     def op_launch(self, swap_dir: str, control_socket: str | None = None,
-                  readahead: bool = True) -> dict[str, Any]:
-        self.ctl = SwapController.launch(self.memory, swap_dir, readahead=readahead,
-                                         control_socket=control_socket,
-                                         monitor_command=monitor_command())
+                  readahead: bool = True, max_restarts: int = 5, window: float = 60.0,
+                  spare: bool = True) -> dict[str, Any]:
+        """``max_restarts=0``: the old policy (a dead monitor is not replaced)."""
+        self.restarts: list[dict[str, Any]] = []
+        self.deaths: list[str] = []
+        self.ctl = SwapController.launch(
+            self.memory, swap_dir, readahead=readahead, control_socket=control_socket,
+            monitor_command=monitor_command(),
+            restart_policy=RestartPolicy(max_restarts, window, spare),
+            on_monitor_restarted=lambda info: self.restarts.append(dataclasses.asdict(info)),
+            on_monitor_died=lambda err: self.deaths.append(str(err)))
         return {"monitor_pid": self.ctl.monitor_pid}
+
+    def op_restarts(self) -> dict[str, Any]:
+        """What the callbacks were told, and the current monitor."""
+        assert self.ctl is not None
+        return {"restarts": self.restarts, "deaths": self.deaths,
+                "monitor_pid": self.ctl.monitor_pid, "spare_pid": self.ctl.spare_pid,
+                "kept_devices": self.ctl.kept_device_pids()}
 
     def op_write(self, region: int, offset: int, length: int, seed: int) -> dict[str, Any]:
         addr = self.addr(region, offset)

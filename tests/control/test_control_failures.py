@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from control_helpers import FAKE_FACTORY, MIB, Model, TestVmm, wait_gone
 
-from vmmswap.control.controller import MonitorDiedError, SwapController
+from vmmswap.control.controller import NO_RESTART, MonitorDiedError, SwapController
 from vmmswap.control.freeze import thread_states
 from vmmswap.dataplane.guest_memory import GuestMemory
 
@@ -35,7 +35,7 @@ def _used_bytes(path: Path) -> int:
 def test_monitor_killed_faults_block_and_controller_reports(
         make_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
     vmm = make_vmm()
-    monitor = vmm.launch(swap_dir)
+    monitor = vmm.launch(swap_dir, max_restarts=0)  # the old policy: nobody takes over
     model = Model(vmm)
     model.write(0, 0, 1 * MIB, seed=1)
     vmm.ok("enable")
@@ -58,7 +58,7 @@ def test_monitor_killed_faults_block_and_controller_reports(
 def test_monitor_killed_while_ready_loses_nothing(make_vmm: Callable[..., TestVmm],
                                                   swap_dir: Path) -> None:
     vmm = make_vmm()
-    monitor = vmm.launch(swap_dir)
+    monitor = vmm.launch(swap_dir, max_restarts=0)
     model = Model(vmm)
     model.write(1, 0, 256 * 1024, seed=4)
     os.kill(monitor, signal.SIGKILL)
@@ -191,7 +191,7 @@ def test_monitor_killed_during_enable_thaws_the_vmm(
     """The VMM is SIGSTOPped while the monitor moves memory; if the monitor dies then, its thaw
     guard resumes the VMM, which learns of the death instead of staying stopped for good."""
     vmm = make_vmm(VMMSWAP_TEST_HANDLER_FACTORY=FAKE_FACTORY, FAKE_SLOW_MOVE="30")
-    monitor = vmm.launch(swap_dir)
+    monitor = vmm.launch(swap_dir, max_restarts=0)
     assert vmm.proc.stdin is not None
     vmm.proc.stdin.write(json.dumps({"op": "enable"}) + "\n")
     vmm.proc.stdin.flush()
@@ -220,7 +220,8 @@ def test_controller_reports_a_monitor_death_as_it_happens(tmp_path: Path) -> Non
         told.set()
 
     with GuestMemory.create([(0, 1 * MIB)]) as memory:
-        ctl = SwapController.launch(memory, tmp_path, on_monitor_died=on_death)
+        ctl = SwapController.launch(memory, tmp_path, on_monitor_died=on_death,
+                                    restart_policy=NO_RESTART)
         os.kill(ctl.monitor_pid, signal.SIGKILL)
         assert told.wait(10), "the controller did not notice the monitor's death"
         assert "killed by signal 9" in str(deaths[0])
@@ -255,7 +256,8 @@ def test_close_from_the_death_callback_races_the_vmm_safely(tmp_path: Path) -> N
     with GuestMemory.create([(0, 1 * MIB)]) as memory:
         for attempt in range(6):
             holder["ctl"] = ctl = SwapController.launch(memory, tmp_path,
-                                                        on_monitor_died=on_death)
+                                                        on_monitor_died=on_death,
+                                                        restart_policy=NO_RESTART)
             os.kill(ctl.monitor_pid, signal.SIGKILL)
             time.sleep(attempt * 0.02)  # from "VMM first" to "callback first"
             ctl.close()  # nothing registered: no error, whoever gets there first

@@ -23,7 +23,9 @@ import threading
 import time
 from typing import Any
 
+from vmmswap.dataplane.discard_log import DiscardLog
 from vmmswap.dataplane.guest_memory import Backing, GuestMemory
+from vmmswap.dataplane.page_state import PageState
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
@@ -102,6 +104,13 @@ class Agent:
         for i in range(cmd["pages"]):
             ctypes.memmove(buf, cmd["addr"] + i * PAGE_SIZE, PAGE_SIZE)
             out.append(page_digest(buf.raw))
+        return {"digests": out}
+
+    def cmd_digests_many(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """``ranges``: ``[addr, pages]`` pairs; the digests of them all, in order."""
+        out: list[str] = []
+        for addr, pages in cmd["ranges"]:
+            out += self.cmd_digests({"addr": addr, "pages": pages})["digests"]
         return {"digests": out}
 
     def cmd_pin(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -186,6 +195,29 @@ class Agent:
             bad += int(np.count_nonzero(wrong))
         return {"bad": bad}
 
+    def cmd_write_many(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """``writes``: a list of ``[addr, seed]``, each one page of ``page_content(seed)``."""
+        for addr, seed in cmd["writes"]:
+            data = page_content(seed)
+            ctypes.memmove(addr, data, len(data))
+        return {}
+
+    def cmd_log_discards(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Map the page state sent along (SCM_RIGHTS) and announce every discard in it."""
+        assert self.memory is not None
+        fds = cmd["_fds"]
+        state = PageState.attach(fds[0])
+        self.memory.set_discard_hook(DiscardLog(state).announce if cmd.get("on", True)
+                                     else None)
+        return {}
+
+    def cmd_discard_many(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """``ranges``: ``[guest_addr, length]`` pairs, each given to ``GuestMemory.discard``."""
+        assert self.memory is not None
+        for guest_addr, length in cmd["ranges"]:
+            self.memory.discard(guest_addr, length)
+        return {}
+
     def cmd_drop(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Unmap guest memory and close the uffd (frees hugetlb pages for the pool)."""
         self.close_memory()
@@ -222,12 +254,14 @@ class Agent:
     def run(self) -> None:
         while True:
             try:
-                msg = self.sock.recv(MAX_MESSAGE)
+                msg, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 4,
+                                                          socket.MSG_CMSG_CLOEXEC)
             except ConnectionResetError:
                 return
             if not msg:
                 return
             cmd = json.loads(msg)
+            cmd["_fds"] = fds
             op = cmd["op"]
             if op == "exit":
                 self.close_memory()

@@ -7,7 +7,9 @@ Expectations checked on every command:
   state they are refused with SwapStateError and the state does not change (in-progress work
   may only move on to its own end);
 * enable and disable are accepted in every state; only a swap-out onto the full disk, or one
-  whose swap-file write was made to tear, may fail (to Failed).
+  whose swap-file write was made to tear, may fail (to Failed);
+* a monitor killed under a command is invisible but for the pause, except an enable, which is
+  reported interrupted (MonitorRestartedError, state Pending or the state before it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from vmmswap.control.controller import SwapController, SwapFailedError, SwapStateError
+from vmmswap.control.controller import (
+    MonitorRestartedError,
+    SwapController,
+    SwapFailedError,
+    SwapStateError,
+)
 from vmmswap.control.status import SwapState
 from vmmswap.dataplane.guest_memory import GuestMemory
 
@@ -50,6 +57,11 @@ class Stats:
     devices_killed: int = 0
     killed_while_faulting: int = 0
     worker_ops: int = 0
+    monitor_kills: int = 0  # SIGKILLs the host sent to the monitor
+    crash_armed: int = 0  # scenarios whose monitor also kills itself at a crash point
+    restarts: int = 0  # successors that took over (host kills and crash-point kills)
+    enables_interrupted: int = 0
+    registrations_lost: int = 0
     pages_checked: int = 0
     states: list[str] = field(default_factory=list)
 
@@ -150,6 +162,14 @@ class HostCommands:
         self.stats.commands += 1
         try:
             status = self.controller().enable()
+        except MonitorRestartedError as err:
+            assert err.status is not None
+            self.note(f"enable in {before} interrupted by a monitor death -> {err.status.state}")
+            if err.status.state not in (S.PENDING, before):
+                raise Failure(f"an interrupted enable in {before} left {err.status.state}"
+                              ) from err
+            self.stats.enables_interrupted += 1
+            return
         except SwapFailedError as err:
             raise Failure(f"enable in {before} failed: {err}") from err
         self.note(f"enable in {before} -> {status.state}")
@@ -177,6 +197,7 @@ class HostCommands:
         before = self.state()
         self.stats.commands += 1
         call = ctl.trim if name == "trim" else ctl.swap_out
+        restarts_before = ctl.restarts
         try:
             status = call(wait=wait, timeout=TIMEOUT)
         except SwapStateError as err:
@@ -199,7 +220,10 @@ class HostCommands:
                 return
             raise Failure(f"{name} in {before} failed: {err}") from err
         self.note(f"{name}(wait={wait}) in {before} -> {status.state}")
-        if before not in may_accept:
+        # A monitor killed under the command: the controller answers with the successor's
+        # status when the work is running or done, whether or not the dead one got it.
+        restarted = ctl.restarts != restarts_before
+        if before not in may_accept and not (restarted and status.state in done):
             raise Failure(f"{name} accepted in state {before}")
         if wait and status.state not in done:
             raise Failure(f"{name} in {before} ended in {status.state}")

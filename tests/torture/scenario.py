@@ -18,6 +18,7 @@ import contextlib
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,7 @@ class Device:
     pid: int
     result_fd: int
     started_in: SwapState
+    restarts: int = 0  # the controller's restarts when it was forked
 
 
 def _uffd_view() -> str:
@@ -85,6 +87,16 @@ class Scenario(HostCommands):
         self.eio_at = rng.randint(1, 3) if not self.disk_full and rng.random() < 0.15 else 0
         #: Every fault waits this long in the monitor (ms): devices can be killed mid-fault.
         self.fault_delay_ms = rng.choice((1, 3)) if rng.random() < 0.2 else 0
+        #: SIGKILLs of the monitor the host may send (at a random instant around a command),
+        #: and the data-plane crash point at which the monitor kills itself (0: none).
+        self.monitor_kills = rng.choice((0, 1, 2, 2, 3))
+        self.crash_at = rng.randint(1, 400) if rng.random() < 0.5 else 0
+        # For narrowing a failure down: VMMSWAP_TORTURE_KILLS=host|crash|none (default both).
+        kills = os.environ.get("VMMSWAP_TORTURE_KILLS", "both")
+        if kills not in ("both", "crash"):
+            self.crash_at = 0
+        if kills not in ("both", "host"):
+            self.monitor_kills = 0
         self.versions = self.own.initial.copy()
         super().__init__()
         self.devices: dict[int, Device] = {}
@@ -107,6 +119,13 @@ class Scenario(HostCommands):
         if self.fault_delay_ms:
             self.note(f"every fault waits {self.fault_delay_ms} ms in the monitor")
             inject["INJECT_FAULT_DELAY_MS"] = str(self.fault_delay_ms)
+        if self.crash_at:
+            self.token = os.path.join(self.options.swap_dir, f"crash-{os.getpid()}-{self.seed}")
+            with open(self.token, "w"):
+                pass
+            self.note(f"the monitor kills itself at crash point {self.crash_at}")
+            self.stats.crash_armed = 1
+            inject.update(INJECT_CRASH_AT=str(self.crash_at), INJECT_CRASH_TOKEN=self.token)
         self.launch(memory, readahead, inject)
         corrupt_worker = self.rng.randrange(self.workers_n) if self.options.corrupt else -1
         for w in range(self.workers_n):
@@ -123,11 +142,33 @@ class Scenario(HostCommands):
 
     def host_step(self) -> None:
         rng = self.rng
-        action = rng.choices(("host", "fork", "kill"), (18, 2, 2))[0]
+        kills = 4 if self.stats.monitor_kills < self.monitor_kills else 0
+        action = rng.choices(("host", "fork", "kill", "kill_monitor"), (18, 2, 2, kills))[0]
         if action == "host":
             self.host_command()
         else:
             getattr(self, f"do_{action}")()
+
+    def do_kill_monitor(self) -> None:
+        """SIGKILL the monitor at a random instant around the next command (from a timer
+        thread: during an enable that thread is frozen with the VMM, so the kill lands where
+        the thaw lets it); every page must survive it."""
+        delay = self.rng.choice((0.0, 0.001, 0.005, 0.02, 0.06))
+        ctl = self.controller()
+
+        def kill() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(ctl.monitor_pid, signal.SIGKILL)
+
+        self.stats.monitor_kills += 1
+        self.note(f"kill the monitor in {delay * 1000:.0f} ms")
+        timer = threading.Timer(delay, kill)
+        timer.start()
+        self.host_command()
+        timer.join()
+        if self.crash_at and self.rng.random() < 0.3:  # arm the crash point again
+            with open(self.token, "w"):
+                pass
 
     def finish(self) -> None:
         """Devices finish, disable brings everything back, every page verifies."""
@@ -166,6 +207,11 @@ class Scenario(HostCommands):
             base += n
 
     def _teardown(self, error: str | None) -> str | None:
+        if self.ctl is not None:
+            self.stats.restarts = self.ctl.restarts
+        if self.crash_at:
+            with contextlib.suppress(OSError):
+                os.unlink(self.token)
         for worker in self.workers:
             worker.stop.set()
         for worker in self.workers:
@@ -225,6 +271,7 @@ class Scenario(HostCommands):
         dev_seed = self.rng.randrange(1 << 30)
         state = self.state()
         ctl = self.controller()
+        restarts = ctl.restarts  # before the attach: a death from here on may refuse it
         registrar = ctl.prepare_fork()
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -241,7 +288,7 @@ class Scenario(HostCommands):
                 os._exit(code)
         os.close(write_fd)
         registrar.close()
-        self.devices[slot] = Device(slot, pid, read_fd, state)
+        self.devices[slot] = Device(slot, pid, read_fd, state, restarts)
         self.stats.devices_forked += 1
         self.note(f"fork device slot {slot} pid {pid} ({ops} ops) in {state}")
 
@@ -295,6 +342,12 @@ class Scenario(HostCommands):
         del self.devices[dev.slot]
         message = b"".join(chunks)
         self.stats.devices_exited += 1
+        if not message and self.controller().restarts != dev.restarts:
+            # Its registration went to a monitor that died before answering: the device
+            # exits before touching guest memory (register_or_exit), as documented.
+            self.note(f"device slot {dev.slot}: registration lost to a monitor death")
+            self.stats.registrations_lost += 1
+            return
         if not message.startswith(b"OK"):
             raise Failure(f"device slot {dev.slot} (forked in {dev.started_in}): "
                           f"{message[3:].decode(errors='replace') or 'exited without a word'}")

@@ -8,29 +8,42 @@ possibly
 threaded VMM) and sends it the uffd, the swap file and the region memfds over a SOCK_SEQPACKET
 socketpair with SCM_RIGHTS. The monitor then serves every fault and runs every command.
 
-What the VMM keeps: its uffd stays open here for the VMM's whole life. If the monitor dies while
-pages are swapped out, faults on them block instead of being zero-filled by the kernel (which is
-what closing the last uffd descriptor would do: silent data loss). See :class:`MonitorDiedError`.
+What the VMM keeps: its uffd, the swap file, the staging and page-state memfds, the control
+area and a copy of every device's uffd, for its whole life (:mod:`.monitor_launch`). When the
+monitor is killed, a successor gets them all and carries on (:mod:`.monitor_resume`); the VMM's
+threads see a pause. When no successor can (the restart policy gives up), faults on swapped-out
+pages block instead of being zero-filled by the kernel (which is what closing the last uffd
+descriptor would do: silent data loss). See :class:`MonitorDiedError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import dataclasses
 import logging
 import os
-import select
 import socket
 import subprocess
-import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Final
 
+from vmmswap.control.monitor_launch import (
+    DEFAULT_RESTART,
+    NO_RESTART,
+    KeptDescriptors,
+    MonitorRestart,
+    RestartPolicy,
+    Spare,
+    open_swap_file,
+    reap,
+    registered_ranges,
+    start_monitor,
+)
+from vmmswap.control.monitor_watch import MonitorWatch
 from vmmswap.control.protocol import (
     Command,
     ErrorKind,
@@ -38,6 +51,7 @@ from vmmswap.control.protocol import (
     ProtocolError,
     Request,
     Response,
+    ResumeInfo,
     decode_response,
     encode_init,
     recv_message,
@@ -51,10 +65,6 @@ from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 LAUNCH_TIMEOUT: Final = 60.0
-#: The folder holding the ``vmmswap`` package (src/ in a checkout): vmmswap/control/controller.py.
-_SRC_ROOT: Final = str(Path(__file__).resolve().parents[2])
-#: How the monitor is started unless the VMM says otherwise.
-MONITOR_COMMAND: Final = (sys.executable, "-m", "vmmswap.control.monitor")
 
 #: uffds of VMMs whose monitor died while memory was registered: kept open on purpose, forever.
 _ORPHANED_UFFDS: list[Userfaultfd] = []
@@ -82,13 +92,20 @@ class SwapRequestError(SwapError):
 
 
 class MonitorDiedError(SwapError):
-    """The monitor process is gone.
+    """The monitor process is gone and no successor took over (the restart policy gave up,
+    or the successor could not resume the page state).
 
-    If vmm-swap was enabled, guest pages that were in staging or the swap file died with it:
-    every thread that touches one blocks for good (it is never handed a zero page). The VM
-    cannot continue; stop it and start it again (from a snapshot if you have one). Threads that
-    only touch resident pages keep running.
+    If vmm-swap was enabled, guest pages that were in staging or the swap file are out of
+    reach: every thread that touches one blocks for good (it is never handed a zero page). The
+    VM cannot continue; stop it and start it again (from a snapshot if you have one). Threads
+    that only touch resident pages keep running.
     """
+
+
+class MonitorRestartedError(SwapFailedError):
+    """The monitor died while running this command and a successor took over; ``status`` is
+    the successor's, and the message says what became of the command (an enable is reported
+    interrupted, never redone behind the caller's back: it would stop the VM again)."""
 
 
 _ERRORS: Final[dict[ErrorKind, type[SwapError]]] = {
@@ -108,187 +125,307 @@ def raise_for(response: Response) -> Response:
     raise cls(response.message, response.status)
 
 
-def open_swap_file(swap_dir: str | os.PathLike[str]) -> int:
-    """An unnamed 0600 file in ``swap_dir`` (O_TMPFILE): no name to collide with or to be
-    opened by another user, and the kernel frees it when the last descriptor closes."""
-    path = os.fspath(swap_dir)
-    if not os.path.isdir(path):
-        raise NotADirectoryError(errno.ENOTDIR, f"swap directory {path!r} is not a directory")
-    try:
-        return os.open(path, os.O_TMPFILE | os.O_RDWR | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as err:
-        hint = (" (the file system does not support O_TMPFILE; use a directory on ext4, xfs, "
-                "btrfs or tmpfs)" if err.errno in (errno.EOPNOTSUPP, errno.EISDIR) else "")
-        raise OSError(err.errno, f"cannot create the swap file in {path!r}: "
-                      f"{err.strerror}{hint}") from None
-
-
-def _registered_ranges(ranges: Iterable[tuple[int, int]]) -> bool:
-    """Whether any VMA overlapping ``ranges`` is registered with a uffd (VmFlags ``um``)."""
-    wanted = list(ranges)
-    current: tuple[int, int] | None = None
-    try:
-        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
-            for line in f:
-                head = line.split(None, 1)[0]
-                if "-" in head and not head.endswith(":"):
-                    start, end = (int(x, 16) for x in head.split("-"))
-                    current = (start, end)
-                elif head == "VmFlags:" and current is not None:
-                    flags = line.split()[1:]
-                    if "um" in flags and any(s < current[1] and current[0] < e
-                                             for s, e in wanted):
-                        return True
-    except OSError:
-        return True  # cannot tell: assume the worst
-    return False
-
-
-#: Called from a helper thread when the monitor dies while the controller is open.
+#: Called from a helper thread when the monitor dies while the controller is open and no
+#: successor can take over (the restart policy gave up, or the successor could not resume).
 DeathCallback = Callable[[MonitorDiedError], None]
+#: Called from a helper thread after a successor took over from a killed monitor.
+RestartCallback = Callable[[MonitorRestart], None]
 
 
 def _log_death(err: MonitorDiedError) -> None:
     _log.error("%s", err)
 
 
-class _DeathWatch:
-    """A thread that waits on the monitor's pidfd, so a VMM learns of the monitor's death when
-    it happens -- its vCPUs may be blocked in faults and never make another request."""
+def _log_restart(info: MonitorRestart) -> None:
+    _log.warning("the vmm-swap monitor (pid %d) died (%s); monitor %d took over in %.0f ms "
+                 "(restart %d)%s", info.dead_pid, _how(info.exit_code), info.pid,
+                 info.seconds * 1000, info.count, f": {info.message}" if info.message else "")
 
-    def __init__(self, pid: int, on_death: Callable[[], None]) -> None:
-        self._pidfd = os.pidfd_open(pid)  # close-on-exec, like every pidfd
-        self._stop_r, self._stop_w = os.pipe()
-        self._stopped = False
-        self._stop_lock = threading.Lock()
-        self._on_death = on_death
-        self._thread = threading.Thread(target=self._run, name=f"vmmswap-monitor-{pid}-watch",
-                                        daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        with select.epoll() as ep:
-            ep.register(self._pidfd, select.EPOLLIN)
-            ep.register(self._stop_r, select.EPOLLIN)
-            while True:
-                ready = {fd for fd, _ in ep.poll()}
-                if self._stop_r in ready:
-                    return
-                if self._pidfd in ready:
-                    self._on_death()
-                    return
-
-    def is_current_thread(self) -> bool:
-        return self._thread is threading.current_thread()
-
-    def stop(self) -> None:
-        """Stop watching (an orderly close is not a death). Idempotent and thread-safe: the
-        death callback itself may close the controller while the VMM's thread does too."""
-        with self._stop_lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            os.write(self._stop_w, b"x")
-            if self._thread is not threading.current_thread():
-                self._thread.join(timeout=10)
-            for fd in (self._stop_w, self._stop_r, self._pidfd):
-                os.close(fd)
+def _how(code: int | None) -> str:
+    return "is gone" if code is None else (
+        f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
 
 
 class SwapController:
-    """Handle on a running monitor. Thread-safe: one request at a time over the socketpair."""
+    """Handle on a running monitor. Thread-safe: one request at a time over the socketpair.
 
-    def __init__(self, memory: GuestMemory, uffd: Userfaultfd, sock: socket.socket,
-                 process: subprocess.Popen[bytes], control_socket: str | None,
-                 on_monitor_died: DeathCallback | None = _log_death) -> None:
+    When the monitor is killed, a helper thread starts a successor with the same descriptors
+    (see :mod:`.monitor_resume`), within the :class:`RestartPolicy`. A request whose answer
+    the death swallowed is sent again to the successor when that is safe (status, disable,
+    close; trim and out unless the successor already resumed them); an interrupted enable is
+    reported as :class:`MonitorRestartedError` instead (it would stop the VM again).
+    """
+
+    def __init__(self, memory: GuestMemory, uffd: Userfaultfd, kept: KeptDescriptors,
+                 sock: socket.socket, process: subprocess.Popen[bytes],
+                 control_socket: str | None, *, readahead: bool = True,
+                 on_monitor_died: DeathCallback | None = _log_death,
+                 on_monitor_restarted: RestartCallback | None = _log_restart,
+                 restart_policy: RestartPolicy = DEFAULT_RESTART,
+                 monitor_command: Sequence[str] | None = None) -> None:
         self._memory = memory  # kept so guest memory outlives the monitor's swap-in
         self._uffd = uffd
+        self._kept = kept
         self._sock = sock
         self._process = process
+        self._readahead = readahead
         self._lock = threading.Lock()
+        #: Guards _generation / _dead changes; requests wait on it for a successor.
+        self._changed = threading.Condition()
+        self._generation = 0
         self._closed = False
         self._closing = False
         self._close_done = threading.Event()
         self._dead = False
+        self._death: MonitorDiedError | None = None
         self._owner = os.getpid()
         self.control_socket = control_socket
         self._on_monitor_died = on_monitor_died
-        self._watch: _DeathWatch | None = None
-        if on_monitor_died is not None:
+        self._on_monitor_restarted = on_monitor_restarted
+        self.policy = restart_policy
+        self._command = monitor_command
+        #: time.monotonic() of every death a successor took over from.
+        self._deaths: list[float] = []
+        self._spare: Spare | None = None
+        #: Held while a spare is being started, and to announce an enable: an enable's freeze
+        #: must never meet a half-started process (the child of vfork, stopped before its
+        #: exec, keeps the starting thread in D and the freeze times out).
+        self._spawn_lock = threading.Lock()
+        self._enabling = 0
+        self._spare_wanted = False
+        self._watch: MonitorWatch | None = None
+        if on_monitor_died is not None or restart_policy.max_restarts > 0:
             # A weak reference: the watch must not keep a dropped controller alive (its
             # finaliser is what swaps everything back in).
             ref = weakref.ref(self)
 
-            def exited() -> None:
+            def exited(died_at: float) -> int | None:
                 controller = ref()
-                if controller is not None:
-                    controller._monitor_exited()
+                return None if controller is None else controller._monitor_exited(died_at)
 
-            self._watch = _DeathWatch(process.pid, exited)
+            def device_event(fd: int | None) -> list[int]:
+                controller = ref()
+                if controller is None:
+                    return []
+                if fd is None:
+                    return controller._kept.drain_keeper()
+                controller._kept.drop_pidfd(fd)
+                return []
 
-    def _monitor_exited(self) -> None:
-        """From the watch thread: the monitor is gone, and nobody asked it to go."""
-        if self._closing or self._on_monitor_died is None:
+            keeper = kept.keeper.fileno() if kept.keeper is not None else None
+            self._watch = MonitorWatch(process.pid, keeper, exited, device_event)
+            self._start_spare()
+
+    # --- a monitor's death ----------------------------------------------------------------------
+    def _start_spare(self) -> None:
+        if not self.policy.spare or self.policy.max_restarts <= 0:
             return
-        self._dead = True
+        with self._spawn_lock:
+            if self._spare is not None or self._closed or self._closing or self._dead:
+                return
+            if self._enabling:
+                self._spare_wanted = True  # started when the enable is over
+                return
+            self._spare_wanted = False
+            try:
+                self._spare = Spare.start(self._command)
+            except OSError as err:
+                _log.warning("no spare monitor (a restart will take longer): %s", err)
+
+    def _monitor_exited(self, died_at: float) -> int | None:
+        """From the watch thread: the monitor is gone. Start a successor (its pid is
+        returned, to be watched next) or give up (None)."""
+        if self._closed:
+            return None
+        code: int | None = self._process.wait()
+        if self._closing and code == 0:
+            return None  # it exited as asked
+        reason = ""
+        while self.policy.allows(self._deaths, time.monotonic()) and not self._closed:
+            try:
+                info = self._restart(died_at, code)
+            except _SuccessorDiedError as err:
+                # The successor was killed too, before it could serve: one more death.
+                self._deaths.append(died_at)
+                died_at, code = time.monotonic(), err.code
+                reason = str(err)
+                continue
+            except Exception as err:
+                reason = f"the successor could not take over: {err}"
+                _log.error("%s", reason)
+                break
+            if self._on_monitor_restarted is not None:
+                try:
+                    self._on_monitor_restarted(info)
+                except Exception:
+                    _log.exception("the on_monitor_restarted callback failed")
+            return info.pid
+        else:
+            if not self._closed:
+                reason = (f"{len(self._deaths)} restart(s) within {self.policy.window:.0f} s: "
+                          f"the restart policy allows {self.policy.max_restarts}")
+        self._give_up(code, reason)
+        return None
+
+    def _give_up(self, code: int | None, reason: str) -> None:
+        err = self._died(code, reason)
+        with self._changed:
+            self._dead = True
+            self._death = err
+            self._changed.notify_all()
+        if self._spare is not None:
+            self._spare.close()
+            self._spare = None
+        if self._on_monitor_died is not None and not self._closing:
+            try:
+                self._on_monitor_died(err)
+            except Exception:
+                _log.exception("the on_monitor_died callback failed")
+
+    def _restart(self, died_at: float, code: int | None) -> MonitorRestart:
+        """Hand every kept descriptor to a successor and wait until it serves."""
+        dead_pid = self._process.pid
+        self._kept._drain()  # devices the dead monitor registered just before it died
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.process.poll() is not None:
+            spare.close()
+            spare = None
+        init = InitRequest(tuple(self._memory.specs()), os.getpid(), self._readahead,
+                           self.control_socket, keeper=True, control_area=True,
+                           restart_state=self._kept.restart_state,
+                           resume=ResumeInfo(len(self._deaths) + 1, died_at))
+        if spare is not None:
+            try:
+                process, ours, keeper_ours = self._start_successor(init, spare)
+            except (OSError, _SuccessorDiedError) as err:
+                # The spare died before it was needed (killed with the monitor, say): it never
+                # served anything, so it is no death of the VMM's monitor. Start one afresh.
+                _log.warning("the spare monitor could not take over (%s); starting one", err)
+                process, ours, keeper_ours = self._start_successor(init, None)
+        else:
+            process, ours, keeper_ours = self._start_successor(init, None)
+        seconds = time.monotonic() - died_at
+        with self._lock:
+            old, self._sock, self._process = self._sock, ours, process
+            old.close()
+        self._kept.replace_keeper(keeper_ours)
+        assert self._watch is not None
+        self._watch.set_keeper(keeper_ours.fileno())
+        with self._changed:
+            self._deaths.append(died_at)
+            self._generation += 1
+            self._changed.notify_all()
+        self._start_spare()
+        message = ""
+        # Straight to the socket: this thread is the one that would start a next successor,
+        # so it must not wait for one as _request does.
+        with contextlib.suppress(OSError, ProtocolError), self._lock:
+            answer = request(self._sock, Request(Command.STATUS))
+            message = (answer.status.error if answer.status is not None else None) or ""
+        return MonitorRestart(len(self._deaths), dead_pid, code, process.pid, seconds, message)
+
+    def _start_successor(self, init: InitRequest, spare: Spare | None,
+                         ) -> tuple[subprocess.Popen[bytes], socket.socket, socket.socket]:
+        """Start (or wake the spare as) the successor and wait until it serves; its process,
+        its socket and the VMM's end of its keeper socket."""
+        if spare is None:
+            ours, theirs = seqpacket_pair()
+            try:
+                process = start_monitor(theirs, self._command)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+        else:
+            process, ours = spare.process, spare.sock
+        keeper_ours, keeper_theirs = seqpacket_pair()
         try:
-            self._on_monitor_died(self._died())
-        except Exception:
-            _log.exception("the on_monitor_died callback failed")
+            fds, pids = self._kept.init_fds(self._uffd.fileno(), keeper_theirs.fileno(),
+                                            self._memory.memfds())
+            init = dataclasses.replace(init, devices=tuple(pids))
+            _handshake(ours, process, init, fds, resume=True)
+        except BaseException:
+            ours.close()
+            keeper_ours.close()
+            reap(process, wait=1.0)
+            raise
+        finally:
+            keeper_theirs.close()
+        return process, ours, keeper_ours
+
+    def _await_successor(self, generation: int, timeout: float = 2 * LAUNCH_TIMEOUT) -> bool:
+        """After a request lost its answer: wait until a successor serves (True) or the
+        controller gave up (False)."""
+        if self._watch is None:
+            return False
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: self._generation > generation or self._dead or self._closed,
+                timeout) and self._generation > generation
 
     # --- launch ---------------------------------------------------------------------------------
     @classmethod
     def launch(cls, memory: GuestMemory, swap_dir: str | os.PathLike[str], *,
                readahead: bool = True, control_socket: str | None = None,
                on_monitor_died: DeathCallback | None = _log_death,
+               on_monitor_restarted: RestartCallback | None = _log_restart,
+               restart_policy: RestartPolicy | None = None,
                monitor_command: Sequence[str] | None = None) -> SwapController:
         """Start the monitor for ``memory`` and wait until it is Ready.
 
         Call it before guest memory is touched by anything but this process, and before any
-        device process is forked (those use :meth:`prepare_fork`). ``on_monitor_died`` is
-        called (from a helper thread) with the error as soon as the monitor dies unasked;
-        the default logs it; None turns the watch off (commands still raise).
+        device process is forked (those use :meth:`prepare_fork`). A monitor that dies unasked
+        is replaced by a successor that takes over every page (``on_monitor_restarted`` is
+        called, from a helper thread, with a :class:`MonitorRestart`), up to
+        ``restart_policy`` (default :class:`RestartPolicy`: 5 restarts in 60 s, a spare
+        monitor started ahead); beyond it, or when no successor can take over,
+        ``on_monitor_died`` is called with the error (default: log it) and faults on pages
+        that were swapped out block for good. ``NO_RESTART`` restores the old behaviour.
         ``monitor_command`` is the program that runs the monitor, default
         ``[sys.executable, "-m", "vmmswap.control.monitor"]``; a VMM may name a wrapper of its
         own (a sandbox, a test entry with a fake page handler). It gets ``--control-fd N
         --vmm-pid P`` appended and must end up in :func:`vmmswap.control.monitor.main`.
         """
+        policy = RestartPolicy() if restart_policy is None else restart_policy
         swap_fd = open_swap_file(swap_dir)
+        try:
+            kept = KeptDescriptors.create(memory, swap_fd)
+        except BaseException:
+            os.close(swap_fd)
+            raise
         uffd: Userfaultfd | None = None
         ours, theirs = seqpacket_pair()
+        keeper_ours, keeper_theirs = seqpacket_pair()
         process: subprocess.Popen[bytes] | None = None
         try:
             uffd = Userfaultfd.new(VMM_SWAP_FEATURES)
             if control_socket is not None:
                 control_socket = os.path.abspath(control_socket)
-            process = _start_monitor(theirs, monitor_command)
+            process = start_monitor(theirs, monitor_command)
             theirs.close()
-            init = InitRequest(tuple(memory.specs()), os.getpid(), readahead, control_socket)
-            send_message(ours, encode_init(init),
-                         [uffd.fileno(), swap_fd, *memory.memfds()])
-            ours.settimeout(LAUNCH_TIMEOUT)
-            received = recv_message(ours)
-            received.close_fds()
-            ours.settimeout(None)
-            if received.eof:
-                code = process.wait(timeout=LAUNCH_TIMEOUT)
-                raise MonitorDiedError(f"the vmm-swap monitor exited during start-up "
-                                       f"(exit code {code}); its stderr says why")
-            response = raise_for(decode_response(received.data))
-            if response.status is None or response.status.state is not SwapState.READY:
-                raise SwapFailedError(f"the monitor did not become Ready: {response.message}",
-                                      response.status)
+            fds, _ = kept.init_fds(uffd.fileno(), keeper_theirs.fileno(), memory.memfds())
+            init = InitRequest(tuple(memory.specs()), os.getpid(), readahead, control_socket,
+                               keeper=True, control_area=True,
+                               restart_state=kept.restart_state)
+            _handshake(ours, process, init, fds, resume=False)
         except BaseException:
             ours.close()
             theirs.close()
+            keeper_ours.close()
             if process is not None:
-                _reap(process)
+                reap(process)
             if uffd is not None:
                 uffd.close()  # nothing was ever registered
+            kept.close()
             raise
         finally:
-            os.close(swap_fd)  # the monitor's copy is the only one: the file dies with it
-        return cls(memory, uffd, ours, process, control_socket, on_monitor_died)
+            keeper_theirs.close()
+        kept.replace_keeper(keeper_ours)
+        return cls(memory, uffd, kept, ours, process, control_socket, readahead=readahead,
+                   on_monitor_died=on_monitor_died, on_monitor_restarted=on_monitor_restarted,
+                   restart_policy=policy, monitor_command=monitor_command)
 
     # --- properties -----------------------------------------------------------------------------
     @property
@@ -300,6 +437,21 @@ class SwapController:
         """The VMM's userfaultfd (for diagnostics; the monitor serves it)."""
         return self._uffd
 
+    @property
+    def restarts(self) -> int:
+        """How many successors took over so far."""
+        return len(self._deaths)
+
+    @property
+    def spare_pid(self) -> int | None:
+        """The spare monitor's pid (for tests and diagnostics)."""
+        spare = self._spare
+        return None if spare is None else spare.process.pid
+
+    def kept_device_pids(self) -> list[int]:
+        """Device processes whose uffd this VMM holds a copy of."""
+        return sorted(self._kept.devices)
+
     def monitor_alive(self) -> bool:
         return not self._dead and self._process.poll() is None
 
@@ -309,62 +461,98 @@ class SwapController:
             # A forked child shares the socket: answers could reach the wrong process.
             raise SwapError("the swap controller belongs to the VMM process; in a forked child "
                             "use the registrar from prepare_fork()")
-        with self._lock:
-            if self._closed:
-                raise SwapError("the swap controller is closed")
-            if self._dead:
-                raise self._died()
-            try:
-                return request(self._sock, req, fds)
-            except (ConnectionError, BrokenPipeError) as err:
-                self._dead = True
-                raise self._died() from err
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise SwapError("the swap controller is closed")
+                if self._dead:
+                    raise self._death or self._died(self._process.poll())
+                generation = self._generation
+                try:
+                    return request(self._sock, req, fds)
+                except (ConnectionError, BrokenPipeError) as err:
+                    lost: Exception = err
+            # The monitor died with the request: a successor may take over.
+            if not self._await_successor(generation):
+                if self._watch is None:
+                    with self._changed:
+                        self._dead = True
+                raise (self._death or self._died(self._process.poll())) from lost
+            answer = self._after_restart(req)
+            if answer is not None:
+                return answer
 
-    def _died(self) -> MonitorDiedError:
-        code = self._process.poll()
+    def _after_restart(self, req: Request) -> Response | None:
+        """A request whose answer died with the monitor: the successor's answer, or None to
+        send it again."""
+        if req.command in (Command.STATUS, Command.DISABLE, Command.EXIT, Command.ATTACH):
+            return None  # safe to repeat: disable and exit are valid in every state
+        status = self.status()
+        resumed = {Command.TRIM: {SwapState.TRIM_IN_PROGRESS},
+                   Command.OUT: {SwapState.SWAP_OUT_IN_PROGRESS, SwapState.ACTIVE}}
+        if req.command in resumed:
+            if status.state in resumed[req.command]:
+                return Response(True, f"{req.command}: resumed by the successor monitor",
+                                status=status)
+            return None
+        raise MonitorRestartedError(
+            f"the vmm-swap monitor died during {req.command}; its successor took over: "
+            f"{status.error or 'state ' + str(status.state)}", status)
+
+    def _died(self, code: int | None, reason: str = "") -> MonitorDiedError:
         if code is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 code = self._process.wait(timeout=5)
-        how = "is gone" if code is None else (
-            f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
+        why = f"; no successor took over ({reason})" if reason else ""
         return MonitorDiedError(
-            f"the vmm-swap monitor (pid {self._process.pid}) {how}. If swap was enabled, "
-            "pages that were swapped out are lost with it: threads touching them block (they "
-            "never see zero pages). Stop the VM and start it again.")
+            f"the vmm-swap monitor (pid {self._process.pid}) {_how(code)}{why}. If swap was "
+            "enabled, pages that were swapped out are lost with it: threads touching them "
+            "block (they never see zero pages). Stop the VM and start it again.")
 
-    def _command(self, command: Command, **kwargs: bool) -> SwapStatus:
+    def _call(self, command: Command, **kwargs: bool) -> SwapStatus:
         response = raise_for(self._request(Request(command, **kwargs)))
         assert response.status is not None
         return response.status
 
     def status(self) -> SwapStatus:
         """The monitor's status (crosvm's ``SwapStatus``, plus readahead figures)."""
-        return self._command(Command.STATUS)
+        return self._call(Command.STATUS)
 
     def enable(self) -> SwapStatus:
         """Move guest memory to staging (the monitor freezes this process tree meanwhile).
 
         Blocks until the move is done; returns the status (Pending). SwapFailedError if the move
-        failed (state Failed: :meth:`disable` still brings every page back) or could not start.
+        failed (state Failed: :meth:`disable` still brings every page back) or could not start;
+        MonitorRestartedError if the monitor died during it (the successor's status says
+        where it left off).
         """
-        return self._command(Command.ENABLE)
+        with self._spawn_lock:
+            self._enabling += 1
+        try:
+            return self._call(Command.ENABLE)
+        finally:
+            with self._spawn_lock:
+                self._enabling -= 1
+                wanted = self._spare_wanted and not self._enabling
+            if wanted:
+                self._start_spare()
 
     def trim(self, wait: bool = False, timeout: float | None = None) -> SwapStatus:
         """Drop staging pages that are zero or already in the swap file (state Pending only)."""
-        status = self._command(Command.TRIM)
+        status = self._call(Command.TRIM)
         return self._wait_done(SwapState.TRIM_IN_PROGRESS, SwapState.PENDING, timeout) \
             if wait else status
 
     def swap_out(self, wait: bool = False, timeout: float | None = None) -> SwapStatus:
         """Write staging memory to the swap file (state Pending only)."""
-        status = self._command(Command.OUT)
+        status = self._call(Command.OUT)
         return self._wait_done(SwapState.SWAP_OUT_IN_PROGRESS, SwapState.ACTIVE, timeout) \
             if wait else status
 
     def disable(self, slow_file_cleanup: bool = False, wait: bool = False,
                 timeout: float | None = None) -> SwapStatus:
         """Swap every page back in and unregister guest memory; Ready when done."""
-        status = self._command(Command.DISABLE, slow_file_cleanup=slow_file_cleanup)
+        status = self._call(Command.DISABLE, slow_file_cleanup=slow_file_cleanup)
         return self._wait_done(SwapState.SWAP_IN_IN_PROGRESS, SwapState.READY, timeout) \
             if wait else status
 
@@ -461,12 +649,18 @@ class SwapController:
             raise
         if self._watch is not None:
             self._watch.stop()
-        with self._lock:
+        with self._changed:
             self._closed = True
+            self._changed.notify_all()
+        with self._lock:
             self._sock.close()
-            _reap(self._process, wait=60.0)
+            reap(self._process, wait=60.0)
+            if self._spare is not None:
+                self._spare.close()
+                self._spare = None
+            self._kept.close()
             ranges = [(s.host_addr, s.host_end) for s in self._memory.specs()]
-            if died is not None and _registered_ranges(ranges):
+            if died is not None and registered_ranges(ranges):
                 _ORPHANED_UFFDS.append(self._uffd)
                 raise died
             self._uffd.close()
@@ -503,36 +697,39 @@ def wait_while(status_fn: Callable[[], SwapStatus], running: SwapState,
         time.sleep(poll)
 
 
-def _start_monitor(theirs: socket.socket,
-                   command: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
-    fd = theirs.fileno()
-    if command is None:
-        command = MONITOR_COMMAND
-    elif not command or not all(isinstance(word, str) and word for word in command):
-        raise ValueError(f"monitor_command must be a non-empty list of strings, got {command!r}")
-    env = dict(os.environ)
-    # The monitor must import this very package, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen(
-        [*command, "--control-fd", str(fd), "--vmm-pid", str(os.getpid())],
-        # stdout is the VMM's (maybe a protocol pipe): the monitor only ever logs to stderr.
-        pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
-        close_fds=True,
-        # Its own session: a Ctrl-C meant for the VMM must not kill the fault server.
-        start_new_session=True,
-    )
+def _handshake(sock: socket.socket, process: subprocess.Popen[bytes], init: InitRequest,
+               fds: Sequence[int], *, resume: bool) -> None:
+    """Send ``init`` and wait until the monitor says it is Ready (or serving, for a
+    successor). _SuccessorDiedError if a successor died before answering."""
+    send_message(sock, encode_init(init), fds)
+    sock.settimeout(LAUNCH_TIMEOUT)
+    received = recv_message(sock)
+    received.close_fds()
+    sock.settimeout(None)
+    if received.eof:
+        code = process.wait(timeout=LAUNCH_TIMEOUT)
+        if resume:
+            raise _SuccessorDiedError(code)
+        raise MonitorDiedError(f"the vmm-swap monitor exited during start-up "
+                               f"(exit code {code}); its stderr says why")
+    response = raise_for(decode_response(received.data))
+    if not resume and (response.status is None or response.status.state is not SwapState.READY):
+        raise SwapFailedError(f"the monitor did not become Ready: {response.message}",
+                              response.status)
 
 
-def _reap(process: subprocess.Popen[bytes], wait: float = 5.0) -> None:
-    try:
-        process.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+class _SuccessorDiedError(Exception):
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"the successor monitor {_how(code)} before it could serve")
+        self.code = code
 
 
 __all__ = [
+    "NO_RESTART",
     "MonitorDiedError",
+    "MonitorRestart",
+    "MonitorRestartedError",
+    "RestartPolicy",
     "ProtocolError",
     "SwapController",
     "SwapError",

@@ -111,6 +111,19 @@ def thread_states(pid: int) -> dict[int, str]:
     return states
 
 
+def _waits(pids: Collection[int]) -> dict[int, str]:
+    """tid → the kernel function a thread not stopped sleeps in (wchan), for the error."""
+    out: dict[int, str] = {}
+    for pid in pids:
+        for tid, state in thread_states(pid).items():
+            if not _stopped(state):
+                comm = (_read(f"/proc/{pid}/task/{tid}/comm") or "?").strip()
+                ppid = (_read(f"/proc/{pid}/stat") or ") ? ? ?").rsplit(")", 1)[1].split()[1]
+                out[tid] = (f"{comm} (ppid {ppid}): "
+                            f"{_read(f'/proc/{pid}/task/{tid}/wchan') or '?'}")
+    return out
+
+
 def _stopped(state: str) -> bool:
     # T: stopped by a signal; t: ptrace stop (also not running); Z/X: exiting, writes nothing.
     return state in "TtZX"
@@ -206,7 +219,8 @@ def _wait_stopped(pids: list[int], timeout: float,
         if time.monotonic() > deadline:
             running = {p: "".join(sorted(set(thread_states(p).values()))) for p in pending}
             raise FreezeError(errno.ETIME, f"threads did not stop within {timeout} s: "
-                              f"pid → thread states {running}")
+                              f"pid → thread states {running}; waiting in "
+                              f"{_waits(pending)}")
         if while_waiting is not None:
             while_waiting()
         time.sleep(_POLL)

@@ -27,7 +27,9 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import importlib
 import logging
+import mmap
 import os
 import select
 import signal
@@ -37,7 +39,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Final
+from typing import Any, Final
 
 from vmmswap.control.control_socket import (
     Client,
@@ -51,11 +53,20 @@ from vmmswap.control.control_socket import (
 from vmmswap.control.fault_spin import DEFAULT_MAX_WINDOW, DEFAULT_MIN_WINDOW, AdaptiveSpin
 from vmmswap.control.freeze import freeze_tree
 from vmmswap.control.monitor_faults import UffdEntry, UffdSet, VmmGoneError
+from vmmswap.control.monitor_resume import (
+    HandlerSetup,
+    NotResumableError,
+    decide,
+    describe,
+    journal_for,
+    wake_all,
+)
 from vmmswap.control.monitor_state import CommandError, PageHandlerLike, StateMachine
 from vmmswap.control.protocol import (
     MAX_MESSAGE,
     Command,
     ErrorKind,
+    InitFds,
     InitRequest,
     ProtocolError,
     Request,
@@ -65,12 +76,13 @@ from vmmswap.control.protocol import (
     recv_message,
     send_message,
 )
+from vmmswap.control.restart_area import AREA_SIZE, RestartArea
 from vmmswap.control.status import SwapState, SwapStatus
 from vmmswap.control.swap_cleanup import FileTruncator
 from vmmswap.control.thaw_guard import ThawGuard
 from vmmswap.control.thp_restore import HugePageRestorer
+from vmmswap.dataplane import discard_log
 from vmmswap.dataplane.guest_memory import (
-    RegionSpec,
     memfd_page_size,
     resident_bytes,
     validate_regions,
@@ -93,27 +105,57 @@ MAX_WORK_STARVATION: Final = 0.01
 #: What ``ps`` and /proc/<pid>/comm show, like crosvm's "swap monitor".
 _PROCESS_NAME: Final = ctypes.create_string_buffer(b"swap monitor")
 
-HandlerFactory = Callable[[Sequence[tuple[RegionSpec, int]], int, bool], PageHandlerLike]
+HandlerFactory = Callable[[HandlerSetup], PageHandlerLike]
 
 
-def default_handler_factory(regions: Sequence[tuple[RegionSpec, int]], swap_fd: int,
-                            readahead: bool) -> PageHandlerLike:
+def default_handler_factory(setup: HandlerSetup) -> PageHandlerLike:
     """The data plane's PageHandler over the received memfds and swap file.
 
-    The monitor keeps owning ``swap_fd`` (the handler's SwapFile does not close it), so the
-    file survives the handler between a disable and the next enable and can be truncated
-    gradually after a slow-cleanup disable.
+    The monitor keeps owning the swap file's descriptor (the handler's SwapFile does not
+    close it), so the file survives the handler between a disable and the next enable and can
+    be truncated gradually after a slow-cleanup disable. With the VMM's staging memfd and
+    page state, the handler keeps every page's whereabouts there (a successor resumes it);
+    without them a successor cannot take over (NotResumableError).
     """
-    return PageHandler.create(regions, swap_file=SwapFile(swap_fd, None, owns_fd=False),
-                              readahead=readahead)
+    swap_file = SwapFile(setup.swap_fd, None, owns_fd=False)
+    if setup.state is None or setup.staging_fd is None:
+        if setup.resume:
+            raise NotResumableError("the page state was not kept: the dead monitor's pages "
+                                    "cannot be resumed")
+        return PageHandler.create(setup.regions, swap_file=swap_file,
+                                  readahead=setup.readahead)
+    build: Callable[..., PageHandlerLike] | None = getattr(
+        PageHandler, "resume" if setup.resume else "create", None)
+    if build is None:
+        raise NotResumableError("this data plane cannot resume a page state")
+    return build(setup.regions, swap_file=swap_file, state=setup.state,
+                 staging_fd=setup.staging_fd, readahead=setup.readahead)
+
+
+def _attach_state(fd: int) -> Any:
+    """The data plane's page state over the VMM's memfd (imported only when there is one)."""
+    return importlib.import_module("vmmswap.dataplane.page_state").PageState.attach(fd)
 
 
 class Monitor:
     """Everything the monitor process owns."""
 
-    def __init__(self, controller: socket.socket, init: InitRequest, fds: list[int],
+    def __init__(self, controller: socket.socket, init: InitRequest, fds: InitFds,
                  factory: HandlerFactory, spin: AdaptiveSpin | None = None) -> None:
-        uffd_fd, self.swap_fd, *memfds = fds
+        uffd_fd, self.swap_fd, memfds = fds.uffd, fds.swap, fds.memfds
+        #: The VMM's end receives each device's uffd (see _register_process).
+        self.keeper = None if fds.keeper is None else socket.socket(fileno=fds.keeper)
+        self.staging_fd = fds.staging
+        self.state_fd = fds.state
+        self.page_state: Any = None
+        self.restarts = 0 if init.resume is None else init.resume.restarts
+        self.last_resume_seconds = 0.0
+        self._control_map: mmap.mmap | None = None
+        self.area: RestartArea | None = None
+        if fds.control is not None:
+            self._control_map = mmap.mmap(fds.control, AREA_SIZE)
+            os.close(fds.control)
+            self.area = RestartArea(memoryview(self._control_map))
         self.spin = spin if spin is not None else AdaptiveSpin()
         self.init = init
         self.regions = init.regions
@@ -134,7 +176,10 @@ class Monitor:
                          init.vmm_pid, main=True)
         self.uffds = UffdSet(self.regions, main, lambda: self.machine.handler, self._dropped,
                              self.page_sizes)
-        self.machine = StateMachine(self, page_size=max(self.page_sizes, default=PAGE_SIZE))
+        journal = None if self.area is None else journal_for(
+            self.area, lambda: self.restarts, lambda: self.last_resume_seconds)
+        self.machine = StateMachine(self, page_size=max(self.page_sizes, default=PAGE_SIZE),
+                                    journal=journal)
         self._by_fd: dict[int, Callable[[], None]] = {}
         self._done = False
         self._last_step = time.monotonic()
@@ -144,13 +189,48 @@ class Monitor:
         self._watch(self.vmm_pidfd, self._vmm_exited)
         self._watch(main.fd, lambda: self._serve_watched(main))
         self._add_client(Client(controller, public=False, peer_pid=init.vmm_pid))
+        for pid, dev_uffd, dev_pidfd in fds.devices:
+            self._adopt_device(pid, dev_uffd, dev_pidfd)
+
+    def _setup(self, resume: bool) -> HandlerSetup:
+        if self.page_state is None and self.state_fd is not None:
+            self.page_state = _attach_state(self.state_fd)
+        return HandlerSetup(list(zip(self.regions, self.memfds, strict=True)), self.swap_fd,
+                            self.init.readahead, self.staging_fd, self.page_state, resume)
+
+    # --- taking over from a dead monitor --------------------------------------------------------
+    def resume(self) -> str:
+        """Take over the dead predecessor's state (see :mod:`.monitor_resume`); a line for
+        the log. NotResumableError / RestartAreaError / OSError if it cannot be done."""
+        assert self.init.resume is not None
+        record = self.area.read() if self.area is not None else None
+        if record is None:
+            raise NotResumableError("no control area: the dead monitor's state is unknown")
+        plan = decide(record)
+        handler = self.factory(self._setup(resume=True)) if plan.needs_handler else None
+        if plan.register:
+            self.uffds.register_all()  # the same uffds: a no-op where already registered
+        else:
+            self.uffds.unregister_all(force=True)  # undo a registration the death cut short
+        error = plan.note or record.error
+        self.machine.adopt(handler, plan.state, pages=record.transition_pages, error=error,
+                           slow_cleanup=record.slow_cleanup)
+        if plan.state is SwapState.READY:
+            if record.slow_cleanup:
+                self.truncator.start()
+            else:
+                self.truncator.finish()
+        woken = wake_all([e.uffd for e in self.uffds.entries], self.regions)
+        self.last_resume_seconds = max(0.0, time.monotonic() - self.init.resume.died_at)
+        self.machine._persist()
+        return (f"resumed from {describe(record)}: now {plan.state}; {woken} range(s) woken; "
+                f"{self.last_resume_seconds * 1000:.1f} ms after the death")
 
     # --- hooks for the state machine ------------------------------------------------------------
     def create_handler(self) -> PageHandlerLike:
         self.truncator.finish()  # crosvm's take_file(): the file must be empty for a new start
         self.huge_pages.note_before()  # before registration and before any page moves
-        return self.factory(list(zip(self.regions, self.memfds, strict=True)), self.swap_fd,
-                            self.init.readahead)
+        return self.factory(self._setup(resume=False))
 
     def freeze(self) -> AbstractContextManager[object]:
         # Registered devices too: a hot-plugged one need not descend from the VMM.
@@ -163,7 +243,15 @@ class Monitor:
                            witness=self._thaw_guard)
 
     def register_all(self) -> None:
+        """A fresh enable's registration (VMM tree frozen). Discards announced before it
+        never made a REMOVE event (nothing was registered), so their marks in the page state
+        would never be cleared, and a successor would apply them to pages written and moved
+        since: zero pages (found by the torture harness). Those discards are done (their
+        pages are holes, which the move skips) or wait frozen before their madvise, whose
+        REMOVE now arrives: every mark can go."""
         self.uffds.register_all()
+        if self.page_state is not None:
+            discard_log.clear(self.page_state, 0, self.page_state.num_pages)
 
     def unregister_all(self) -> None:
         self.uffds.unregister_all()
@@ -415,6 +503,8 @@ class Monitor:
 
     def _status(self) -> SwapStatus:
         status = self.machine.status(len(self.uffds.devices))
+        status = dataclasses.replace(status, restarts=self.restarts,
+                                     last_resume_seconds=round(self.last_resume_seconds, 6))
         if status.error is None and self.uffds.stuck_count:
             status = dataclasses.replace(status, error=self.uffds.last_error)
         return status
@@ -507,20 +597,37 @@ class Monitor:
         pid = pidfd_pid(pidfd)
         if pid <= 0:
             return Response.failure(ErrorKind.FAILED, "the device process has already exited")
+        if self.keeper is not None:
+            # The VMM holds a copy before the device may touch guest memory: a successor of
+            # this monitor gets it from there. A message in flight keeps its descriptors even
+            # if this process dies right after sendmsg.
+            try:
+                send_message(self.keeper, b'{"device":%d}' % pid, [uffd_fd, pidfd])
+            except OSError as err:
+                return Response.failure(ErrorKind.FAILED, f"cannot hand pid {pid}'s uffd to "
+                                        f"the VMM: {err}")
+        fds.clear()  # the entry owns them now
+        error = self._adopt_device(pid, uffd_fd, pidfd)
+        if error is not None:
+            return Response.failure(ErrorKind.FAILED, error)
+        return Response(True, f"device process {pid} registered",
+                        status=self._status())
+
+    def _adopt_device(self, pid: int, uffd_fd: int, pidfd: int) -> str | None:
+        """Serve a device's uffd (registered at once when swap is enabled); the error text
+        if that failed (the descriptors are closed then)."""
+        os.set_blocking(uffd_fd, False)
         entry = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES), pid,
                           pidfd)
-        fds.clear()  # the entry owns them now
         try:
             self.uffds.add_device(entry, enabled=self.machine.state.enabled)
         except OSError as err:
             entry.close()
-            return Response.failure(ErrorKind.FAILED,
-                                    f"cannot register pid {pid}'s uffd: {err}")
+            return f"cannot register pid {pid}'s uffd: {err}"
         self._watch(entry.fd, lambda: self._serve_watched(entry))
         self._watch(pidfd, lambda: self.uffds.drop(entry))
         _log.info("serving device process %d", pid)
-        return Response(True, f"device process {pid} registered",
-                        status=self._status())
+        return None
 
     def _attach(self, fds: list[int]) -> Response:
         (fd,) = fds
@@ -559,12 +666,28 @@ class Monitor:
         os.close(self.vmm_pidfd)
         for fd in self.memfds:
             os.close(fd)
+        if self.keeper is not None:
+            self.keeper.close()
+        if self.page_state is not None:
+            with contextlib.suppress(Exception):
+                self.page_state.close()
+        for maybe in (self.staging_fd, self.state_fd):
+            if maybe is not None:
+                with contextlib.suppress(OSError):
+                    os.close(maybe)
+        self.area = None
+        if self._control_map is not None:
+            with contextlib.suppress(BufferError):
+                self._control_map.close()
         self.epoll.close()
 
 
 # --- start-up -----------------------------------------------------------------------------------
-def _receive_init(sock: socket.socket, vmm_pid: int) -> tuple[InitRequest, list[int]]:
-    sock.settimeout(INIT_TIMEOUT)
+def _receive_init(sock: socket.socket, vmm_pid: int,
+                  spare: bool = False) -> tuple[InitRequest, InitFds]:
+    # A spare (started ahead, to take over at the next death) waits as long as it takes; the
+    # VMM's exit closes the other end.
+    sock.settimeout(None if spare else INIT_TIMEOUT)
     received = recv_message(sock)
     if received.eof:
         raise ConnectionResetError("the controller closed the connection before init")
@@ -578,12 +701,15 @@ def _receive_init(sock: socket.socket, vmm_pid: int) -> tuple[InitRequest, list[
             raise ProtocolError(f"init names VMM pid {init.vmm_pid}, but the monitor's parent "
                                 f"is {os.getppid()} (--vmm-pid {vmm_pid})")
         validate_regions(init.regions)
-        uffd, swap, *memfds = received.fds
-        if fd_kind(uffd) != "anon_inode:[userfaultfd]":
+        fds = InitFds.split(init, received.fds)
+        if fd_kind(fds.uffd) != "anon_inode:[userfaultfd]":
             raise ProtocolError("init: the first descriptor is not a userfaultfd")
-        if not stat.S_ISREG(os.fstat(swap).st_mode):
+        if not stat.S_ISREG(os.fstat(fds.swap).st_mode):
             raise ProtocolError("init: the second descriptor is not a regular file")
-        for spec, fd in zip(init.regions, memfds, strict=True):
+        for _pid, dev_uffd, _dev_pidfd in fds.devices:
+            if fd_kind(dev_uffd) != "anon_inode:[userfaultfd]":
+                raise ProtocolError("init: a device descriptor is not a userfaultfd")
+        for spec, fd in zip(init.regions, fds.memfds, strict=True):
             if os.fstat(fd).st_size < spec.size:
                 raise ProtocolError(f"init: the memfd of region {spec.guest_addr:#x} is "
                                     f"smaller than {spec.size:#x} bytes")
@@ -592,7 +718,7 @@ def _receive_init(sock: socket.socket, vmm_pid: int) -> tuple[InitRequest, list[
         raise
     sock.settimeout(None)
     sock.setblocking(False)
-    return init, received.fds
+    return init, fds
 
 
 def main(argv: Sequence[str] | None = None,
@@ -612,6 +738,8 @@ def main(argv: Sequence[str] | None = None,
                         help="longest time to keep polling the uffds after a fault before "
                         "blocking again (adaptive; 0 never spins)")
     parser.add_argument("--log-level", default=os.environ.get("VMMSWAP_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--spare", action="store_true",
+                        help="started ahead of need: wait for the init without a timeout")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"vmmswap monitor[{os.getpid()}] %(levelname)s %(message)s")
@@ -624,17 +752,33 @@ def main(argv: Sequence[str] | None = None,
     os.set_inheritable(args.control_fd, False)
     sock = socket.socket(fileno=args.control_fd)
     try:
-        init, fds = _receive_init(sock, args.vmm_pid)
+        init, fds = _receive_init(sock, args.vmm_pid, args.spare)
         max_window = max(0.0, args.fault_spin_us) * 1e-6
         spin = AdaptiveSpin(min_window=min(max_window, DEFAULT_MIN_WINDOW),
                             max_window=max_window, window=max_window / 2)
         monitor = Monitor(sock, init, fds, handler_factory, spin)  # a 0 window never spins
+    except ConnectionResetError:
+        if args.spare:  # a spare no longer needed: the VMM closed its end
+            return 0
+        _log.error("start-up failed: the controller closed the connection before init")
+        return 1
     except (ProtocolError, ValueError, OSError) as err:
         _log.error("start-up failed: %s", err)
         with contextlib.suppress(OSError):
             kind = err.kind if isinstance(err, ProtocolError) else ErrorKind.FAILED
             send_message(sock, encode_response(Response.failure(kind, f"monitor: {err}")))
         return 1
+    if init.resume is not None:
+        try:
+            _log.warning("%s", monitor.resume())
+        except Exception as err:
+            _log.error("cannot take over from the dead monitor: %s", err, exc_info=not
+                       isinstance(err, OSError | NotResumableError))
+            with contextlib.suppress(OSError):
+                send_message(sock, encode_response(Response.failure(
+                    ErrorKind.FAILED, f"monitor: cannot resume: {err}")))
+            monitor.close()
+            return 1
     try:
         if init.control_socket:
             monitor.listen(init.control_socket)

@@ -145,8 +145,11 @@ class UffdSet:
                 self.unregister(entry)
             raise
 
-    def unregister(self, entry: UffdEntry) -> None:
-        if not entry.registered:
+    def unregister(self, entry: UffdEntry, force: bool = False) -> None:
+        """Unregister ``entry``'s ranges; ``force`` also when it is not known to be
+        registered (a successor undoing a registration its predecessor's death cut short:
+        ranges not registered are skipped by the kernel)."""
+        if not entry.registered and not force:
             return
         entry.registered = False
         for spec in self.regions:
@@ -158,9 +161,9 @@ class UffdSet:
                 # Still registered: stray faults there are answered (zero-filled) while Ready.
                 _log.error("unregistering pid %d's uffd failed: %s", entry.pid, err)
 
-    def unregister_all(self) -> None:
+    def unregister_all(self, force: bool = False) -> None:
         for entry in self.entries:
-            self.unregister(entry)
+            self.unregister(entry, force)
 
     # --- devices ------------------------------------------------------------------------------
     def add_device(self, entry: UffdEntry, enabled: bool) -> None:

@@ -106,8 +106,17 @@ class StateMachine:
     """One VM's swap state. Every method runs on the monitor's single thread."""
 
     def __init__(self, hooks: Hooks, clock: Callable[[], float] = time.monotonic, *,
-                 page_size: int = PAGE_SIZE) -> None:
+                 page_size: int = PAGE_SIZE,
+                 journal: Callable[[StateMachine], None] | None = None) -> None:
         self._hooks = hooks
+        #: Called after every change a successor must know of (see control/restart_area.py).
+        self._journal = journal
+        #: How far the running enable got (restart_area.EnablePhase values), and the state
+        #: before it: a successor treats a half-done enable by these.
+        self.enable_phase = 0
+        self.prior_state = SwapState.READY
+        #: A gradual file cleanup was asked by the last disable and may still be running.
+        self.slow_cleanup_asked = False
         #: The guest's page (2 MiB on hugetlbfs): the unit of every page count reported.
         self.page_size = page_size
         self.state = SwapState.READY
@@ -144,10 +153,13 @@ class StateMachine:
         Failed) or could not start (state unchanged).
         """
         created = False
+        self.prior_state, self.enable_phase = self.state, 1  # STARTING: nothing moved yet
+        self._persist()
         if self.handler is None:
             try:
                 self.handler = self._hooks.create_handler()
             except OSError as err:
+                self._enable_over()
                 raise CommandError(ErrorKind.FAILED,
                                    f"cannot set up the page handler: {err}") from err
             created = True
@@ -163,6 +175,8 @@ class StateMachine:
                 self.transition.begin()
                 self.state = SwapState.PENDING
                 move_started = True
+                self.enable_phase = 2  # MOVING: pages may leave guest memory from here on
+                self._persist()
                 try:
                     self.transition.pages = handler.move_to_staging()
                 except Exception as err:
@@ -173,17 +187,29 @@ class StateMachine:
                 self.transition.end()
                 self.error = None
         except CommandError:
+            self._enable_over()
             raise
         except Exception as err:
             if move_started:
                 # The move finished but thawing failed: staged pages must not be discarded.
                 self._fail(f"enable: thawing the VMM failed after the move: {err}")
+                self._enable_over()
                 raise CommandError(ErrorKind.FAILED, self.error or "") from err
             # Freezing or registering failed: nothing was moved.
             if created:
                 self._discard_handler()
+            self._enable_over()
             raise CommandError(ErrorKind.FAILED, f"enable failed: {err}") from err
+        self._enable_over()
         return self.status()
+
+    def _enable_over(self) -> None:
+        self.enable_phase = 0
+        self._persist()
+
+    def _persist(self) -> None:
+        if self._journal is not None:
+            self._journal(self)
 
     def trim(self) -> None:
         """Pending → TrimInProgress: drop staging pages that are zero or equal to the file."""
@@ -194,6 +220,7 @@ class StateMachine:
         self._trim = self.handler.start_trim()
         self.transition.begin()
         self.state = SwapState.TRIM_IN_PROGRESS
+        self._persist()
 
     def swap_out(self) -> None:
         """Pending → SwapOutInProgress: write staging to the swap file, in chunks."""
@@ -202,14 +229,18 @@ class StateMachine:
                                                            "it needs state Pending"))
         self.transition.begin()
         self.state = SwapState.SWAP_OUT_IN_PROGRESS
+        self._persist()
 
     def disable(self, slow_file_cleanup: bool = False) -> None:
         """Any enabled state → SwapInInProgress: bring every page back, then Ready."""
         if self.state is SwapState.READY:
+            self.slow_cleanup_asked = slow_file_cleanup
+            self._persist()
             self._hooks.disabled(slow_file_cleanup)
             return
         if self.state is SwapState.SWAP_IN_IN_PROGRESS:
             self._slow_cleanup = slow_file_cleanup
+            self._persist()
             return
         self._start_swap_in(slow_file_cleanup)
 
@@ -220,6 +251,7 @@ class StateMachine:
         self._swap_in = self.handler.start_swap_in()
         self.transition.begin()
         self.state = SwapState.SWAP_IN_IN_PROGRESS
+        self._persist()
 
     # --- background work ----------------------------------------------------------------------
     def step(self) -> None:
@@ -248,6 +280,7 @@ class StateMachine:
             self._trim = None
             self.transition.end()
             self.state = SwapState.PENDING
+            self._persist()
         else:
             self.transition.pages += trimmed
 
@@ -262,6 +295,7 @@ class StateMachine:
         if written == 0:
             self.transition.end()
             self.state = SwapState.ACTIVE
+            self._persist()
         else:
             self.transition.pages += written
 
@@ -291,6 +325,8 @@ class StateMachine:
             self._discard_handler()
             self.state = SwapState.READY
             self.error = None
+            self.slow_cleanup_asked = self._slow_cleanup
+            self._persist()
             self._hooks.disabled(self._slow_cleanup)
 
     # --- helpers ------------------------------------------------------------------------------
@@ -314,11 +350,39 @@ class StateMachine:
         self.error = message
         self.transition.reset()
         self.state = SwapState.FAILED
+        self._persist()
 
     def _discard_handler(self) -> None:
         handler, self.handler = self.handler, None
         if handler is not None:
             handler.close()
+
+    # --- a successor taking over --------------------------------------------------------------
+    def adopt(self, handler: PageHandlerLike | None, state: SwapState, *, pages: int = 0,
+              error: str | None = None, slow_cleanup: bool = False) -> None:
+        """Take over a dead monitor's state: ``handler`` was resumed over its page state.
+
+        Work that was running goes on from where the page state says it is: a swap-out keeps
+        writing what is left in staging; a trim or a swap-in starts a fresh pass (trim only
+        drops redundant copies and swap-in only fills missing pages, so a pass over pages
+        already done changes nothing).
+        """
+        self.handler = handler
+        self.state = state
+        self.error = error
+        self.enable_phase = 0
+        self._slow_cleanup = self.slow_cleanup_asked = slow_cleanup
+        self.transition.begin()
+        self.transition.pages = pages
+        if state is SwapState.TRIM_IN_PROGRESS:
+            assert handler is not None
+            self._trim = handler.start_trim()
+        elif state is SwapState.SWAP_IN_IN_PROGRESS:
+            assert handler is not None
+            self._swap_in = handler.start_swap_in()
+        elif not state.in_progress:
+            self.transition.end()
+        self._persist()
 
     def pages_remaining(self) -> int:
         """Pages the handler still holds outside guest memory (staging + swap file)."""

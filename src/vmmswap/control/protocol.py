@@ -29,9 +29,13 @@ from vmmswap.dataplane.guest_memory import RegionSpec
 PROTOCOL_VERSION: Final = 1
 #: Largest message either side accepts; requests are tiny, an init with 64 regions is ~4 KiB.
 MAX_MESSAGE: Final = 64 * 1024
-#: Most descriptors one message may carry: init sends uffd + swap file + one memfd per region.
+#: Most descriptors one message may carry: init sends uffd + swap file + the keeper socket +
+#: staging + page state + one memfd per region + a uffd and a pidfd per device process (a
+#: successor's init). SCM_RIGHTS carries at most 253 per message.
 MAX_REGIONS: Final = 64
-MAX_FDS: Final = MAX_REGIONS + 2
+#: Device processes whose uffds a successor's init can carry.
+MAX_INIT_DEVICES: Final = 90
+MAX_FDS: Final = MAX_REGIONS + 5 + 2 * MAX_INIT_DEVICES
 _FD_SIZE: Final = array.array("i").itemsize
 _U64_MAX: Final = 2**64 - 1
 
@@ -92,20 +96,70 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeInfo:
+    """In a successor's init: how many monitors died before, and when the last one did
+    (``time.monotonic()``, the same clock in every process)."""
+
+    restarts: int
+    died_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class InitRequest:
     """The controller's first message: what the monitor serves.
 
-    Descriptors, in order: the VMM's uffd, the swap file, then one memfd per region.
+    Descriptors, in order: the VMM's uffd, the swap file, the keeper socket (``keeper``: the
+    monitor sends each device's uffd back on it, so the VMM holds them all), the control-area
+    memfd (``control_area``: see :mod:`.restart_area`), the staging memfd
+    and the page-state memfd (``restart_state``), one memfd per region, then a uffd and a
+    pidfd for each of ``devices`` (pids; a successor's init only). ``resume`` is set for a
+    successor: the descriptors are those its dead predecessor served.
     """
 
     regions: tuple[RegionSpec, ...]
     vmm_pid: int
     readahead: bool = True
     control_socket: str | None = None
+    keeper: bool = False
+    control_area: bool = False
+    restart_state: bool = False
+    devices: tuple[int, ...] = ()
+    resume: ResumeInfo | None = None
 
     @property
     def fd_count(self) -> int:
-        return 2 + len(self.regions)
+        return (2 + self.keeper + self.control_area + 2 * self.restart_state + len(self.regions)
+                + 2 * len(self.devices))
+
+
+@dataclass(frozen=True, slots=True)
+class InitFds:
+    """An init's descriptors, by role (see :class:`InitRequest`)."""
+
+    uffd: int
+    swap: int
+    keeper: int | None
+    control: int | None
+    staging: int | None
+    state: int | None
+    memfds: list[int]
+    devices: list[tuple[int, int, int]]  # (pid, uffd, pidfd)
+
+    @classmethod
+    def split(cls, init: InitRequest, fds: Sequence[int]) -> InitFds:
+        if len(fds) != init.fd_count:
+            raise ProtocolError(f"init needs {init.fd_count} descriptors, got {len(fds)}")
+        rest = list(fds)
+        uffd, swap = rest.pop(0), rest.pop(0)
+        keeper = rest.pop(0) if init.keeper else None
+        control = rest.pop(0) if init.control_area else None
+        staging = state = None
+        if init.restart_state:
+            staging, state = rest.pop(0), rest.pop(0)
+        n = len(init.regions)
+        memfds, rest = rest[:n], rest[n:]
+        devices = [(pid, rest[2 * i], rest[2 * i + 1]) for i, pid in enumerate(init.devices)]
+        return cls(uffd, swap, keeper, control, staging, state, memfds, devices)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,14 +194,25 @@ def encode_request(request: Request) -> bytes:
 
 
 def encode_init(init: InitRequest) -> bytes:
-    return _dump({
+    body: dict[str, Any] = {
         "version": PROTOCOL_VERSION,
         "command": str(Command.INIT),
         "regions": [[r.guest_addr, r.host_addr, r.size] for r in init.regions],
         "vmm_pid": init.vmm_pid,
         "readahead": init.readahead,
         "control_socket": init.control_socket,
-    })
+    }
+    if init.keeper:
+        body["keeper"] = True
+    if init.control_area:
+        body["control_area"] = True
+    if init.restart_state:
+        body["restart_state"] = True
+    if init.devices:
+        body["devices"] = list(init.devices)
+    if init.resume is not None:
+        body["resume"] = {"restarts": init.resume.restarts, "died_at": init.resume.died_at}
+    return _dump(body)
 
 
 def encode_response(response: Response) -> bytes:
@@ -250,7 +315,8 @@ def decode_request(data: bytes, nfds: int = 0, *, public: bool = True) -> Reques
 
 def _decode_init(body: dict[str, Any]) -> InitRequest:
     _check_keys(body, {"version", "command", "regions", "vmm_pid", "readahead",
-                       "control_socket"})
+                       "control_socket", "keeper", "control_area", "restart_state", "devices",
+                       "resume"})
     regions = body.get("regions")
     if not isinstance(regions, list) or not 1 <= len(regions) <= MAX_REGIONS:
         raise ProtocolError(f"init: 'regions' must be a list of 1 to {MAX_REGIONS} regions")
@@ -265,8 +331,27 @@ def _decode_init(body: dict[str, Any]) -> InitRequest:
                                     or len(socket_path.encode()) > 107):
         raise ProtocolError("init: 'control_socket' must be null or a path of at most 107 "
                             "bytes")
+    devices = body.get("devices", [])
+    if not isinstance(devices, list) or len(devices) > MAX_INIT_DEVICES:
+        raise ProtocolError(f"init: 'devices' must be a list of at most {MAX_INIT_DEVICES} "
+                            "pids")
+    pids = tuple(_uint(p, "init: device pid", 2**22) for p in devices)
+    resume = None
+    raw = body.get("resume")
+    if raw is not None:
+        if not isinstance(raw, dict) or set(raw) != {"restarts", "died_at"}:
+            raise ProtocolError("init: 'resume' must be {restarts, died_at}")
+        died_at = raw["died_at"]
+        if isinstance(died_at, bool) or not isinstance(died_at, int | float) or not (
+                0 <= died_at < 1e12):
+            raise ProtocolError("init: resume.died_at must be a monotonic time in seconds")
+        resume = ResumeInfo(_uint(raw["restarts"], "init: resume.restarts", 2**32 - 1),
+                            float(died_at))
     return InitRequest(tuple(specs), _uint(body.get("vmm_pid"), "init: vmm_pid", 2**22),
-                       _bool(body, "readahead", True), socket_path)
+                       _bool(body, "readahead", True), socket_path,
+                       _bool(body, "keeper", False), _bool(body, "control_area", False),
+                       _bool(body, "restart_state", False),
+                       pids, resume)
 
 
 def decode_response(data: bytes) -> Response:

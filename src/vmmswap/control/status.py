@@ -117,6 +117,9 @@ class SwapStatus:
 
     ``devices`` counts the device processes whose uffds the monitor serves besides the VMM's;
     ``error`` says why the state is Failed (or what last went wrong), None when nothing did.
+    ``restarts`` counts the monitors that took over from a killed one (this VMM's lifetime);
+    ``last_resume_seconds`` is the last such take-over's time from the death to the successor
+    serving faults (0.0 before the first).
     """
 
     state: SwapState
@@ -124,6 +127,8 @@ class SwapStatus:
     state_transition: SwapStateTransition = field(default_factory=SwapStateTransition)
     devices: int = 0
     error: str | None = None
+    restarts: int = 0
+    last_resume_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: crosvm's keys first, then this project's."""
@@ -135,6 +140,8 @@ class SwapStatus:
             "devices": self.devices,
             "error": self.error,
             "page_size": self.metrics.page_size,
+            "restarts": self.restarts,
+            "last_resume_seconds": self.last_resume_seconds,
         }
 
     def to_json(self) -> str:
@@ -145,7 +152,7 @@ class SwapStatus:
     def from_dict(cls, value: Any) -> SwapStatus:
         value = parse_object(value, "status")
         known = {"state", "metrics", "state_transition", "readahead", "devices", "error",
-                 "page_size"}
+                 "page_size", "restarts", "last_resume_seconds"}
         extra = sorted(set(value) - known)
         if extra:
             raise StatusFormatError(f"status: unexpected keys {extra}")
@@ -169,6 +176,9 @@ class SwapStatus:
             state_transition=SwapStateTransition.from_dict(value["state_transition"]),
             devices=parse_u64(value.get("devices", 0), "devices"),
             error=error,
+            restarts=parse_u64(value.get("restarts", 0), "restarts"),
+            last_resume_seconds=_parse_seconds(value.get("last_resume_seconds", 0.0),
+                                               "last_resume_seconds"),
         )
 
     @classmethod
@@ -182,6 +192,14 @@ class SwapStatus:
 
 
 _BY_NAME: Final[dict[str, SwapState]] = {str(s): s for s in SwapState}
+
+
+def _parse_seconds(value: Any, what: str) -> float:
+    """A finite, non-negative number of seconds (JSON int or float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            0.0 <= float(value) < 1e9):
+        raise StatusFormatError(f"{what} must be a number of seconds, got {value!r}")
+    return float(value)
 
 __all__ = [
     "CROSVM_METRICS",

@@ -23,7 +23,7 @@ import enum
 import errno
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -155,6 +155,7 @@ class GuestMemory:
         if len(sizes) > 1:
             raise ValueError(f"guest regions mix page sizes {sorted(sizes)}: one backing per VM")
         self.regions = tuple(sorted(regions, key=lambda r: r.guest_addr))
+        self._discard_hook: Callable[[int, int], None] | None = None
 
     @classmethod
     def create(cls, layout: Sequence[tuple[int, int]], name: str = "guest memory", *,
@@ -254,7 +255,18 @@ class GuestMemory:
         region = self.region_of(guest_addr, length)
         # Removing part of a huge page would zero it in place: the guest keeps the page.
         check_aligned(guest_addr, length, region.page_size, "discard")
+        hook = self._discard_hook
+        if hook is not None:
+            # Written down before it happens: a monitor that dies after reading the REMOVE
+            # event but before applying it leaves the mark for its successor (discard_log).
+            hook(region.host_addr + guest_addr - region.guest_addr, length)
         region.mapping.madvise(libc.MADV_REMOVE, guest_addr - region.guest_addr, length)
+
+    def set_discard_hook(self, hook: Callable[[int, int], None] | None) -> None:
+        """Call ``hook(host_addr, length)`` before every :meth:`discard` (the page state's
+        ``DiscardLog.announce``, so a successor monitor learns of a discard its predecessor
+        read but never applied). None removes it."""
+        self._discard_hook = hook
 
     def resident_bytes(self) -> int:
         """Bytes of data (not holes) in the memfds (see :func:`resident_bytes`)."""

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Final
 
-import numpy as np
-import numpy.typing as npt
-
+from vmmswap.dataplane.crash_points import crash_point
 from vmmswap.dataplane.guest_memory import data_ranges, resident_bytes
 from vmmswap.dataplane.move_hugetlb import HugeBuffers, plan_spans, stage_span
-from vmmswap.dataplane.present_list import runs_of
+from vmmswap.dataplane.present_list import PresentList
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import (
@@ -50,6 +49,9 @@ _log = logging.getLogger(__name__)
 #: vanishes, small enough that both workers get many batches.
 DEFAULT_BATCH_BYTES: Final = 8 * 1024 * 1024
 _PUNCH: Final = libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE
+#: The wrong order, for the crash test's negative control only (tests/dataplane): mark the
+#: staged pages present after the punch, so a crash in between loses them. Never set it.
+MARK_AFTER_PUNCH = False
 
 
 @dataclass(slots=True)
@@ -134,8 +136,55 @@ class _PunchError(Exception):
         self.cause = cause
 
 
+class _Marker:
+    """Marks staged pages present from the worker threads (a bitmap word may be shared by
+    two regions' batches, and a word update is a read and a write)."""
+
+    def __init__(self, staging: StagingMemory, file_current: PresentList | None) -> None:
+        self.staging = staging
+        self.file_current = file_current
+        self.lock = threading.Lock()
+
+    def mark(self, region: MoveRegion, copies: list[tuple[int, int]]) -> None:
+        with self.lock:
+            for start, end in copies:
+                first = region.page_of(start)
+                self.staging.mark_present(first, first + (end - start) // region.page_size)
+
+    def held_elsewhere(self, page: int) -> bool:
+        """Whether staging or the file holds a copy of ``page`` (a hugetlbfs page that read
+        as zeros may be a hole whose data is there: it must not be punched, see below)."""
+        with self.lock:
+            return self.staging.present.get(page) or (
+                self.file_current is not None and self.file_current.get(page))
+
+
+def _punch_spans(region: MoveRegion, batch: MoveBatch, marker: _Marker) -> list[tuple[int, int]]:
+    """The byte spans of the batch to punch out of guest memory.
+
+    Small pages: the whole span (holes in it are no-ops). hugetlbfs: the staged huge pages,
+    and those that read as zeros only if nothing else holds a copy -- a zero page with a staged
+    or current file copy is either a hole (the copy is the data: punching is a no-op anyway)
+    or, after a crash left that copy stale, a resident page of zeros that must stay: punching
+    it would let the stale copy be served.
+    """
+    if not region.hugetlb:
+        return [(batch.remove_start, batch.remove_end)]
+    ps = region.page_size
+    staged = {off for start, end in batch.copies for off in range(start, end, ps)}
+    spans: list[tuple[int, int]] = []
+    for off in range(batch.remove_start, batch.remove_end, ps):
+        if off not in staged and marker.held_elsewhere(region.page_of(off)):
+            continue
+        if spans and spans[-1][1] == off:
+            spans[-1] = (spans[-1][0], off + ps)
+        else:
+            spans.append((off, off + ps))
+    return spans
+
+
 def _run_batch(staging: StagingMemory, region: MoveRegion, batch: MoveBatch,
-               buffers: HugeBuffers | None) -> None:
+               buffers: HugeBuffers | None, marker: _Marker) -> None:
     if buffers is not None:
         # hugetlbfs: the batch's copies are the non-zero huge pages, found as they are read.
         stage_span(staging, region.memfd, region.base_page, batch.remove_start,
@@ -143,12 +192,23 @@ def _run_batch(staging: StagingMemory, region: MoveRegion, batch: MoveBatch,
     else:
         for start, end in batch.copies:
             staging.copy_in(region.memfd, start, region.page_of(start), end - start)
-    # The copies are complete: only now may the guest's pages go.
+    crash_point("move.copied")
+    spans = _punch_spans(region, batch, marker)
+    # The copies are complete; they are marked present *before* the punch (crash
+    # consistency: a successor must find every punched page in staging). Until the punch,
+    # guest memory and staging hold the same bytes and the guest's copy wins (it does not
+    # fault), so a crash in between loses nothing.
+    if not MARK_AFTER_PUNCH:
+        marker.mark(region, batch.copies)
+        crash_point("move.marked")
     try:
-        libc.fallocate(region.memfd, _PUNCH, batch.remove_start,
-                       batch.remove_end - batch.remove_start)
+        for start, end in spans:
+            libc.fallocate(region.memfd, _PUNCH, start, end - start)
     except OSError as err:
         raise _PunchError(err) from err
+    crash_point("move.punched")
+    if MARK_AFTER_PUNCH:
+        marker.mark(region, batch.copies)
 
 
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
@@ -158,44 +218,28 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 def _settle_failed_batch(staging: StagingMemory, region: MoveRegion, batch: MoveBatch,
                          punch_failed: bool) -> int:
-    """Make every page of a failed batch live in exactly one place; returns pages staged.
+    """Make every page of a failed batch recoverable from one place; returns pages staged.
 
-    If the copies failed, nothing was punched: the guest keeps everything and staging frees
-    its partial copies. If the punch failed, it may have removed part of the span; a copied
-    page that is no longer data in the guest was removed (the guest is frozen), so its staging
-    copy is now the only one and is kept.
+    If the copies failed, nothing was marked or punched: the guest keeps everything and
+    staging frees its partial copies. If the punch failed, every copy was already marked
+    present and stays so: a page the punch removed lives in staging only, one it did not is
+    in both with the same bytes, and the guest's copy wins (it never faults; swap-in's COPY
+    meets EEXIST and keeps it) -- no need to ask which pages the punch reached.
     """
-    staged = 0
-    # On hugetlbfs SEEK_DATA calls everything data, so which pages the punch removed is not
-    # known: every staged copy is kept. That is safe: a page the guest still has never
-    # faults, and swap-in's COPY of it meets EEXIST and keeps the guest's page.
     ps = region.page_size
-    still_data = (data_extents(region.memfd, region.size)
-                  if punch_failed and not region.hugetlb else [])
+    if punch_failed:
+        if MARK_AFTER_PUNCH:
+            for start, end in batch.copies:
+                first = region.page_of(start)
+                staging.mark_present(first, first + (end - start) // ps)
+        return sum((end - start) // ps for start, end in batch.copies)
     for start, end in batch.copies:
         first = region.page_of(start)
-        pages = (end - start) // ps
-        keep = np.zeros(pages, dtype=np.bool_)
-        if punch_failed:
-            keep[:] = True
-            for d_start, d_end in still_data:
-                lo, hi = max(d_start, start), min(d_end, end)
-                if lo < hi:
-                    keep[(lo - start) // ps:(hi - start) // ps] = False
-        for a, b in _bool_runs(keep, value=True):
-            staging.mark_present(first + a, first + b)
-            staged += b - a
-        for a, b in _bool_runs(keep, value=False):
-            try:
-                staging.punch(first + a, first + b)
-            except OSError as err:
-                _log.warning("freeing staging after a failed move: %s", err)
-    return staged
-
-
-def _bool_runs(mask: npt.NDArray[np.bool_], value: bool) -> list[tuple[int, int]]:
-    idx = np.flatnonzero(mask == value).astype(np.int64)
-    return runs_of(idx)
+        try:
+            staging.punch(first, first + (end - start) // ps)
+        except OSError as err:
+            _log.warning("freeing staging after a failed move: %s", err)
+    return 0
 
 
 def _wait(future: Future[None]) -> tuple[BaseException | None, BaseException | None]:
@@ -216,13 +260,17 @@ def _wait(future: Future[None]) -> tuple[BaseException | None, BaseException | N
 
 def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
                     workers: int | None = None,
-                    batch_bytes: int = DEFAULT_BATCH_BYTES) -> int:
+                    batch_bytes: int = DEFAULT_BATCH_BYTES,
+                    file_current: PresentList | None = None) -> int:
     """Move every data page of every region into staging; returns pages moved.
 
     Batches run on ``workers`` threads (default: one per CPU; the copies and punches are
-    system calls that release the GIL). A page is marked present in staging only after its
-    batch was copied *and* punched, so on failure every page is in exactly one place: a failed
-    copy leaves its batch in the guest (nothing punched), and the staging copy is freed again.
+    system calls that release the GIL). A batch's pages are marked present in staging after
+    its copies and *before* its punch, so a crash at any instant leaves every page in guest
+    memory, in staging, or in both with the same bytes (the guest's copy wins); a failed copy
+    leaves its batch in the guest (nothing marked or punched), and the staging copy is freed
+    again. ``file_current`` (the swap file's bitmap) keeps hugetlbfs zero pages that have a
+    copy elsewhere unpunched (see _punch_spans).
     The first error is raised once every started batch has finished.
 
     **Safety**: every process that maps guest memory must be frozen and every uffd registered
@@ -250,14 +298,14 @@ def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
     huge_sizes = {r.page_size for r, _ in jobs if r.hugetlb}
     buffers = {ps: HugeBuffers(workers, ps) for ps in huge_sizes}
     try:
-        return _run_jobs(jobs, staging, workers, buffers)
+        return _run_jobs(jobs, staging, workers, buffers, _Marker(staging, file_current))
     finally:
         for buf in buffers.values():
             buf.close()
 
 
 def _run_jobs(jobs: list[tuple[MoveRegion, MoveBatch]], staging: StagingMemory, workers: int,
-              buffers: dict[int, HugeBuffers]) -> int:
+              buffers: dict[int, HugeBuffers], marker: _Marker) -> int:
     """Run the batches on ``workers`` threads; returns pages moved (see move_to_staging)."""
     moved = 0
     first_error: BaseException | None = None
@@ -266,7 +314,7 @@ def _run_jobs(jobs: list[tuple[MoveRegion, MoveBatch]], staging: StagingMemory, 
         try:
             for region, batch in jobs:
                 futures.append(pool.submit(_run_batch, staging, region, batch,
-                                           buffers.get(region.page_size)))
+                                           buffers.get(region.page_size), marker))
         except BaseException as err:
             # Not every batch could be handed out (no thread could be started, say). The
             # ones that were still run -- copy *and punch* -- so they are accounted below;
@@ -287,11 +335,7 @@ def _run_jobs(jobs: list[tuple[MoveRegion, MoveBatch]], staging: StagingMemory, 
                            batch.remove_start, batch.remove_end, region.memfd, cause)
                 moved += _settle_failed_batch(staging, region, batch, punch_failed)
                 continue
-            for start, end in batch.copies:
-                first = region.page_of(start)
-                pages = (end - start) // region.page_size
-                staging.mark_present(first, first + pages)
-                moved += pages
+            moved += sum((end - start) // region.page_size for start, end in batch.copies)
     if first_error is not None:
         raise first_error
     return moved

@@ -53,7 +53,8 @@ from typing import Final
 
 import numpy as np
 
-from vmmswap.dataplane import move
+from vmmswap.dataplane import discard_log, move
+from vmmswap.dataplane.crash_points import crash_point
 from vmmswap.dataplane.guest_memory import (
     RegionSpec,
     check_aligned,
@@ -63,10 +64,11 @@ from vmmswap.dataplane.guest_memory import (
 )
 from vmmswap.dataplane.metrics import SwapMetrics
 from vmmswap.dataplane.page_fill import Bounce, MapFn, RunFiller, settled_block
+from vmmswap.dataplane.page_state import Journal, JournalOp, PageState, PageStateError
 from vmmswap.dataplane.page_store import Region
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.dataplane.readahead import UP, Readahead
-from vmmswap.dataplane.staging import StagingMemory
+from vmmswap.dataplane.staging import StagingMemory, create_staging_memfd
 from vmmswap.dataplane.swap_file import MAX_PAGES, SwapFile
 from vmmswap.dataplane.swap_in import SwapInContext
 from vmmswap.dataplane.swap_out import SwapOutWriter
@@ -123,7 +125,8 @@ class PageHandler:
     def __init__(self, regions: Sequence[Region], staging: StagingMemory, swap_file: SwapFile,
                  *, readahead: bool = True,
                  max_readahead_bytes: int | None = None,
-                 workers: int | None = None, fill_threads: bool = True) -> None:
+                 workers: int | None = None, fill_threads: bool = True,
+                 state: PageState | None = None, owns_state: bool = False) -> None:
         self.regions = tuple(sorted(regions, key=lambda r: r.host_addr))
         sizes = {r.page_size for r in self.regions} | {staging.page_size, swap_file.page_size}
         if len(sizes) != 1:
@@ -152,7 +155,11 @@ class PageHandler:
         self._workers = workers
         #: Incremented by every move to staging: resumable contexts restart their scans.
         self.epoch = 0
-        self._writer = SwapOutWriter(staging, swap_file)
+        #: Where the page state lives (None: private arrays, no successor can resume).
+        self.state = state
+        self._owns_state = owns_state
+        self._journal = state.journal if state is not None else None
+        self._writer = SwapOutWriter(staging, swap_file, journal=self._journal)
         self._reset_counters()
         self._closed = False
 
@@ -161,16 +168,56 @@ class PageHandler:
                swap_dir: str | os.PathLike[str] | None = None, *,
                swap_file: SwapFile | None = None, readahead: bool = True,
                max_readahead_bytes: int | None = None,
-               workers: int | None = None, fill_threads: bool = True) -> PageHandler:
+               workers: int | None = None, fill_threads: bool = True,
+               state: PageState | None = None, staging_fd: int | None = None) -> PageHandler:
         """A handler for ``regions`` (each a spec and the memfd the VMM maps there).
 
-        Creates the staging memfd and, unless ``swap_file`` is given, a nameless swap file in
-        ``swap_dir`` (default: the system temporary directory). A given ``swap_file`` becomes
-        the handler's and is closed with it. The memfds stay the caller's. Invalid regions
-        (unaligned -- to the huge page, on hugetlbfs --, overlapping -- the error names both
-        ranges --, larger than their memfd, or of mixed page sizes) raise ValueError and
-        nothing is created.
+        Unless ``swap_file`` is given, creates a nameless swap file in ``swap_dir`` (default:
+        the system temporary directory). A given ``swap_file`` becomes the handler's and is
+        closed with it (its descriptor only if it owns it). ``state`` (a
+        :class:`~vmmswap.dataplane.page_state.PageState` for these regions) and ``staging_fd``
+        (:func:`~vmmswap.dataplane.staging.create_staging_memfd`) are where the page state and
+        the staged pages live, so that a successor can :meth:`resume`; both are reset (a fresh
+        enable: the swap file is truncated too) and stay the caller's. Without them the
+        handler makes private ones. The memfds stay the caller's. Invalid regions (unaligned
+        -- to the huge page, on hugetlbfs --, overlapping -- the error names both ranges --,
+        larger than their memfd, or of mixed page sizes) raise ValueError and nothing is
+        created; a ``state`` for other regions raises PageStateError.
         """
+        return cls._build(regions, swap_dir, swap_file=swap_file, readahead=readahead,
+                          max_readahead_bytes=max_readahead_bytes, workers=workers,
+                          fill_threads=fill_threads, state=state, staging_fd=staging_fd,
+                          fresh=True)
+
+    @classmethod
+    def resume(cls, regions: Sequence[tuple[RegionSpec, int]], *,
+               swap_file: SwapFile | int, state: PageState, staging_fd: int,
+               readahead: bool = True, max_readahead_bytes: int | None = None,
+               workers: int | None = None, fill_threads: bool = True) -> PageHandler:
+        """The successor of a dead handler over the same regions, swap file, state and staging.
+
+        Nothing is reset: the arrays are the mapping of ``state``. The step the journal names
+        as half done is finished or undone, discards the VMM had announced
+        (:mod:`vmmswap.dataplane.discard_log`) are applied, and staging pages the state does
+        not hold are freed in the background. Then the handler is as usable as the dead one
+        was: faults, REMOVE, trim, swap-out, swap-in. ``swap_file`` is a
+        :class:`SwapFile` not yet sized, or the swap file's descriptor (kept open, not owned);
+        either way the file's content is kept. Cost: a mapping and the journal, plus a scan of
+        only the discard log's written pages -- never of every page.
+        """
+        if isinstance(swap_file, int):
+            swap_file = SwapFile(swap_file, None, owns_fd=False)
+        return cls._build(regions, None, swap_file=swap_file, readahead=readahead,
+                          max_readahead_bytes=max_readahead_bytes, workers=workers,
+                          fill_threads=fill_threads, state=state, staging_fd=staging_fd,
+                          fresh=False)
+
+    @classmethod
+    def _build(cls, regions: Sequence[tuple[RegionSpec, int]],
+               swap_dir: str | os.PathLike[str] | None, *,
+               swap_file: SwapFile | None, readahead: bool, max_readahead_bytes: int | None,
+               workers: int | None, fill_threads: bool, state: PageState | None,
+               staging_fd: int | None, fresh: bool) -> PageHandler:
         if not regions:
             raise ValueError("the page handler needs at least one region")
         if max_readahead_bytes is not None and (
@@ -201,19 +248,36 @@ class PageHandler:
         ps = page_sizes.pop()
         if base > MAX_PAGES:
             raise ValueError(f"{base} guest pages exceed the swap file's limit of {MAX_PAGES}")
-        staging = StagingMemory(base, page_size=ps)
+        owns_state = state is None
+        if state is None:
+            state = PageState.create(specs, ps)
+        cleanup: list[Callable[[], None]] = [state.close] if owns_state else []
         try:
-            if swap_file is None:
-                swap_file = SwapFile.create(swap_dir or tempfile.gettempdir(), base,
-                                            page_size=ps)
+            state.check_regions(specs, ps)
+            if fresh:
+                state.reset()
+            if staging_fd is None:
+                staging = StagingMemory.over(create_staging_memfd(ps), state, fresh=True,
+                                             owns_fd=True)
             else:
-                swap_file.ensure_pages(base, ps)
-            return cls(built, staging, swap_file, readahead=readahead,
-                       max_readahead_bytes=max_readahead_bytes, workers=workers,
-                       fill_threads=fill_threads)
+                staging = StagingMemory.over(staging_fd, state, fresh=fresh)
+            cleanup.append(staging.close)
+            if swap_file is None:
+                swap_file = SwapFile.create(swap_dir or tempfile.gettempdir(), None,
+                                            page_size=ps)
+                cleanup.append(swap_file.close)
+            swap_file.attach_state(state, fresh=fresh)
+            state.next_generation()
+            handler = cls(built, staging, swap_file, readahead=readahead,
+                          max_readahead_bytes=max_readahead_bytes, workers=workers,
+                          fill_threads=fill_threads, state=state, owns_state=owns_state)
         except BaseException:
-            staging.close()
+            for undo in reversed(cleanup):
+                undo()
             raise
+        if not fresh:
+            handler.recover()
+        return handler
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -227,6 +291,8 @@ class PageHandler:
         self.swap_file.close()
         self.bounce.close()
         self._zero.close()
+        if self._owns_state and self.state is not None:
+            self.state.close()
 
     def __enter__(self) -> PageHandler:
         return self
@@ -286,6 +352,11 @@ class PageHandler:
         self._readahead.reset()
 
     @property
+    def journal(self) -> Journal | None:
+        """The page state's journal (None without a shared page state)."""
+        return self._journal
+
+    @property
     def staging_pages(self) -> int:
         return self.staging.pages
 
@@ -334,7 +405,7 @@ class PageHandler:
         self._writer.reset()
         moved = move.move_to_staging(
             [move.MoveRegion(r.memfd, r.size, r.base_page, r.page_size) for r in self.regions],
-            self.staging, workers=self._workers)
+            self.staging, workers=self._workers, file_current=self.swap_file.current)
         # A staged page is newer than any file copy (it came from the guest): never let both
         # claim the page. Normally there is nothing to clear.
         stale = self.swap_file.current.subtract(self.staging.present)
@@ -390,6 +461,7 @@ class PageHandler:
         else:
             parts = self.filler.fill(uffd, region.addr_of(first), first, count, read,
                                      wake=True, focus=focus, mapper=mapper)
+        crash_point("fault.filled")
         filled = 0
         for part in parts:
             if part.out.done:
@@ -478,8 +550,64 @@ class PageHandler:
             pieces.append((region.page_of(pos), region.page_of(stop - ps) + 1))
             pos = stop
         for first, last in pieces:
-            self.staging.clear_range(first, last)
+            self._drop_pages(first, last)
+
+    def _drop_pages(self, first: int, last: int) -> None:
+        """Forget every copy of pages ``[first, last)`` (a REMOVE), journalled: a successor
+        redoes a drop it finds recorded, and then forgets the discard log's marks."""
+        journal = self._journal
+        if journal is not None:
+            journal.record(JournalOp.REMOVE, start=first, end=last)
+        crash_point("remove.journaled")
+        self.swap_file.free_range(first, last)
+        crash_point("remove.file_freed")
+        self.staging.clear_range(first, last)
+        crash_point("remove.staging_cleared")
+        if self.state is not None:
+            discard_log.clear(self.state, first, last)
+        if journal is not None:
+            journal.clear()
+
+    # --- recovery -------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Finish or undo the step the journal names, then apply announced discards.
+
+        Called by :meth:`resume`. Every rule here follows from the write order of each step
+        (DESIGN.md, "Crash consistency"): a swap-out's slots are used exactly when their page
+        names them, and pages whose file copy became current leave staging (the two copies are
+        identical); a trim's freed slots are freed and its zero pages leave staging; a REMOVE
+        is done again whole. Cost: the journal (at most JOURNAL_CAPACITY pages) and the
+        discard log's written pages.
+        """
+        assert self.state is not None and self._journal is not None
+        journal = self._journal
+        op, n = journal.op, journal.count
+        pages = journal.pages[:n].astype(np.int64)
+        slots = journal.slots[:n].astype(np.int64)
+        if op == JournalOp.SWAP_OUT:
+            released = self.swap_file.reconcile_slots(pages, slots)
+            done = pages[self.swap_file.current.test(pages) & self.staging.present.test(pages)]
+            self.staging.clear_pages(done)
+            _log.info("resumed a swap-out step: %d of %d pages were committed, %d slots "
+                      "released", done.size, n, released)
+        elif op == JournalOp.FREE_SLOTS:
+            self.swap_file.free_pages(pages)
+            self.swap_file.reconcile_slots(pages, slots)
+            self.staging.clear_pages(pages[self.staging.present.test(pages)])
+            _log.info("resumed a trim step: %d zero pages", n)
+        elif op == JournalOp.REMOVE:
+            first, last = journal.range
             self.swap_file.free_range(first, last)
+            self.staging.clear_range(first, last)
+            _log.info("resumed a REMOVE of pages [%d, %d)", first, last)
+        elif op != JournalOp.NONE:
+            raise PageStateError(f"the page state's journal names an unknown step {op}")
+        journal.clear()
+        pending = discard_log.pending_runs(self.state)
+        for first, last in pending:
+            self._drop_pages(first, last)
+        if pending:
+            _log.info("applied %d announced discards", len(pending))
 
     # --- trim, swap out, swap in ----------------------------------------------------------------
     def start_trim(self) -> TrimContext:

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from vmmswap.dataplane.guest_memory import RegionSpec
 from vmmswap.dataplane.page_fill import Bounce, MapFn, RunFiller
+from vmmswap.dataplane.page_state import Journal
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.uffd.pagesize import PAGE_SIZE
@@ -78,6 +79,10 @@ class PageStore(Protocol):
     epoch: int
     #: Maps swap-file pages for a COPY in place (huge pages), or None: read them.
     file_mapper: MapFn | None
+
+    @property
+    def journal(self) -> Journal | None:
+        """Where multi-array steps are recorded for a successor (None: private state)."""
 
     def check_open(self) -> None:
         """Raise ValueError when the handler is closed."""

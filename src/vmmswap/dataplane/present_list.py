@@ -52,6 +52,19 @@ class PresentList:
         self._words: npt.NDArray[np.uint64] = np.zeros(
             (num_pages + _BIT_MASK) >> _WORD_SHIFT, dtype="<u8")
 
+    @classmethod
+    def over(cls, words: npt.NDArray[np.uint64], num_pages: int) -> PresentList:
+        """A list whose bits live in ``words`` (a view of shared memory, say: the page state
+        memfd), which it uses in place and never copies."""
+        if words.dtype != np.dtype("<u8") or words.shape != ((num_pages + _BIT_MASK)
+                                                             >> _WORD_SHIFT,):
+            raise ValueError(f"{num_pages} pages need {(num_pages + _BIT_MASK) >> _WORD_SHIFT} "
+                             f"little-endian u64 words, got {words.dtype} {words.shape}")
+        self = cls.__new__(cls)
+        self._num_pages = num_pages
+        self._words = words
+        return self
+
     # --- sizes ------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._num_pages

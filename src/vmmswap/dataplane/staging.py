@@ -20,12 +20,29 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Final
 
+import numpy as np
+
+from vmmswap.dataplane.guest_memory import data_ranges
+from vmmswap.dataplane.page_state import PageState, PageStateError
 from vmmswap.dataplane.present_list import Indices, PresentList, runs_of
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
+
+
+def create_staging_memfd(page_size: int = PAGE_SIZE) -> int:
+    """The staging memfd (MFD_CLOEXEC, empty: the page handler sizes it) that the VMM side
+    creates at launch and keeps, so staged pages outlive a monitor.
+
+    Staging is ordinary shmem whatever the guest's page (hugetlbfs guests too: a staged huge
+    page is 2 MiB of it, written and read whole), so ``page_size`` only names it.
+    """
+    if page_size < PAGE_SIZE or page_size % PAGE_SIZE:
+        raise ValueError(f"staging page size {page_size} is not a multiple of {PAGE_SIZE}")
+    return os.memfd_create(f"vmmswap staging ({page_size // 1024} KiB pages)", os.MFD_CLOEXEC)
 
 _log = logging.getLogger(__name__)
 
@@ -60,7 +77,7 @@ class _Reclaimer:
         self._max_backlog = max(1, _MAX_BACKLOG_BYTES // page_size)
         self._pending: list[tuple[int, int]] = []
         self._pending_pages = 0
-        self._batches: list[list[tuple[int, int]]] = []
+        self._batches: list[list[tuple[int, int]] | Callable[[], list[tuple[int, int]]]] = []
         self._cond = threading.Condition()
         self._busy = False
         self._stop = False
@@ -90,6 +107,16 @@ class _Reclaimer:
             self._batches.append(batch)
             self._backlog += sum(end - start for start, end in batch)
             self._cond.notify()
+        self._start()
+
+    def add_sweep(self, find: Callable[[], list[tuple[int, int]]]) -> None:
+        """Punch, on the helper thread, the ranges ``find`` returns when their turn comes."""
+        with self._cond:
+            self._batches.append(find)
+            self._cond.notify()
+        self._start()
+
+    def _start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="vmmswap-staging-reclaim",
                                             daemon=True)
@@ -106,9 +133,15 @@ class _Reclaimer:
                 if not self._batches:
                     return
                 self._wait_quiet()
-                batch = self._batches.pop(0)
-                self._backlog -= sum(end - start for start, end in batch)
+                job = self._batches.pop(0)
+                if not callable(job):
+                    self._backlog -= sum(end - start for start, end in job)
                 self._busy = True
+            try:
+                batch = job() if callable(job) else job
+            except (OSError, ValueError) as err:
+                _log.warning("finding leaked staging pages: %s", err)
+                batch = []
             for start, end in batch:
                 try:
                     libc.fallocate(self._fd, _PUNCH, start * self._page_size,
@@ -165,6 +198,7 @@ class StagingMemory:
             raise ValueError(f"staging page size {page_size} is not a multiple of {PAGE_SIZE}")
         self.page_size = page_size
         self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self._owns_fd = True
         try:
             os.ftruncate(self._fd, num_pages * page_size)
         except BaseException:
@@ -172,6 +206,46 @@ class StagingMemory:
             raise
         self.present = PresentList(num_pages)
         self._reclaimer = _Reclaimer(self._fd, page_size)
+
+    @classmethod
+    def over(cls, fd: int, state: PageState, *, fresh: bool,
+             owns_fd: bool = False) -> StagingMemory:
+        """Staging in the caller's memfd ``fd`` (see :func:`create_staging_memfd`), its bitmap
+        in ``state``. The descriptor stays the caller's (the VMM keeps it for a successor).
+
+        ``fresh``: every page is dropped (the memfd is emptied and sized for the state).
+        Otherwise this is a successor's view: the memfd must already have the state's size,
+        and pages it holds that the bitmap does not are a dead handler's leftovers (a punch
+        it had deferred, a copy it had not marked yet): they are freed in the background.
+        """
+        self = cls.__new__(cls)
+        self.page_size = state.page_size
+        size = state.num_pages * state.page_size
+        if fresh:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+        elif os.fstat(fd).st_size != size:
+            raise PageStateError(f"staging memfd {fd} holds {os.fstat(fd).st_size} bytes, the "
+                                 f"page state needs {size}: not this state's staging")
+        self._fd = fd
+        self._owns_fd = owns_fd
+        self.present = PresentList.over(state.staging_present, state.num_pages)
+        self._reclaimer = _Reclaimer(fd, state.page_size)
+        if not fresh:
+            self._reclaimer.add_sweep(self._leaked_ranges)
+        return self
+
+    def _leaked_ranges(self) -> list[tuple[int, int]]:
+        """Page ranges that hold data in the memfd but are not present (runs on the
+        reclaimer thread: only moves set bits, and a move flushes the reclaimer first)."""
+        ps = self.page_size
+        out: list[tuple[int, int]] = []
+        for start, end in data_ranges(self._fd, self.num_pages * ps):
+            first, last = start // ps, (end + ps - 1) // ps
+            bits = self.present.bools(first, last)
+            absent = np.flatnonzero(~bits).astype(np.int64) + first
+            out.extend(runs_of(absent))
+        return out
 
     # --- descriptor -----------------------------------------------------------------------------
     def fileno(self) -> int:
@@ -188,7 +262,8 @@ class StagingMemory:
         if self._fd >= 0:
             self._reclaimer.close()
             fd, self._fd = self._fd, -1
-            os.close(fd)
+            if self._owns_fd:
+                os.close(fd)
 
     def __enter__(self) -> StagingMemory:
         return self

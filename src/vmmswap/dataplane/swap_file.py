@@ -37,6 +37,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from vmmswap.dataplane.crash_points import crash_point
+from vmmswap.dataplane.page_state import PageState
 from vmmswap.dataplane.present_list import Indices, PresentList, consecutive_runs
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
@@ -58,8 +60,6 @@ class SwapFile:
 
     def __init__(self, fd: int, num_pages: int | None, *, owns_fd: bool = False,
                  page_size: int = PAGE_SIZE) -> None:
-        # Whatever the descriptor held before is not ours to trust: start empty.
-        os.ftruncate(fd, 0)
         self._fd = fd
         self._owns_fd = owns_fd
         self.page_size = page_size
@@ -70,8 +70,14 @@ class SwapFile:
         self._used_count = 0
         self._file_end = 0  # slots at or past it have never been written
         self._free_hint = 0  # no free slot below it
+        #: Where the high-water mark is kept for a successor (the page state's header).
+        self._end_cell: npt.NDArray[np.uint64] = np.zeros(1, dtype="<u8")
         if num_pages is not None:
             self.ensure_pages(num_pages, page_size)
+
+    def _truncate(self) -> None:
+        # Whatever the descriptor held before is not ours to trust: start empty.
+        os.ftruncate(self._fd, 0)
 
     def ensure_pages(self, num_pages: int, page_size: int = PAGE_SIZE) -> None:
         """Size the page state for ``num_pages`` guest pages of ``page_size`` bytes (once), or
@@ -87,10 +93,39 @@ class SwapFile:
         self.page_size = page_size
         if not 0 <= num_pages <= MAX_PAGES:
             raise ValueError(f"a swap file describes at most {MAX_PAGES} pages, got {num_pages}")
+        self._truncate()
         self._num_pages = num_pages
         self._slots = np.zeros(num_pages, dtype=np.uint32)
         self._current = PresentList(num_pages)
         self._used = PresentList(num_pages)
+
+    def attach_state(self, state: PageState, *, fresh: bool) -> None:
+        """Keep the page state in ``state``'s arrays (shared memory a successor can map).
+
+        ``fresh``: the file is truncated and the state starts empty (the caller reset it).
+        Otherwise this is a successor's view: the file is kept and the counters are rebuilt
+        from the bitmaps -- the used-slot bitmap up to the high-water mark only, so the cost
+        follows the file, not the guest.
+        """
+        if self._num_pages >= 0:
+            raise ValueError("the swap file's page state is already sized")
+        if not 0 <= state.num_pages <= MAX_PAGES:
+            raise ValueError(f"a swap file describes at most {MAX_PAGES} pages, got "
+                             f"{state.num_pages}")
+        self.page_size = state.page_size
+        self._num_pages = state.num_pages
+        self._slots = state.slots
+        self._current = PresentList.over(state.file_current, state.num_pages)
+        self._used = PresentList.over(state.slot_used, state.num_pages)
+        self._end_cell = state.file_end
+        if fresh:
+            self._truncate()
+            self._end_cell[0] = 0
+            self._file_end = self._used_count = self._free_hint = 0
+            return
+        self._file_end = min(int(self._end_cell[0]), state.num_pages)
+        self._used_count = self._used.count(0, self._file_end)
+        self._free_hint = 0
 
     @classmethod
     def from_fd(cls, fd: int, num_pages: int | None = None) -> SwapFile:
@@ -107,7 +142,7 @@ class SwapFile:
             raise
 
     @classmethod
-    def create(cls, swap_dir: str | os.PathLike[str], num_pages: int, *,
+    def create(cls, swap_dir: str | os.PathLike[str], num_pages: int | None, *,
                page_size: int = PAGE_SIZE) -> SwapFile:
         """A new nameless file (O_TMPFILE, mode 0600) in ``swap_dir``."""
         try:
@@ -225,27 +260,49 @@ class SwapFile:
         self._current.set_indices(pages)
 
     def free_range(self, start: int, end: int) -> int:
-        """Forget ``[start, end)``: slots return to the free list. Returns slots freed."""
+        """Forget ``[start, end)``: slots return to the free list. Returns slots freed.
+
+        Order (crash consistency): the file copies stop being current first, then the slots
+        are released, then the pages forget them; a slot is never free while a page still
+        names it except inside this call, which a successor redoes whole (the journal's
+        REMOVE)."""
         self._check_range(start, end)
+        self._current.clear_range(start, end)
         held = self._slots[start:end]
         nz = np.flatnonzero(held)
         if nz.size:
             self._release_slots(held[nz].astype(np.int64) - 1)
             held[nz] = 0
-        self._current.clear_range(start, end)
         return int(nz.size)
 
     def free_pages(self, pages: Indices) -> int:
         """Forget the given pages (slots return to the free list). Returns slots freed."""
         if pages.size == 0:
             return 0
+        self._current.set_indices(pages, False)
         held = self._slots[pages]
         has = held != 0
         if has.any():
             self._release_slots(held[has].astype(np.int64) - 1)
             self._slots[pages[has]] = 0
-        self._current.set_indices(pages, False)
         return int(np.count_nonzero(has))
+
+    def reconcile_slots(self, pages: Indices, slots: Indices) -> int:
+        """After a crash in a step that was giving ``slots[i]`` to ``pages[i]`` or taking it
+        away: a slot is used exactly when its page names it. Returns slots released."""
+        if pages.size == 0:
+            return 0
+        named = self._slots[pages].astype(np.int64) - 1 == slots
+        used = self._used.test(slots)
+        orphan = slots[~named & used]
+        if orphan.size:
+            self._used.set_indices(orphan, False)
+        missing = slots[named & ~used]
+        if missing.size:  # cannot happen with the write order below; repaired all the same
+            self._used.set_indices(missing)
+        self._used_count = self._used.count(0, self._file_end) if self._file_end else 0
+        self._free_hint = 0
+        return int(orphan.size)
 
     def _release_slots(self, slots: npt.NDArray[np.int64]) -> None:
         self._used.set_indices(slots, False)
@@ -283,19 +340,45 @@ class SwapFile:
                              f"{data.nbytes}")
         if n == 0:
             return
+        slots = self.plan_slots(pages)
+        self.write_planned(pages, slots, data)
+
+    def plan_slots(self, pages: Indices) -> npt.NDArray[np.int64]:
+        """The slot each of ``pages`` will be written to: its own (a stale copy kept for
+        trim), else a free one, lowest first. Nothing is marked yet."""
         existing = self._slots[pages].astype(np.int64) - 1
         need = existing < 0
         new = self._allocate(int(np.count_nonzero(need)))
         slots = existing.copy()
         slots[need] = new
+        return slots
+
+    def write_planned(self, pages: Indices, slots: npt.NDArray[np.int64],
+                      data: memoryview) -> None:
+        """Write ``pages`` to their planned ``slots`` and commit (see :meth:`write_pages`).
+
+        Commit order (crash consistency): the high-water mark first (a successor never
+        allocates a slot below it as fresh), the data, the slots' used bits, the pages'
+        slots, and the current bits last: until then the pages' staging copies are what
+        counts, after it the two copies are identical.
+        """
+        ps = self.page_size
+        top = int(slots.max()) + 1
+        if top > self._file_end:
+            self._end_cell[0] = top
         for first, count, slot in _segments(slots):
             self._pwrite_all(data[first * ps:(first + count) * ps], slot * ps)
-        # Commit.
+        crash_point("out.written")
+        existing = self._slots[pages].astype(np.int64) - 1
+        need = existing != slots
+        new = slots[need]
         if new.size:
-            self._slots[pages[need]] = (new + 1).astype(np.uint32)
             self._used.set_indices(new)
+            crash_point("out.used")
+            self._slots[pages[need]] = (new + 1).astype(np.uint32)
+            crash_point("out.slots")
             self._used_count += int(new.size)
-            self._file_end = max(self._file_end, int(new.max()) + 1)
+            self._file_end = max(self._file_end, top)
             self._free_hint = int(new.max()) + 1 if self._used_count < self._file_end else \
                 self._file_end
         self._current.set_indices(pages)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
+from vmmswap.dataplane.crash_points import crash_point
 from vmmswap.dataplane.page_fill import MapFn, ReadFn, settled_block
 from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import PresentList
@@ -162,6 +163,7 @@ class SwapInContext:
         done = 0
         new_cursor = -1
         errors: list[OSError] = []
+        crash_point("swapin.filled")
         for (_dst, first, count), parts in zip(runs, results, strict=True):
             for part in parts:
                 if part.out.done:

@@ -26,7 +26,9 @@ from typing import Final
 
 import numpy as np
 
+from vmmswap.dataplane.crash_points import crash_point
 from vmmswap.dataplane.page_fill import Bounce
+from vmmswap.dataplane.page_state import JOURNAL_CAPACITY, Journal, JournalOp
 from vmmswap.dataplane.present_list import Indices, runs_of
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.dataplane.swap_file import SwapFile
@@ -48,12 +50,18 @@ class SwapOutWriter:
     """The resumable swap-out of one handler's staging."""
 
     def __init__(self, staging: StagingMemory, swap_file: SwapFile,
-                 chunk_bytes: int = MAX_CHUNK_BYTES, *, read_ahead: bool = True) -> None:
+                 chunk_bytes: int = MAX_CHUNK_BYTES, *, read_ahead: bool = True,
+                 journal: Journal | None = None) -> None:
         self._staging = staging
+        self._journal = journal
         self._file = swap_file
         #: The guest's page: a chunk holds at least one (a 2 MiB hugetlbfs page is moved whole).
         self._page_size = staging.page_size
         self._chunk_bytes = max(chunk_bytes, self._page_size)
+        if journal is not None:
+            # One chunk is one journalled step.
+            self._chunk_bytes = min(self._chunk_bytes,
+                                    max(1, JOURNAL_CAPACITY) * self._page_size)
         self._read_ahead = read_ahead
         self._buffers: list[Bounce] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -146,15 +154,26 @@ class SwapOutWriter:
                 self._ahead = _ReadAhead(self._pool.submit(self._read, following, other),
                                          following, other, epoch)
                 self._cursor = cursor
+        journal = self._journal
         try:
             nbytes = int(pages.size) * self._page_size
-            self._file.write_pages(pages, self._buffer(buffer).view[:nbytes])
+            slots = self._file.plan_slots(pages)
+            if journal is not None:
+                journal.record(JournalOp.SWAP_OUT, pages, slots)
+            crash_point("out.journaled")
+            self._file.write_planned(pages, slots, self._buffer(buffer).view[:nbytes])
         except OSError:
             # Nothing committed. Forget the read-ahead and retry these pages next time.
+            if journal is not None:
+                journal.clear()
             self._drop_ahead()
             self._cursor = int(pages[0])
             raise
+        crash_point("out.current")
         # The file holds them now; only then may staging let go.
         for first, end in runs_of(pages):
             self._staging.clear_range(first, end)
+        crash_point("out.cleared")
+        if journal is not None:
+            journal.clear()
         return int(pages.size)

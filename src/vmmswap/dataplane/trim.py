@@ -21,6 +21,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from vmmswap.dataplane.crash_points import crash_point
+from vmmswap.dataplane.page_state import JOURNAL_CAPACITY, JournalOp
 from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import consecutive_runs, runs_of
 from vmmswap.uffd.pagesize import PAGE_SIZE
@@ -109,11 +111,27 @@ class TrimContext:
         zero_pages = pages[zero]
         clean_pages = pages[clean]
         swap_file = handler.swap_file
-        # Zero pages: nowhere is the right place for them; free any stale slot.
-        swap_file.free_pages(zero_pages)
-        staging.clear_pages(zero_pages)
-        # Clean pages: the file copy is current again before staging lets go.
+        journal = handler.journal
+        # Zero pages: nowhere is the right place for them; free any stale slot. The pages
+        # with slots are journalled (a successor finishes the frees: a slot never stays used
+        # with no page naming it), and staging lets go last: until then its zero copy counts.
+        for at in range(0, int(zero_pages.size), JOURNAL_CAPACITY):
+            part = zero_pages[at:at + JOURNAL_CAPACITY]
+            slots = swap_file.slots_at(part)
+            held = slots >= 0
+            if journal is not None and held.any():
+                journal.record(JournalOp.FREE_SLOTS, part[held], slots[held])
+            crash_point("trim.journaled")
+            swap_file.free_pages(part)
+            crash_point("trim.freed")
+            staging.clear_pages(part)
+            crash_point("trim.zero_cleared")
+            if journal is not None:
+                journal.clear()
+        # Clean pages: the file copy is current again before staging lets go (a crash in
+        # between leaves two identical copies; staging is served first).
         swap_file.mark_current(clean_pages)
+        crash_point("trim.marked_clean")
         staging.clear_pages(clean_pages)
         self._cursor = cursor
         self.zero_pages += int(zero_pages.size)
@@ -125,7 +143,9 @@ class TrimContext:
         swap_file = self._handler.swap_file
         clean = np.zeros(pages.size, dtype=np.bool_)
         slots = swap_file.slots_at(pages)
-        check = np.flatnonzero(~zero & (slots >= 0))
+        # Slots past the end of the file (a file cleanup truncated it) are not trusted.
+        file_slots = swap_file.file_bytes() // self._page_size
+        check = np.flatnonzero(~zero & (slots >= 0) & (slots < file_slots))
         if check.size == 0:
             return clean
         self._on_disk = _page_buffer(self._on_disk, int(check.size), self._page_size)

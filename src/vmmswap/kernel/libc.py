@@ -14,7 +14,18 @@ import os
 import platform
 from typing import Final
 
-libc: Final = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load_libc() -> ctypes.CDLL:
+    """glibc by its soname; ``find_library`` only as a fallback, since it runs ``ldconfig -p``
+    in a child process: a spare monitor doing that at start-up, a child of the VMM, had its
+    vfork child frozen by an enable's freeze of the VMM tree, and the freeze timed out."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+libc: Final = _load_libc()
 
 # --- mmap(2) -------------------------------------------------------------------------------------
 PROT_NONE: Final = 0x0

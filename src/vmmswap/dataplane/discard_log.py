@@ -1,0 +1,94 @@
+"""The discard log: discards the VMM announces before it makes them, for a successor monitor.
+
+Why it exists: a discard (``GuestMemory.discard``, MADV_REMOVE) reaches the monitor as a
+UFFD_EVENT_REMOVE, and the kernel lets the discarding thread go on as soon as the monitor has
+*read* the event. A monitor killed between reading it and dropping its staged or swapped copy
+takes the event with it, and no ordering inside the monitor can close that window (the read
+is the only copy). A successor would still hold the page's old copy and serve it where the
+guest expects zeros: silent corruption. So the VMM side writes the discard down first, in the
+page state the successor maps: one byte per guest page (``PageState.discard_pending``; byte
+stores, so concurrent discarders never lose each other's marks), set *before* the madvise. The
+monitor clears the bytes after it has applied the REMOVE; a successor applies every byte still
+set (:func:`pending_runs`), which is harmless for a discard not yet made: the guest has given
+the page up, and its REMOVE will come again.
+
+The bytes stay a hole of the memfd until a discard first touches them, so a successor finds
+the set ones with SEEK_DATA: the scan costs what was ever discarded, not the guest's size.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Final
+
+import numpy as np
+
+from vmmswap.dataplane.guest_memory import data_ranges
+from vmmswap.dataplane.page_state import PageState
+from vmmswap.dataplane.present_list import runs_of
+
+__all__ = ["DiscardLog", "clear", "pending_runs"]
+
+_MAX_SCAN: Final = 1 << 20
+
+
+class DiscardLog:
+    """The VMM's side: mark a host-address range as being discarded.
+
+    Give :meth:`announce` to ``GuestMemory.set_discard_hook`` (the VMM maps the page state;
+    device processes inherit the mapping across fork).
+    """
+
+    def __init__(self, state: PageState) -> None:
+        self._state = state
+        specs = state.regions()
+        self._starts = [s.host_addr for s in specs]
+        self._specs = specs
+        bases = [0]
+        for spec in specs:
+            bases.append(bases[-1] + spec.size // state.page_size)
+        self._bases = bases
+
+    def pages_of(self, host_addr: int, length: int) -> tuple[int, int]:
+        """Page indexes ``[first, end)`` of a host range inside one region (ValueError else)."""
+        i = bisect.bisect_right(self._starts, host_addr) - 1
+        ps = self._state.page_size
+        if i < 0 or host_addr + length > self._specs[i].host_end or length < 0:
+            raise ValueError(f"[{host_addr:#x}, +{length:#x}) is not inside one guest region "
+                             "of the page state")
+        first = self._bases[i] + (host_addr - self._specs[i].host_addr) // ps
+        return first, first + (length + ps - 1) // ps
+
+    def announce(self, host_addr: int, length: int) -> None:
+        """The range is about to be discarded (call before the madvise)."""
+        first, end = self.pages_of(host_addr, length)
+        self._state.discard_pending[first:end] = 1
+
+
+def _pending_extents(state: PageState, first: int, end: int) -> list[tuple[int, int]]:
+    """Page ranges inside ``[first, end)`` whose log bytes are data in the memfd."""
+    base = state.layout.discard
+    out: list[tuple[int, int]] = []
+    for start, stop in data_ranges(state.fileno(), base + end, base + first):
+        out.append((max(first, start - base), min(end, stop - base)))
+    return out
+
+
+def clear(state: PageState, first: int, end: int) -> None:
+    """The REMOVE of ``[first, end)`` is applied: forget its marks (touching only log pages
+    that were ever written, so a large REMOVE allocates nothing here)."""
+    for lo, hi in _pending_extents(state, first, end):
+        view = state.discard_pending[lo:hi]
+        if view.any():
+            view[:] = 0
+
+
+def pending_runs(state: PageState) -> list[tuple[int, int]]:
+    """``(first, end)`` page runs whose discard is announced and not known applied."""
+    runs: list[tuple[int, int]] = []
+    for lo, hi in _pending_extents(state, 0, state.num_pages):
+        for at in range(lo, hi, _MAX_SCAN):
+            part = state.discard_pending[at:min(hi, at + _MAX_SCAN)]
+            hits = np.flatnonzero(part).astype(np.int64) + at
+            runs.extend(runs_of(hits))
+    return runs

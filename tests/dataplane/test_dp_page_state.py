@@ -1,0 +1,178 @@
+"""PageState: the per-page arrays in a memfd a successor monitor can map (issue 12)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmmswap.dataplane.discard_log import DiscardLog, clear, pending_runs
+from vmmswap.dataplane.guest_memory import RegionSpec
+from vmmswap.dataplane.page_handler import PageHandler
+from vmmswap.dataplane.page_state import (
+    CONTROL_AREA_BYTES,
+    HEADER_BYTES,
+    JournalOp,
+    PageState,
+    PageStateError,
+)
+from vmmswap.dataplane.staging import create_staging_memfd
+from vmmswap.dataplane.swap_file import SwapFile
+from vmmswap.uffd.pagesize import PAGE_SIZE
+
+P = PAGE_SIZE
+SPECS = [RegionSpec(0, 0x10000000, 64 * P), RegionSpec(0x100000, 0x20000000, 3 * P)]
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+
+def test_round_trip_and_header() -> None:
+    with PageState.create(SPECS, P) as state:
+        assert state.num_pages == 67 and state.page_size == P and state.generation == 0
+        assert state.regions() == SPECS
+        assert state.control.nbytes == CONTROL_AREA_BYTES
+        state.staging_present[0] = 0b101
+        state.slots[66] = 7
+        state.control[:4] = b"ctrl"
+        with PageState.attach(state.fileno()) as other:
+            assert other.regions() == SPECS and other.num_pages == 67
+            assert int(other.staging_present[0]) == 0b101 and int(other.slots[66]) == 7
+            assert bytes(other.control[:4]) == b"ctrl"
+            other.file_current[1] = 9
+            other.next_generation()
+        assert int(state.file_current[1]) == 9 and state.generation == 1
+        # Negative control: a fresh state does not see these writes.
+        with PageState.create(SPECS, P) as fresh:
+            assert int(fresh.slots[66]) == 0 and not fresh.staging_present.any()
+
+
+def test_arrays_live_in_the_memfd_across_processes() -> None:
+    """A second process attaches in its own mapping and sees (and makes) the writes."""
+    with PageState.create(SPECS, P) as state:
+        state.slots[5] = 1234
+        code = ("import os, sys\n"
+                "from vmmswap.dataplane.page_state import PageState\n"
+                "s = PageState.attach(int(sys.argv[1]))\n"
+                "assert int(s.slots[5]) == 1234, int(s.slots[5])\n"
+                "s.slots[6] = 4321\n"
+                "s.staging_present[1] = 3\n")
+        env = dict(os.environ, PYTHONPATH=SRC)
+        subprocess.run([sys.executable, "-c", code, str(state.fileno())],
+                       pass_fds=(state.fileno(),), env=env, check=True, timeout=60)
+        assert int(state.slots[6]) == 4321 and int(state.staging_present[1]) == 3
+        # Negative control: the check in the child can fail.
+        state.slots[5] = 1
+        failed = subprocess.run([sys.executable, "-c", code, str(state.fileno())],
+                                pass_fds=(state.fileno(),), env=env, timeout=60,
+                                capture_output=True, check=False)
+        assert failed.returncode != 0
+
+
+def _bytes_of(fd: int) -> bytes:
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+@pytest.mark.parametrize("damage", ["magic", "version", "truncated", "grown", "short", "table"])
+def test_attach_refuses_a_damaged_state(damage: str) -> None:
+    with PageState.create(SPECS, P) as state:
+        fd = os.dup(state.fileno())
+    try:
+        if damage == "magic":
+            os.pwrite(fd, b"NOTVMMSW", 0)
+        elif damage == "version":
+            os.pwrite(fd, (99).to_bytes(8, "little"), 8)
+        elif damage == "truncated":
+            os.ftruncate(fd, os.fstat(fd).st_size - 4096)
+        elif damage == "grown":
+            os.ftruncate(fd, os.fstat(fd).st_size + 4096)
+        elif damage == "short":
+            os.ftruncate(fd, HEADER_BYTES - 8)
+        elif damage == "table":
+            os.pwrite(fd, (5).to_bytes(8, "little"), 32 * 8 + 24)  # region 0: 5 pages
+        before = _bytes_of(fd)
+        with pytest.raises(PageStateError):
+            PageState.attach(fd)
+        assert _bytes_of(fd) == before  # nothing changed
+    finally:
+        os.close(fd)
+
+
+def test_attach_refuses_foreign_descriptors(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(PageStateError, match="not a regular file"):
+            PageState.attach(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    fd = os.memfd_create("foreign")
+    try:
+        os.write(fd, os.urandom(3 * 4096))
+        with pytest.raises(PageStateError, match="not a vmmswap page state"):
+            PageState.attach(fd)
+        os.ftruncate(fd, 0)
+        with pytest.raises(PageStateError, match="too short"):
+            PageState.attach(fd)
+    finally:
+        os.close(fd)
+    with pytest.raises(PageStateError):
+        PageState.attach(987654)  # not open
+
+
+def test_create_is_sparse_and_reset_frees() -> None:
+    # 16 GiB of 4 KiB pages: the state is about 17.5 MiB but nothing is allocated.
+    specs = [RegionSpec(0, 1 << 32, 16 << 30)]
+    with PageState.create(specs, P) as state:
+        assert state.nbytes > 17 << 20
+        assert state.allocated_bytes() <= 64 * 1024
+        state.slots[:1 << 20] = 1  # 4 MiB written
+        assert state.allocated_bytes() >= 4 << 20
+        state.reset()
+        assert state.allocated_bytes() <= 64 * 1024
+        assert int(state.slots[12345]) == 0
+
+
+def test_handler_keeps_its_arrays_in_the_state(tmp_path: Path) -> None:
+    memfd = os.memfd_create("guest")
+    os.ftruncate(memfd, 64 * P)
+    os.pwrite(memfd, b"x" * P, 3 * P)
+    specs = [RegionSpec(0, 0x10000000, 64 * P)]
+    state = PageState.create(specs, P)
+    staging = create_staging_memfd(P)
+    swap = SwapFile.create(tmp_path, None)
+    try:
+        handler = PageHandler.create([(specs[0], memfd)], swap_file=swap, state=state,
+                                     staging_fd=staging)
+        assert state.generation == 1
+        assert handler.move_to_staging() == 1
+        assert int(state.staging_present[0]) == 1 << 3
+        assert handler.swap_out() == 1
+        assert int(state.slots[3]) == 1 and int(state.file_current[0]) == 1 << 3
+        assert int(state.staging_present[0]) == 0 and int(state.file_end[0]) == 1
+        assert state.journal.op == JournalOp.NONE
+        handler.close()
+        os.fstat(staging)  # the caller's descriptors stay open
+        with pytest.raises(PageStateError, match="describes"):
+            PageHandler.create([(RegionSpec(0, 0x10000000, 32 * P), memfd)], tmp_path,
+                               state=state, staging_fd=staging)
+    finally:
+        state.close()
+        os.close(staging)
+        os.close(memfd)
+
+
+def test_discard_log_marks_and_finds() -> None:
+    with PageState.create(SPECS, P) as state:
+        log = DiscardLog(state)
+        assert pending_runs(state) == []
+        log.announce(0x20000000 + P, 2 * P)  # region 1, pages 65-66
+        log.announce(0x10000000 + 10 * P, P)
+        assert pending_runs(state) == [(10, 11), (65, 67)]
+        clear(state, 65, 67)
+        assert pending_runs(state) == [(10, 11)]
+        with pytest.raises(ValueError, match="one guest region"):
+            log.announce(0x10000000 + 63 * P, 2 * P)
+        assert np.count_nonzero(state.discard_pending) == 1
