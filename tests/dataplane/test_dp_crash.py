@@ -387,16 +387,22 @@ def test_crash_at_every_step(agent: Vmm, fork_server: ForkServer, tmp_path: Path
     assert dry.hits > 0
     failures = []
     kills = 0
-    for k in _kill_points(dry.hits, BUDGET):
+    points = _kill_points(dry.hits, BUDGET)
+    for k in points:
         out = _trial(agent, fork_server, tmp_path, op, seed, k)
         kills += out.killed_at is not None
         failures += [f"kill {k} at {out.killed_at}: {w}" for w in out.wrong]
+        # How many faults arrive (and so how many points a run passes) varies with timing in
+        # the serving operations; a run that passed point k without dying is a broken
+        # injection, one that ended before reaching it is not.
+        if out.killed_at is None and out.hits > k:
+            failures.append(f"kill {k}: the run passed {out.hits} points and was not killed")
     # Random instants too, on fresh seeds (not only between named steps).
     for i in range(4):
         out = _trial(agent, fork_server, tmp_path, op, seed + 100 * (i + 1), -1,
                      kill_after=random.Random(seed + i).uniform(0.0, 0.03))
         failures += [f"random kill {i}: {w}" for w in out.wrong]
-    assert kills >= min(dry.hits, BUDGET) * 0.9
+    assert kills >= len(points) * 0.6, f"only {kills} of {len(points)} kill points reached"
     assert not failures, "\n".join(failures[:20])
 
 
