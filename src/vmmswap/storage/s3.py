@@ -25,13 +25,16 @@ import os
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import obstore
 from obstore.exceptions import NotFoundError
-from obstore.store import ClientConfig, RetryConfig, S3Store
+from obstore.store import S3Store
 
 from vmmswap.storage.store import Buffer, ObjectMissing, StoreUnavailable
+
+if TYPE_CHECKING:   # typing-only names of obstore's stubs
+    from obstore.store import ClientConfig, RetryConfig
 
 #: Per request: a chunk GET on loopback takes ~2 ms; a store that does not answer within this is
 #: taken as unavailable and the request is retried by the caller's backoff.
@@ -128,7 +131,7 @@ class S3ObjectStore:
         return f"s3://{self.bucket}{where}"
 
     def _fail(self, what: str, key: str, err: Exception) -> Exception:
-        if isinstance(err, NotFoundError):
+        if isinstance(err, (NotFoundError, FileNotFoundError)):
             return ObjectMissing(f"{self.url}: no object {key}")
         return StoreUnavailable(f"{self.url}: {what} {key}: {type(err).__name__}: "
                                 f"{str(err).splitlines()[0] if str(err) else ''}")
@@ -154,7 +157,7 @@ class S3ObjectStore:
     def head(self, key: str) -> int | None:
         try:
             return int(obstore.head(self._store, key)["size"])
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             return None
         except Exception as err:
             raise self._fail("cannot head", key, err) from err
@@ -170,7 +173,7 @@ class S3ObjectStore:
     def delete(self, key: str) -> None:
         try:
             obstore.delete(self._store, key)
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             return
         except Exception as err:
             raise self._fail("cannot delete", key, err) from err
