@@ -19,8 +19,8 @@ import vmmswap
 
 SRC = Path(vmmswap.__file__).resolve().parent
 #: Height of each top-level part of the package; an import may only go to the same or lower.
-RANK = {"kernel": 0, "uffd": 1, "dataplane": 2, "control": 3, "snapshot": 3, "cli": 4, "vm": 4,
-        "__main__": 5}
+RANK = {"kernel": 0, "uffd": 1, "dataplane": 2, "control": 3, "snapshot": 3, "storage": 3,
+        "cli": 4, "vm": 4, "__main__": 5}
 
 
 def imports_of(source: str) -> list[str]:
