@@ -89,7 +89,7 @@ class Scenario(HostCommands):
         self.fault_delay_ms = rng.choice((1, 3)) if rng.random() < 0.2 else 0
         #: SIGKILLs of the monitor the host may send (at a random instant around a command),
         #: and the data-plane crash point at which the monitor kills itself (0: none).
-        self.monitor_kills = rng.choice((0, 1, 2, 2, 3))
+        self.monitor_kills = rng.choice((1, 1, 2, 2, 3))
         self.crash_at = rng.randint(1, 400) if rng.random() < 0.5 else 0
         # For narrowing a failure down: VMMSWAP_TORTURE_KILLS=host|crash|none (default both).
         kills = os.environ.get("VMMSWAP_TORTURE_KILLS", "both")
@@ -142,7 +142,7 @@ class Scenario(HostCommands):
 
     def host_step(self) -> None:
         rng = self.rng
-        kills = 4 if self.stats.monitor_kills < self.monitor_kills else 0
+        kills = 6 if self.stats.monitor_kills < self.monitor_kills else 0
         action = rng.choices(("host", "fork", "kill", "kill_monitor"), (18, 2, 2, kills))[0]
         if action == "host":
             self.host_command()
@@ -342,6 +342,10 @@ class Scenario(HostCommands):
         del self.devices[dev.slot]
         message = b"".join(chunks)
         self.stats.devices_exited += 1
+        if not message and dev.restarts == self.controller().restarts:
+            # The device may have seen the monitor's death before the controller did: a
+            # request makes the controller notice it and wait for the successor.
+            self.controller().status()
         if not message and self.controller().restarts != dev.restarts:
             # Its registration went to a monitor that died before answering: the device
             # exits before touching guest memory (register_or_exit), as documented.

@@ -34,6 +34,8 @@ def test_torture_scenarios() -> None:
     assert not summary.failures, _failures(summary.failures)
     assert summary.total("commands") > 0 and summary.total("pages_checked") > 0
     assert summary.total("guest_pages_checked") > 0 and summary.total("guest_writes") > 0
+    if os.environ.get("VMMSWAP_TORTURE_KILLS", "both") != "none" and COUNT >= 40:
+        assert summary.total("restarts") > 0, "monitor kills were drawn but none restarted"
 
 
 def test_torture_negative_control_detects_a_zero_page() -> None:
