@@ -31,11 +31,12 @@ _EXPORTS = {
     "GuestMemory": "vmmswap.dataplane.guest_memory",
     "SwapMetrics": "vmmswap.dataplane.metrics",
     "SwapController": "vmmswap.control.controller",
-    "SwapError": "vmmswap.control.controller",
-    "SwapStateError": "vmmswap.control.controller",
-    "SwapFailedError": "vmmswap.control.controller",
-    "SwapRequestError": "vmmswap.control.controller",
-    "MonitorDiedError": "vmmswap.control.controller",
+    "SwapError": "vmmswap.control.errors",
+    "SwapStateError": "vmmswap.control.errors",
+    "SwapFailedError": "vmmswap.control.errors",
+    "SwapRequestError": "vmmswap.control.errors",
+    "MonitorDiedError": "vmmswap.control.errors",
+    "MonitorRestartedError": "vmmswap.control.errors",
     "SwapState": "vmmswap.control.status",
     "SwapStatus": "vmmswap.control.status",
 }
@@ -43,6 +44,7 @@ _EXPORTS = {
 __all__ = [
     "GuestMemory",
     "MonitorDiedError",
+    "MonitorRestartedError",
     "SwapController",
     "SwapError",
     "SwapFailedError",
@@ -58,9 +60,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from vmmswap.control.controller import (
+    from vmmswap.control.controller import SwapController
+    from vmmswap.control.errors import (
         MonitorDiedError,
-        SwapController,
+        MonitorRestartedError,
         SwapError,
         SwapFailedError,
         SwapRequestError,

@@ -19,7 +19,7 @@ import pytest
 from control_helpers import FAKE_FACTORY, MIB, Model, TestVmm
 
 from vmmswap.control.control_socket import MIN_IDLE_TO_EVICT
-from vmmswap.control.monitor import MAX_CLIENTS
+from vmmswap.control.monitor_clients import MAX_CLIENTS
 from vmmswap.control.protocol import MAX_MESSAGE, Command, Request, decode_response, request
 
 pytestmark = pytest.mark.timeout(180)

@@ -29,15 +29,27 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Final
 
+from vmmswap.control.errors import (
+    MonitorDiedError,
+    MonitorRestartedError,
+    SwapError,
+    SwapFailedError,
+    SwapRequestError,
+    SwapStateError,
+    describe_exit,
+    raise_for,
+)
 from vmmswap.control.monitor_launch import (
     DEFAULT_RESTART,
+    LAUNCH_TIMEOUT,
     NO_RESTART,
     KeptDescriptors,
     MonitorRestart,
     RestartPolicy,
     Spare,
+    SuccessorDiedError,
+    handshake,
     open_swap_file,
     reap,
     registered_ranges,
@@ -46,17 +58,12 @@ from vmmswap.control.monitor_launch import (
 from vmmswap.control.monitor_watch import MonitorWatch
 from vmmswap.control.protocol import (
     Command,
-    ErrorKind,
     InitRequest,
     ProtocolError,
     Request,
     Response,
     ResumeInfo,
-    decode_response,
-    encode_init,
-    recv_message,
     request,
-    send_message,
     seqpacket_pair,
 )
 from vmmswap.control.status import SwapState, SwapStatus
@@ -64,65 +71,9 @@ from vmmswap.control.swap_device import DeviceRegistrar
 from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
-LAUNCH_TIMEOUT: Final = 60.0
-
 #: uffds of VMMs whose monitor died while memory was registered: kept open on purpose, forever.
 _ORPHANED_UFFDS: list[Userfaultfd] = []
 _log = logging.getLogger(__name__)
-
-
-class SwapError(RuntimeError):
-    """Base of the controller's errors; ``status`` is the monitor's status when it had one."""
-
-    def __init__(self, message: str, status: SwapStatus | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class SwapStateError(SwapError):
-    """The command is not valid in the current state; nothing changed."""
-
-
-class SwapFailedError(SwapError):
-    """The command was valid but failed (the state says what is left: Failed or unchanged)."""
-
-
-class SwapRequestError(SwapError):
-    """The monitor refused the request itself (a bug on this side or a version mismatch)."""
-
-
-class MonitorDiedError(SwapError):
-    """The monitor process is gone and no successor took over (the restart policy gave up,
-    or the successor could not resume the page state).
-
-    If vmm-swap was enabled, guest pages that were in staging or the swap file are out of
-    reach: every thread that touches one blocks for good (it is never handed a zero page). The
-    VM cannot continue; stop it and start it again (from a snapshot if you have one). Threads
-    that only touch resident pages keep running.
-    """
-
-
-class MonitorRestartedError(SwapFailedError):
-    """The monitor died while running this command and a successor took over; ``status`` is
-    the successor's, and the message says what became of the command (an enable is reported
-    interrupted, never redone behind the caller's back: it would stop the VM again)."""
-
-
-_ERRORS: Final[dict[ErrorKind, type[SwapError]]] = {
-    ErrorKind.STATE: SwapStateError,
-    ErrorKind.FAILED: SwapFailedError,
-    ErrorKind.REQUEST: SwapRequestError,
-    ErrorKind.PERMISSION: SwapRequestError,
-    ErrorKind.BUSY: SwapFailedError,
-}
-
-
-def raise_for(response: Response) -> Response:
-    """``response`` if it is a success, else the matching :class:`SwapError`."""
-    if response.ok:
-        return response
-    cls = _ERRORS.get(response.error or ErrorKind.FAILED, SwapFailedError)
-    raise cls(response.message, response.status)
 
 
 #: Called from a helper thread when the monitor dies while the controller is open and no
@@ -138,13 +89,8 @@ def _log_death(err: MonitorDiedError) -> None:
 
 def _log_restart(info: MonitorRestart) -> None:
     _log.warning("the vmm-swap monitor (pid %d) died (%s); monitor %d took over in %.0f ms "
-                 "(restart %d)%s", info.dead_pid, _how(info.exit_code), info.pid,
+                 "(restart %d)%s", info.dead_pid, describe_exit(info.exit_code), info.pid,
                  info.seconds * 1000, info.count, f": {info.message}" if info.message else "")
-
-
-def _how(code: int | None) -> str:
-    return "is gone" if code is None else (
-        f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
 
 
 class SwapController:
@@ -245,7 +191,7 @@ class SwapController:
         while self.policy.allows(self._deaths, time.monotonic()) and not self._closed:
             try:
                 info = self._restart(died_at, code)
-            except _SuccessorDiedError as err:
+            except SuccessorDiedError as err:
                 # The successor was killed too, before it could serve: one more death.
                 self._deaths.append(died_at)
                 died_at, code = time.monotonic(), err.code
@@ -298,7 +244,7 @@ class SwapController:
         if spare is not None:
             try:
                 process, ours, keeper_ours = self._start_successor(init, spare)
-            except (OSError, _SuccessorDiedError) as err:
+            except (OSError, SuccessorDiedError) as err:
                 # The spare died before it was needed (killed with the monitor, say): it never
                 # served anything, so it is no death of the VMM's monitor. Start one afresh.
                 _log.warning("the spare monitor could not take over (%s); starting one", err)
@@ -345,7 +291,7 @@ class SwapController:
             fds, pids = self._kept.init_fds(self._uffd.fileno(), keeper_theirs.fileno(),
                                             self._memory.memfds())
             init = dataclasses.replace(init, devices=tuple(pids))
-            _handshake(ours, process, init, fds, resume=True)
+            handshake(ours, process, init, fds, resume=True)
         except BaseException:
             ours.close()
             keeper_ours.close()
@@ -409,7 +355,7 @@ class SwapController:
             init = InitRequest(tuple(memory.specs()), os.getpid(), readahead, control_socket,
                                keeper=True, control_area=True,
                                restart_state=kept.restart_state)
-            _handshake(ours, process, init, fds, resume=False)
+            handshake(ours, process, init, fds, resume=False)
         except BaseException:
             ours.close()
             theirs.close()
@@ -505,8 +451,8 @@ class SwapController:
                 code = self._process.wait(timeout=5)
         why = f"; no successor took over ({reason})" if reason else ""
         return MonitorDiedError(
-            f"the vmm-swap monitor (pid {self._process.pid}) {_how(code)}{why}. If swap was "
-            "enabled, pages that were swapped out are lost with it: threads touching them "
+            f"the vmm-swap monitor (pid {self._process.pid}) {describe_exit(code)}{why}. If "
+            "swap was enabled, pages that were swapped out are lost with it: threads touching them "
             "block (they never see zero pages). Stop the VM and start it again.")
 
     def _call(self, command: Command, **kwargs: bool) -> SwapStatus:
@@ -695,33 +641,6 @@ def wait_while(status_fn: Callable[[], SwapStatus], running: SwapState,
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"still {running} after {timeout} s")
         time.sleep(poll)
-
-
-def _handshake(sock: socket.socket, process: subprocess.Popen[bytes], init: InitRequest,
-               fds: Sequence[int], *, resume: bool) -> None:
-    """Send ``init`` and wait until the monitor says it is Ready (or serving, for a
-    successor). _SuccessorDiedError if a successor died before answering."""
-    send_message(sock, encode_init(init), fds)
-    sock.settimeout(LAUNCH_TIMEOUT)
-    received = recv_message(sock)
-    received.close_fds()
-    sock.settimeout(None)
-    if received.eof:
-        code = process.wait(timeout=LAUNCH_TIMEOUT)
-        if resume:
-            raise _SuccessorDiedError(code)
-        raise MonitorDiedError(f"the vmm-swap monitor exited during start-up "
-                               f"(exit code {code}); its stderr says why")
-    response = raise_for(decode_response(received.data))
-    if not resume and (response.status is None or response.status.state is not SwapState.READY):
-        raise SwapFailedError(f"the monitor did not become Ready: {response.message}",
-                              response.status)
-
-
-class _SuccessorDiedError(Exception):
-    def __init__(self, code: int | None) -> None:
-        super().__init__(f"the successor monitor {_how(code)} before it could serve")
-        self.code = code
 
 
 __all__ = [

@@ -43,15 +43,13 @@ from typing import Any, Final
 
 from vmmswap.control.control_socket import (
     Client,
-    bind_control_socket,
     fd_kind,
-    idlest_client,
-    peer_credentials,
-    pidfd_pid,
     unlink_if_ours,
 )
 from vmmswap.control.fault_spin import DEFAULT_MAX_WINDOW, DEFAULT_MIN_WINDOW, AdaptiveSpin
 from vmmswap.control.freeze import freeze_tree
+from vmmswap.control.monitor_clients import ClientConnections
+from vmmswap.control.monitor_devices import DeviceRegistration
 from vmmswap.control.monitor_faults import UffdEntry, UffdSet, VmmGoneError
 from vmmswap.control.monitor_resume import (
     HandlerSetup,
@@ -63,7 +61,6 @@ from vmmswap.control.monitor_resume import (
 )
 from vmmswap.control.monitor_state import CommandError, PageHandlerLike, StateMachine
 from vmmswap.control.protocol import (
-    MAX_MESSAGE,
     Command,
     ErrorKind,
     InitFds,
@@ -96,8 +93,6 @@ from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
 
 _log = logging.getLogger("vmmswap.control.monitor")
 
-MAX_CLIENTS: Final = 32
-MAX_DEVICES: Final = 256
 INIT_TIMEOUT: Final = 30.0
 #: Seconds background work may wait while faults keep coming before one chunk runs anyway.
 #: A chunk (2 MiB) costs about a millisecond, so faults lose at most ~10 % of the monitor.
@@ -137,7 +132,7 @@ def _attach_state(fd: int) -> Any:
     return importlib.import_module("vmmswap.dataplane.page_state").PageState.attach(fd)
 
 
-class Monitor:
+class Monitor(ClientConnections, DeviceRegistration):
     """Everything the monitor process owns."""
 
     def __init__(self, controller: socket.socket, init: InitRequest, fds: InitFds,
@@ -415,92 +410,6 @@ class Monitor:
                     ErrorKind.FAILED, f"cannot exit: {self.machine.error}; the monitor keeps "
                     "serving faults", self._status()))
 
-    # --- clients --------------------------------------------------------------------------------
-    def listen(self, path: str) -> None:
-        """Serve the public control socket at ``path`` (see :mod:`.control_socket`)."""
-        sock, self._listener_id = bind_control_socket(path)
-        self.listener = sock
-        self._watch(sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        for _ in range(16):  # a bounded batch: faults must not wait behind a connect storm
-            assert self.listener is not None
-            try:
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            self._admit(conn)
-
-    def _admit(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        pid, uid = peer_credentials(conn)
-        refusal = None
-        if uid != os.geteuid():
-            _log.warning("refusing control connection from pid %d uid %d", pid, uid)
-            refusal = f"uid {uid} may not control this VM (only uid {os.geteuid()})"
-        if len(self.clients) >= MAX_CLIENTS and (refusal is not None or not self._evict_idlest()):
-            # A peer that will be refused never makes room for itself.
-            self._send_and_close(conn, Response.failure(ErrorKind.BUSY, "too many clients"))
-            return
-        self._add_client(Client(conn, public=True, peer_pid=pid, refusal=refusal))
-
-    def _evict_idlest(self) -> bool:
-        """Make room by closing the public connection idle longest (refused peers first), so
-        connections that never send cannot lock the VM's user out. False if none qualifies."""
-        victim = idlest_client(self.clients.values(), keep=self._exit_client)
-        if victim is None:
-            return False
-        _log.info("closing control connection of pid %d, idle for %.0f s: too many clients",
-                  victim.peer_pid, time.monotonic() - victim.last_active)
-        with contextlib.suppress(OSError, ProtocolError):
-            send_message(victim.sock, encode_response(Response.failure(
-                ErrorKind.BUSY, "closed: idle while too many clients were connected")))
-        self._close_client(victim)
-        return True
-
-    @staticmethod
-    def _send_and_close(conn: socket.socket, response: Response) -> None:
-        """Answer a connection that is not admitted, then close it.
-
-        A request already queued on ``conn`` is read first: closing an AF_UNIX socket with
-        unread data resets the peer (ECONNRESET), so the client would lose the answer and see a
-        reset instead of "busy". A request that arrives after the drain can still be reset.
-        """
-        with contextlib.suppress(OSError):
-            send_message(conn, encode_response(response))
-        with contextlib.suppress(OSError):
-            for _ in range(16):
-                if not conn.recv(MAX_MESSAGE + 1, socket.MSG_DONTWAIT):
-                    break
-        conn.close()
-
-    def _add_client(self, client: Client) -> None:
-        fd = client.sock.fileno()
-        self.clients[fd] = client
-        self._watch(fd, lambda: self._on_client(client))
-
-    def _close_client(self, client: Client) -> None:
-        fd = client.sock.fileno()
-        if fd < 0:
-            return
-        self._unwatch(fd)
-        self.clients.pop(fd, None)
-        client.sock.close()
-        if not client.public:
-            # The VMM closed its controller without asking to exit; bring pages back, stop.
-            _log.info("the controller's connection closed; swapping in and exiting")
-            if self._exit_client is client:
-                self._exit_client = None
-            if not self._exiting:
-                self._request_exit(None)
-
-    def _reply(self, client: Client, response: Response) -> None:
-        try:
-            send_message(client.sock, encode_response(response))
-        except (OSError, ProtocolError) as err:
-            _log.info("dropping client %d: %s", client.peer_pid, err)
-            self._close_client(client)
-
     def _status(self) -> SwapStatus:
         status = self.machine.status(len(self.uffds.devices))
         status = dataclasses.replace(status, restarts=self.restarts,
@@ -508,47 +417,6 @@ class Monitor:
         if status.error is None and self.uffds.stuck_count:
             status = dataclasses.replace(status, error=self.uffds.last_error)
         return status
-
-    def _on_client(self, client: Client) -> None:
-        client.last_active = time.monotonic()
-        try:
-            received = recv_message(client.sock)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._close_client(client)
-            return
-        if received.eof:
-            self._close_client(client)
-            return
-        if client.refusal is not None:
-            received.close_fds()
-            self._reply(client, Response.failure(ErrorKind.PERMISSION, client.refusal))
-            self._close_client(client)
-            return
-        try:
-            if received.truncated:
-                raise ProtocolError("message too long (or too many descriptors)")
-            req = decode_request(received.data, len(received.fds), public=client.public)
-        except ProtocolError as err:
-            received.close_fds()
-            self._reply(client, Response.failure(err.kind, str(err)))
-            return
-        fds, received.fds = received.fds, []
-        try:
-            response = self._dispatch(client, req, fds)
-        except VmmGoneError:
-            raise
-        except Exception as err:
-            _log.exception("%s failed unexpectedly", req)
-            response = Response.failure(ErrorKind.FAILED, f"internal error: {err!r}",
-                                        self._status())
-        finally:
-            for fd in fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        if response is not None:
-            self._reply(client, response)
 
     def _dispatch(self, client: Client, req: Request | InitRequest, fds: list[int],
                   ) -> Response | None:
@@ -581,69 +449,6 @@ class Monitor:
         except CommandError as err:
             return Response.failure(err.kind, str(err), self._status())
         return Response(True, f"{req.command}: ok", status=self._status())
-
-    def _register_process(self, fds: list[int]) -> Response:
-        uffd_fd, pidfd = fds
-        if fd_kind(uffd_fd) != "anon_inode:[userfaultfd]":
-            return Response.failure(ErrorKind.REQUEST, "the first descriptor is not a uffd")
-        if fd_kind(pidfd) != "anon_inode:[pidfd]":
-            return Response.failure(ErrorKind.REQUEST, "the second descriptor is not a pidfd")
-        if len(self.uffds.devices) >= MAX_DEVICES:
-            return Response.failure(ErrorKind.BUSY, f"more than {MAX_DEVICES} devices")
-        # The monitor is single-threaded: a blocking uffd would hang it in read(2), since epoll
-        # reports a blocking uffd as always ready. O_NONBLOCK lives in the shared open file
-        # description, which the device process does not read from.
-        os.set_blocking(uffd_fd, False)
-        pid = pidfd_pid(pidfd)
-        if pid <= 0:
-            return Response.failure(ErrorKind.FAILED, "the device process has already exited")
-        if self.keeper is not None:
-            # The VMM holds a copy before the device may touch guest memory: a successor of
-            # this monitor gets it from there. A message in flight keeps its descriptors even
-            # if this process dies right after sendmsg.
-            try:
-                send_message(self.keeper, b'{"device":%d}' % pid, [uffd_fd, pidfd])
-            except OSError as err:
-                return Response.failure(ErrorKind.FAILED, f"cannot hand pid {pid}'s uffd to "
-                                        f"the VMM: {err}")
-        fds.clear()  # the entry owns them now
-        error = self._adopt_device(pid, uffd_fd, pidfd)
-        if error is not None:
-            return Response.failure(ErrorKind.FAILED, error)
-        return Response(True, f"device process {pid} registered",
-                        status=self._status())
-
-    def _adopt_device(self, pid: int, uffd_fd: int, pidfd: int) -> str | None:
-        """Serve a device's uffd (registered at once when swap is enabled); the error text
-        if that failed (the descriptors are closed then)."""
-        os.set_blocking(uffd_fd, False)
-        entry = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES), pid,
-                          pidfd)
-        try:
-            self.uffds.add_device(entry, enabled=self.machine.state.enabled)
-        except OSError as err:
-            entry.close()
-            return f"cannot register pid {pid}'s uffd: {err}"
-        self._watch(entry.fd, lambda: self._serve_watched(entry))
-        self._watch(pidfd, lambda: self.uffds.drop(entry))
-        _log.info("serving device process %d", pid)
-        return None
-
-    def _attach(self, fds: list[int]) -> Response:
-        (fd,) = fds
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as err:
-            return Response.failure(ErrorKind.REQUEST, f"attach needs a socket: {err}")
-        fds.clear()
-        if sock.type != socket.SOCK_SEQPACKET or sock.family != socket.AF_UNIX:
-            sock.close()
-            return Response.failure(ErrorKind.REQUEST, "attach needs an AF_UNIX SEQPACKET "
-                                    "socket")
-        sock.setblocking(False)
-        # A device registrar stays silent until its child registers: never evicted for that.
-        self._add_client(Client(sock, public=True, evictable=False))
-        return Response(True, "attached")
 
     def close(self) -> None:
         for client in list(self.clients.values()):

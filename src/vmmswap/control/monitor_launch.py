@@ -30,8 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from vmmswap.control.protocol import recv_message
+from vmmswap.control.errors import (
+    MonitorDiedError,
+    SwapFailedError,
+    describe_exit,
+    raise_for,
+)
+from vmmswap.control.protocol import (
+    InitRequest,
+    decode_response,
+    encode_init,
+    recv_message,
+    send_message,
+)
 from vmmswap.control.restart_area import AREA_SIZE
+from vmmswap.control.status import SwapState
 from vmmswap.dataplane.guest_memory import GuestMemory, memfd_page_size
 
 #: The folder holding the ``vmmswap`` package (src/ in a checkout).
@@ -293,3 +306,36 @@ def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+#: Seconds a starting monitor may take to answer its init request.
+LAUNCH_TIMEOUT: Final = 60.0
+
+
+def handshake(sock: socket.socket, process: subprocess.Popen[bytes], init: InitRequest,
+               fds: Sequence[int], *, resume: bool) -> None:
+    """Send ``init`` and wait until the monitor says it is Ready (or serving, for a
+    successor). SuccessorDiedError if a successor died before answering."""
+    send_message(sock, encode_init(init), fds)
+    sock.settimeout(LAUNCH_TIMEOUT)
+    received = recv_message(sock)
+    received.close_fds()
+    sock.settimeout(None)
+    if received.eof:
+        code = process.wait(timeout=LAUNCH_TIMEOUT)
+        if resume:
+            raise SuccessorDiedError(code)
+        raise MonitorDiedError(f"the vmm-swap monitor exited during start-up "
+                               f"(exit code {code}); its stderr says why")
+    response = raise_for(decode_response(received.data))
+    if not resume and (response.status is None or response.status.state is not SwapState.READY):
+        raise SwapFailedError(f"the monitor did not become Ready: {response.message}",
+                              response.status)
+
+
+class SuccessorDiedError(Exception):
+    """A successor monitor died before it could serve: one more death for the policy."""
+
+    def __init__(self, code: int | None) -> None:
+        super().__init__(f"the successor monitor {describe_exit(code)} before it could serve")
+        self.code = code
