@@ -7,6 +7,7 @@
     vmmswap status [--watch [SECONDS]] [--format json|prometheus] [--output FILE] SOCKET
     vmmswap demo [...]            (the micro-VM demo; --linux or --guest memtest86+ for others)
     vmmswap serve-snapshot [...]  (a Firecracker-compatible page-fault handler)
+    vmmswap store put|get|info    (snapshot memory in an S3-compatible object store)
 
 Exit codes: 0 success; 1 the command was refused or failed (wrong state, move or swap-out
 failed); 2 usage error or a request the monitor did not understand; 3 the monitor cannot be
@@ -258,6 +259,8 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("serve-snapshot", add_help=False, help="serve a snapshot's memory to a "
                    "VMM (Firecracker's page-fault handler handshake)")
+    sub.add_parser("store", add_help=False, help="snapshot memory in an object store "
+                   "(put, get, info)")
     return parser
 
 
@@ -300,7 +303,8 @@ def _demo(argv: list[str]) -> int:
 
 
 #: Snapshot subcommands, each the ``main(argv)`` of its own module.
-_SNAPSHOT_COMMANDS = {"serve-snapshot": "vmmswap.snapshot.serve"}
+_SNAPSHOT_COMMANDS = {"serve-snapshot": "vmmswap.snapshot.serve",
+                      "store": "vmmswap.storage.commands"}
 
 
 def _snapshot_command(name: str, argv: list[str]) -> int:

@@ -28,24 +28,27 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from vmmswap.snapshot.source import SourceError
 from vmmswap.storage.cache import ChunkCache
-from vmmswap.storage.manifest import Manifest, chunk_hash
-from vmmswap.storage.store import ObjectMissing, ObjectStore
+from vmmswap.storage.manifest import Manifest, chunk_hash, load_manifest
+from vmmswap.storage.store import ObjectMissing, ObjectStore, open_store
 
 _log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL: Final = 0.05
 BACKOFF_MAX: Final = 2.0
+#: The on-disk chunk cache's default bound.
+DEFAULT_CACHE_BYTES: Final = 1 << 30
 
 
 class ChunkSource:
@@ -80,6 +83,25 @@ class ChunkSource:
                           "store_errors": 0, "missing": 0, "hash_failures": 0,
                           "prefetch_queued": 0, "waiting": 0}
         self._last_error = ""
+        self._owns_cache = False
+
+    @classmethod
+    def open(cls, url: str, *, cache_dir: str | os.PathLike[str] | None = None,
+             cache_bytes: int = DEFAULT_CACHE_BYTES, **options: Any) -> ChunkSource:
+        """The snapshot at ``url`` (``s3://bucket/prefix`` or a directory), through a chunk
+        cache in ``cache_dir`` (none: every chunk is fetched each time it is read). The
+        source owns the cache and closes it."""
+        store, prefix = open_store(url)
+        manifest = load_manifest(store, prefix)
+        cache = ChunkCache(cache_dir, cache_bytes) if cache_dir is not None else None
+        try:
+            source = cls(store, manifest, cache, **options)
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            raise
+        source._owns_cache = True
+        return source
 
     # --- MemorySource -----------------------------------------------------------------------
     @property
@@ -131,6 +153,9 @@ class ChunkSource:
         self._closed.set()
         self._background.shutdown(wait=True, cancel_futures=True)
         self._demand.shutdown(wait=True, cancel_futures=True)
+        if self._owns_cache and self.cache is not None:
+            self.cache.close()
+            self._owns_cache = False
 
     # --- prefetch and status ----------------------------------------------------------------
     def prefetch(self, offsets: npt.NDArray[np.uint64] | npt.NDArray[np.int64]) -> int:

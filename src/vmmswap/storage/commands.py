@@ -1,0 +1,144 @@
+"""``vmmswap store put|get|info``: snapshots' memory in an object store, from the command line.
+
+``put MEM_FILE URL`` uploads a memory file (Firecracker's layout: regions back to back) as the
+snapshot at ``URL`` -- ``s3://bucket/prefix`` (endpoint, region and credentials from the usual
+``AWS_*`` variables or a profile) or a store directory. Chunks already in the pool beside the
+prefix are not sent again, so a second snapshot of the same guest uploads what changed, and an
+interrupted upload resumes; the manifest goes up last, so a snapshot that is visible is whole.
+``get URL MEM_FILE`` writes a snapshot back to a local file (eager restore, verification);
+``info URL`` prints its manifest's summary. Every command prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from vmmswap.snapshot.source import FileSource, SourceError
+from vmmswap.storage.chunk_source import ChunkSource
+from vmmswap.storage.manifest import (
+    DEFAULT_CHUNK_SIZE,
+    ManifestError,
+    load_manifest,
+)
+from vmmswap.storage.store import StoreError, open_store
+from vmmswap.storage.upload import upload_memory
+
+#: Bytes ``get`` copies per read.
+_GET_BLOCK = 8 << 20
+
+
+def parse_regions(text: str | None, size: int) -> list[tuple[int, int]] | None:
+    """``SIZE[,SIZE...]`` in bytes (suffixes K, M, G) -> ``(offset, size)`` back to back; they
+    must cover the file exactly. None for the whole file as one region."""
+    if not text:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    spans, offset = [], 0
+    for raw in text.split(","):
+        part = raw.strip().upper()
+        scale = units.get(part[-1:], 1)
+        digits = part[:-1] if part[-1:] in units else part
+        if not digits.isdigit() or int(digits) == 0:
+            raise ValueError(f"region size {part!r} is not a positive number of bytes")
+        length = int(digits) * scale
+        spans.append((offset, length))
+        offset += length
+    if offset != size:
+        raise ValueError(f"the regions add up to {offset} bytes; the memory file has {size}")
+    return spans
+
+
+def _put(args: argparse.Namespace) -> dict[str, object]:
+    chunk = args.chunk_kib * 1024
+    if chunk <= 0 or chunk % 4096:
+        raise ValueError(f"--chunk-kib {args.chunk_kib}: a positive multiple of 4")
+    if args.workers <= 0:
+        raise ValueError("--workers must be positive")
+    source = FileSource.open(args.mem_file)
+    try:
+        regions = parse_regions(args.regions, source.size)
+        store, prefix = open_store(args.url)
+        manifest, stats = upload_memory(store, prefix, source, regions=regions,
+                                        chunk_size=chunk, workers=args.workers)
+    finally:
+        source.close()
+    return {"url": args.url, "size": manifest.size, "chunk_size": manifest.chunk_size,
+            "stored_bytes": manifest.stored_bytes(), **stats.as_dict()}
+
+
+def _get(args: argparse.Namespace) -> dict[str, object]:
+    if os.path.exists(args.mem_file) and not args.force:
+        raise FileExistsError(f"{args.mem_file} exists (--force to overwrite)")
+    source = ChunkSource.open(args.url, give_up_after=args.give_up_after)
+    try:
+        fd = os.open(args.mem_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.ftruncate(fd, source.size)
+            buf = bytearray(_GET_BLOCK)
+            zero = bytes(_GET_BLOCK)
+            for offset in range(0, source.size, _GET_BLOCK):
+                n = min(_GET_BLOCK, source.size - offset)
+                view = memoryview(buf)[:n]
+                source.read_into(offset, view)
+                if view != zero[:n]:  # zeros stay holes
+                    os.pwrite(fd, view, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        stats = source.stats()
+    finally:
+        source.close()
+    return {"url": args.url, "mem_file": args.mem_file, "size": source.size, **stats}
+
+
+def _info(args: argparse.Namespace) -> dict[str, object]:
+    store, prefix = open_store(args.url)
+    m = load_manifest(store, prefix)
+    chunks = [c for r in m.regions for c in r.chunks]
+    return {"url": args.url, "size": m.size, "chunk_size": m.chunk_size,
+            "regions": [[r.offset, r.size] for r in m.regions], "chunks": len(chunks),
+            "zero_chunks": sum(c is None for c in chunks), "distinct_chunks": len(m.digests()),
+            "stored_bytes": m.stored_bytes(), "pool": m.pool, "files": sorted(m.files),
+            "parent": m.parent}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmmswap store",
+                                     description="Snapshot memory in an object store.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("put", help="upload a memory file as a snapshot")
+    p.add_argument("mem_file", metavar="MEM_FILE")
+    p.add_argument("url", metavar="URL", help="s3://bucket/prefix or a store directory")
+    p.add_argument("--regions", help="region sizes, SIZE[,SIZE...] (default: one region)")
+    p.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_SIZE // 1024,
+                   help=f"chunk size in KiB (default {DEFAULT_CHUNK_SIZE // 1024})")
+    p.add_argument("--workers", type=int, default=8, help="uploads in flight (default 8)")
+    p = sub.add_parser("get", help="write a snapshot's memory to a local file")
+    p.add_argument("url", metavar="URL")
+    p.add_argument("mem_file", metavar="MEM_FILE")
+    p.add_argument("--force", action="store_true", help="overwrite MEM_FILE")
+    p.add_argument("--give-up-after", type=float, default=60.0, metavar="SECONDS",
+                   help="fail when the store has not answered for SECONDS (default 60)")
+    p = sub.add_parser("info", help="summarise a snapshot's manifest")
+    p.add_argument("url", metavar="URL")
+    args = parser.parse_args(argv)
+    action = {"put": _put, "get": _get, "info": _info}[args.action]
+    try:
+        result = action(args)
+    except (OSError, ValueError, ImportError, SourceError) as err:
+        # StoreError is an OSError, ManifestError a ValueError: both named in the message.
+        kind = "store" if isinstance(err, StoreError) else (
+            "manifest" if isinstance(err, ManifestError) else "error")
+        print(f"vmmswap store {args.action}: {kind}: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
