@@ -9,7 +9,10 @@ the guest range to a file: the kernel's copy faults, never Python code).
 
 MODE: ``new`` (page_size), ``kib`` (page_size_kib), ``remove`` (balloon: MADV_DONTNEED the
 second half of region 0 after the first read, then read again), ``raw:<json>`` (send this
-message as is and exit), ``exit`` (handshake, then close without touching memory).
+message as is and exit), ``exit`` (handshake, then close without touching memory),
+``runs:<file>`` (read only the ``[file_offset, length]`` runs listed in the JSON file, in that
+order, then print ``{"first_touch_s", "seconds"}``: from the handshake to the first page read
+and to the last; the benchmarks' re-touch of a working set).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import array
 import json
 import socket
 import sys
+import time
 
 from vmmswap.kernel.libc import MADV_DONTNEED
 from vmmswap.kernel.uffd import Feature
@@ -50,6 +54,22 @@ def main() -> int:
         sock.close()
         with open(out, "wb") as f:
             f.write(reply)
+        return 0
+    if mode.startswith("runs:"):
+        with open(mode[5:]) as f:
+            runs = json.load(f)
+        t0 = time.monotonic()
+        views = [memoryview(m.as_ctypes()).cast("B") for m in regions]
+        first = 0.0
+        with open(out, "wb", buffering=0) as f:
+            for n, (offset, length) in enumerate(runs):
+                region, at = divmod(offset, size)
+                if n == 0:
+                    f.write(views[region][at:at + 4096])
+                    first = time.monotonic() - t0
+                f.write(views[region][at:at + length])
+        print(json.dumps({"first_touch_s": first, "seconds": time.monotonic() - t0}))
+        sock.close()
         return 0
     with open(out, "wb", buffering=0) as f:
         for m in regions:
