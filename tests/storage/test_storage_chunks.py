@@ -272,6 +272,42 @@ def test_prefetch_fills_the_cache_ahead_of_reads(store: LocalStore, tmp_path: Pa
     src.close()
 
 
+class SlowStore:
+    """A store whose GETs take ``delay`` seconds: the prefetch queue backs up."""
+
+    def __init__(self, inner: ObjectStore, delay: float) -> None:
+        self.inner, self.delay = inner, delay
+
+    def get(self, key: str) -> bytes:
+        time.sleep(self.delay)
+        return self.inner.get(key)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_demand_read_takes_over_a_queued_prefetch(store: LocalStore, tmp_path: Path) -> None:
+    """A read of a chunk still waiting in the prefetch queue cancels that prefetch and fetches
+    it on the demand pool (a regression: the cancel ran the done callback under the source's
+    lock, and the read deadlocked)."""
+    data = memory_file(tmp_path / "mem", 256, seed=10, zero_every=1000)
+    manifest, _ = upload(store, "vm/s", tmp_path / "mem")
+    src = ChunkSource(SlowStore(store, 0.05), manifest,  # type: ignore[arg-type]
+                      ChunkCache(tmp_path / "cache", 4 << 20), prefetch_workers=1)
+    try:
+        assert src.prefetch(np.arange(0, 256, 16, dtype=np.uint64) * np.uint64(PAGE)) == 16
+        out = bytearray(PAGE)
+        reader = threading.Thread(target=src.read_into, args=(250 * PAGE, memoryview(out)),
+                                  daemon=True)
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "the demand read hung behind the prefetch queue"
+        assert out == data[250 * PAGE:251 * PAGE]
+        assert int(src.stats()["chunks_fetched"]) < 16    # it did not wait for the queue
+    finally:
+        src.close()
+
+
 def test_cache_is_bounded_lru_and_rechecks_what_it_finds(tmp_path: Path) -> None:
     chunks = [bytes([i]) * CHUNK for i in range(1, 6)]
     cache = ChunkCache(tmp_path / "c", 3 * CHUNK)

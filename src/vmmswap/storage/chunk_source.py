@@ -73,7 +73,10 @@ class ChunkSource:
         self._lengths: npt.NDArray[np.int64] = np.array(lengths, dtype=np.int64)
         self._digests = digests
         self._size = manifest.size
-        self._lock = threading.Lock()
+        # Re-entrant: a demand read that takes over a queued prefetch cancels its future under
+        # the lock, and Future.cancel() runs the done callback (_done, which takes the lock) in
+        # the same thread, at once. A plain Lock deadlocked the handler there.
+        self._lock = threading.RLock()
         self._inflight: dict[str, tuple[Future[bytes], bool]] = {}
         self._demand = ThreadPoolExecutor(workers, thread_name_prefix="chunk-get")
         self._background = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="chunk-pre")
