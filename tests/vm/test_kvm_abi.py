@@ -29,6 +29,15 @@ IOCTLS = [
     "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_SYSTEM_EVENT",
     "KVM_CAP_IRQCHIP", "KVM_CAP_PIT2", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_GET_TSC_KHZ",
     "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_SET_IDENTITY_MAP_ADDR", "KVM_CAP_NR_MEMSLOTS",
+    # snapshot/restore state (issue 14)
+    "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_XSAVE",
+    "KVM_SET_XSAVE", "KVM_GET_XSAVE2", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_CAP_XSAVE",
+    "KVM_CAP_XSAVE2", "KVM_CAP_XCRS", "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_VCPU_EVENTS",
+    "KVM_CLOCK_TSC_STABLE", "KVM_CLOCK_REALTIME", "KVM_CLOCK_HOST_TSC",
+    "KVM_VCPUEVENT_VALID_NMI_PENDING", "KVM_VCPUEVENT_VALID_SIPI_VECTOR",
+    "KVM_VCPUEVENT_VALID_SHADOW", "KVM_APIC_REG_SIZE", "KVM_IOAPIC_NUM_PINS", "KVM_MAX_XCRS",
+    "KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC", "KVM_NR_IRQCHIPS",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_HALTED",
 ]
 
 LAYOUTS = {
@@ -49,6 +58,15 @@ LAYOUTS = {
     "offsetof(struct kvm_vcpu_events, flags)": k.KvmVcpuEvents.flags.offset,
     "offsetof(struct kvm_vcpu_events, exception_payload)":
         k.KvmVcpuEvents.exception_payload.offset,
+    "sizeof(struct kvm_irqchip)": ctypes.sizeof(k.KvmIrqchip),
+    "sizeof(struct kvm_pit_channel_state)": ctypes.sizeof(k.KvmPitChannelState),
+    "sizeof(struct kvm_pit_state2)": ctypes.sizeof(k.KvmPitState2),
+    "offsetof(struct kvm_pit_state2, flags)": k.KvmPitState2.flags.offset,
+    "sizeof(struct kvm_xsave)": ctypes.sizeof(k.KvmXsave),
+    "sizeof(struct kvm_xcrs)": ctypes.sizeof(k.KvmXcrs),
+    "sizeof(struct kvm_clock_data)": ctypes.sizeof(k.KvmClockData),
+    "sizeof(struct kvm_lapic_state)": ctypes.sizeof(k.KvmLapicState),
+    "sizeof(struct kvm_mp_state)": ctypes.sizeof(k.KvmMpState),
 }
 
 

@@ -29,7 +29,8 @@ class KvmUnavailableError(OSError):
 
 
 def _ioctl(fd: int, request: int,
-           arg: int | ctypes.Structure | ctypes.Array[ctypes.c_char] | ctypes.c_uint64,
+           arg: (int | ctypes.Structure | ctypes.Array[ctypes.c_char]
+                 | ctypes.Array[ctypes.c_uint32] | ctypes.c_uint64),
            what: str) -> int:
     try:
         if isinstance(arg, int):
@@ -110,6 +111,19 @@ class Kvm:
             entries = cpuid.entries
             count = int(cpuid.nent)
             return [k.KvmCpuidEntry2.from_buffer_copy(entries[i]) for i in range(count)]
+
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU."""
+        header = k.KvmMsrListHeader(nmsrs=0)
+        try:
+            _ioctl(self._fd, k.KVM_GET_MSR_INDEX_LIST, header, "KVM_GET_MSR_INDEX_LIST")
+        except OSError as exc:
+            if exc.errno != errno.E2BIG:
+                raise
+        count = int(header.nmsrs)
+        buf = (ctypes.c_uint32 * (count + 1))(count)
+        _ioctl(self._fd, k.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+        return [int(buf[1 + i]) for i in range(int(buf[0]))]
 
     def create_vm(self) -> VmFd:
         """KVM_CREATE_VM with the default machine type."""
@@ -203,6 +217,42 @@ class VmFd:
         """KVM_IRQFD: raise ``gsi`` whenever ``eventfd`` is signalled."""
         value = k.KvmIrqfd(fd=eventfd, gsi=gsi, flags=flags)
         _ioctl(self._fd, k.KVM_IRQFD, value, f"KVM_IRQFD(gsi {gsi})")
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: one in-kernel controller's state (``struct kvm_irqchip``)."""
+        chip = k.KvmIrqchip(chip_id=chip_id)
+        _ioctl(self._fd, k.KVM_GET_IRQCHIP, chip, f"KVM_GET_IRQCHIP({chip_id})")
+        return bytes(chip)
+
+    def set_irqchip(self, raw: bytes) -> None:
+        """KVM_SET_IRQCHIP with a ``struct kvm_irqchip`` as :meth:`get_irqchip` returned it."""
+        chip = k.KvmIrqchip.from_buffer_copy(raw)
+        _ioctl(self._fd, k.KVM_SET_IRQCHIP, chip, f"KVM_SET_IRQCHIP({chip.chip_id})")
+
+    def get_pit2(self) -> bytes:
+        state = k.KvmPitState2()
+        _ioctl(self._fd, k.KVM_GET_PIT2, state, "KVM_GET_PIT2")
+        return bytes(state)
+
+    def set_pit2(self, raw: bytes) -> None:
+        _ioctl(self._fd, k.KVM_SET_PIT2, k.KvmPitState2.from_buffer_copy(raw), "KVM_SET_PIT2")
+
+    def get_clock(self) -> k.KvmClockData:
+        """KVM_GET_CLOCK: the VM's kvmclock (ns), for a restored guest to continue from."""
+        data = k.KvmClockData()
+        _ioctl(self._fd, k.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        return data
+
+    def set_clock(self, clock_ns: int) -> None:
+        data = k.KvmClockData(clock=clock_ns)
+        _ioctl(self._fd, k.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
+
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE area: KVM_CAP_XSAVE2's answer, else the fixed 4 KiB;
+        0 without KVM_CAP_XSAVE (then KVM_GET_FPU is the FPU state)."""
+        if not self.check_extension(k.KVM_CAP_XSAVE):
+            return 0
+        return max(self.check_extension(k.KVM_CAP_XSAVE2), ctypes.sizeof(k.KvmXsave))
 
     def create_vcpu(self, index: int) -> VcpuFd:
         """KVM_CREATE_VCPU with APIC id ``index``, and the mmap of its kvm_run area."""
@@ -326,6 +376,38 @@ class VcpuFd:
         state = k.KvmLapicState()
         ctypes.memmove(ctypes.addressof(state), regs, min(len(regs), ctypes.sizeof(state)))
         _ioctl(self._fd, k.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+
+    def get_xsave(self, size: int) -> bytes:
+        """KVM_GET_XSAVE2 (or KVM_GET_XSAVE for the fixed 4 KiB): the XSAVE area."""
+        fixed = ctypes.sizeof(k.KvmXsave)
+        buf = (ctypes.c_char * max(size, fixed))()
+        if size > fixed:
+            _ioctl(self._fd, k.KVM_GET_XSAVE2, buf, "KVM_GET_XSAVE2")
+        else:
+            _ioctl(self._fd, k.KVM_GET_XSAVE, buf, "KVM_GET_XSAVE")
+        return bytes(buf)
+
+    def set_xsave(self, raw: bytes) -> None:
+        """KVM_SET_XSAVE (KVM reads as many bytes as KVM_CAP_XSAVE2 reports)."""
+        buf = (ctypes.c_char * len(raw)).from_buffer_copy(raw)
+        _ioctl(self._fd, k.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> bytes:
+        xcrs = k.KvmXcrs()
+        _ioctl(self._fd, k.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return bytes(xcrs)
+
+    def set_xcrs(self, raw: bytes) -> None:
+        _ioctl(self._fd, k.KVM_SET_XCRS, k.KvmXcrs.from_buffer_copy(raw), "KVM_SET_XCRS")
+
+    def get_vcpu_events(self) -> bytes:
+        events = k.KvmVcpuEvents()
+        _ioctl(self._fd, k.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return bytes(events)
+
+    def set_vcpu_events(self, raw: bytes) -> None:
+        _ioctl(self._fd, k.KVM_SET_VCPU_EVENTS, k.KvmVcpuEvents.from_buffer_copy(raw),
+               "KVM_SET_VCPU_EVENTS")
 
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ: the guest's TSC frequency, to turn rdtsc deltas into time."""

@@ -195,6 +195,9 @@ class Machine:
         self._started = False
         self._closed = False
         self._kick_ok = False
+        #: What the VM has in the kernel (a snapshot captures exactly these).
+        self.irqchip = irqchip or pit
+        self.pit = pit
         try:
             self.vm: VmFd = self.kvm.create_vm()
             self._setup_vm(irqchip or pit, pit)
