@@ -95,3 +95,16 @@ def test_restore_usage() -> None:
     assert done.returncode == 2 and "not allowed" in done.stderr
     done = _run("restore", "/nonexistent", "--eager", timeout=60)
     assert done.returncode == 1 and "cannot read state file" in done.stderr
+
+
+def test_working_set_recorded_then_prefetched(snap: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "ws.npy"
+    first = _run("restore", str(snap), "--serve", "--record-working-set", str(ws))
+    assert first.returncode == 0, first.stderr
+    assert ws.exists()
+    second = _run("restore", str(snap), "--serve", "--working-set", str(ws))
+    assert second.returncode == 0, second.stderr
+    a, b = json.loads(first.stdout)["handler"], json.loads(second.stdout)["handler"]
+    assert a["pages_prefetched"] == 0 and b["pages_prefetched"] > 0
+    assert b["faults"] < a["faults"]
+    assert json.loads(second.stdout)["ok"]  # prefetched pages are the right ones
