@@ -37,7 +37,8 @@ IOCTLS = [
     "KVM_VCPUEVENT_VALID_NMI_PENDING", "KVM_VCPUEVENT_VALID_SIPI_VECTOR",
     "KVM_VCPUEVENT_VALID_SHADOW", "KVM_APIC_REG_SIZE", "KVM_IOAPIC_NUM_PINS", "KVM_MAX_XCRS",
     "KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC", "KVM_NR_IRQCHIPS",
-    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_HALTED",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_HALTED", "KVM_GET_DIRTY_LOG",
+    "KVM_MEM_LOG_DIRTY_PAGES",
 ]
 
 LAYOUTS = {
@@ -67,6 +68,7 @@ LAYOUTS = {
     "sizeof(struct kvm_clock_data)": ctypes.sizeof(k.KvmClockData),
     "sizeof(struct kvm_lapic_state)": ctypes.sizeof(k.KvmLapicState),
     "sizeof(struct kvm_mp_state)": ctypes.sizeof(k.KvmMpState),
+    "sizeof(struct kvm_dirty_log)": ctypes.sizeof(k.KvmDirtyLog),
 }
 
 

@@ -108,3 +108,15 @@ def test_working_set_recorded_then_prefetched(snap: Path, tmp_path: Path) -> Non
     assert a["pages_prefetched"] == 0 and b["pages_prefetched"] > 0
     assert b["faults"] < a["faults"]
     assert json.loads(second.stdout)["ok"]  # prefetched pages are the right ones
+
+
+def test_diff_snapshot_through_the_cli(snap: Path, tmp_path: Path) -> None:
+    diff = tmp_path / "diff"
+    done = _run("restore", str(snap), "--serve", "--diff-snapshot", str(diff))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["diff"]["data_bytes"] < 16 << 20
+    again = _run("restore", str(diff), "--serve")
+    assert again.returncode == 0, again.stderr
+    assert "9 pattern fills verified" in json.loads(again.stdout)["check"]
+    chained = _run("restore", str(diff), "--serve", "--diff-snapshot", str(tmp_path / "d2"))
+    assert chained.returncode == 1 and "not supported" in chained.stderr

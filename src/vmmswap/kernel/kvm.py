@@ -107,6 +107,14 @@ class KvmUserspaceMemoryRegion(ctypes.Structure):
     ]
 
 
+class KvmDirtyLog(ctypes.Structure):
+    """``struct kvm_dirty_log`` (KVM_GET_DIRTY_LOG): a slot and the address of a bitmap with
+    one bit per page of it, which KVM fills (and clears in its own log)."""
+
+    _fields_ = [("slot", ctypes.c_uint32), ("padding1", ctypes.c_uint32),
+                ("dirty_bitmap", ctypes.c_uint64)]
+
+
 class KvmCpuidEntry2(ctypes.Structure):
     """``struct kvm_cpuid_entry2``: one CPUID leaf/subleaf."""
 
@@ -468,6 +476,7 @@ KVM_GET_EMULATED_CPUID: Final = iowr(KVMIO, 0x09, ctypes.sizeof(KvmCpuid2Header)
 
 # --- ioctls on a VM fd ---------------------------------------------------------------------------
 KVM_CREATE_VCPU: Final = io(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG: Final = iow(KVMIO, 0x42, ctypes.sizeof(KvmDirtyLog))
 KVM_SET_USER_MEMORY_REGION: Final = iow(KVMIO, 0x46, ctypes.sizeof(KvmUserspaceMemoryRegion))
 KVM_SET_TSS_ADDR: Final = io(KVMIO, 0x47)
 KVM_SET_IDENTITY_MAP_ADDR: Final = iow(KVMIO, 0x48, ctypes.sizeof(ctypes.c_uint64))

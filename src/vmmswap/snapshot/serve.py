@@ -19,9 +19,11 @@ import struct
 import sys
 from typing import Final
 
+import numpy as np
+
 from vmmswap.snapshot.handshake import HandshakeError, receive_handshake
 from vmmswap.snapshot.server import ServeError, SnapshotServer
-from vmmswap.snapshot.source import FileSource
+from vmmswap.snapshot.source import FileSource, MemorySource, OverlaySource
 from vmmswap.snapshot.working_set import WorkingSetError, load_working_set, save_working_set
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
@@ -56,11 +58,32 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
+def open_source(mem_file: str, overlay: str | None = None,
+                overlay_pages: str | None = None) -> MemorySource:
+    """The memory file, or a diff snapshot's memory laid over it (pages listed in
+    ``overlay_pages``, a working-set format file, come from ``overlay``)."""
+    base = FileSource.open(mem_file)
+    if overlay is None:
+        return base
+    try:
+        pages = load_working_set(overlay_pages, file_pages=-(-base.size // 4096)) \
+            if overlay_pages else None
+        if pages is None:
+            raise WorkingSetError("--overlay needs --overlay-pages (the diff's page list)")
+        marks = np.zeros(-(-base.size // 4096), dtype=np.bool_)
+        marks[pages.astype(np.intp)] = True
+        return OverlaySource(base, FileSource.open(overlay), marks)
+    except BaseException:
+        base.close()
+        raise
+
+
 def serve_one(listener: socket.socket, mem_file: str, *, working_set: str | None = None,
               record: str | None = None, record_seconds: float | None = None,
+              overlay: str | None = None, overlay_pages: str | None = None,
               ) -> dict[str, float | int]:
     """Accept VMMs until one hands over a valid handshake; serve it until it goes away."""
-    source = FileSource.open(mem_file)
+    source = open_source(mem_file, overlay, overlay_pages)
     try:
         size = source.size
         prefetch = (load_working_set(working_set, file_pages=size // 4096)
@@ -107,6 +130,10 @@ def main(argv: list[str]) -> int:
                         help="write the pages faulted on demand to FILE at exit")
     parser.add_argument("--record-seconds", type=float,
                         help="record only this long after the first fault")
+    parser.add_argument("--overlay", metavar="DIFF",
+                        help="a diff snapshot's memory file laid over --mem-file (its base)")
+    parser.add_argument("--overlay-pages", metavar="PAGES",
+                        help="the diff's page list (.npy of 4 KiB page numbers)")
     args = parser.parse_args(argv)
     try:
         listener = bind_stream_socket(args.socket)
@@ -116,7 +143,8 @@ def main(argv: list[str]) -> int:
     try:
         print(json.dumps({"listening": args.socket}), flush=True)
         stats = serve_one(listener, args.mem_file, working_set=args.working_set,
-                          record=args.record_working_set, record_seconds=args.record_seconds)
+                          record=args.record_working_set, record_seconds=args.record_seconds,
+                          overlay=args.overlay, overlay_pages=args.overlay_pages)
     except (OSError, ServeError, WorkingSetError) as err:
         print(f"vmmswap serve-snapshot: {err}", file=sys.stderr)
         return 1

@@ -191,6 +191,16 @@ class VmFd:
         _ioctl(self._fd, k.KVM_SET_USER_MEMORY_REGION, region,
                f"KVM_SET_USER_MEMORY_REGION(slot {slot}, guest {guest_addr:#x}+{size:#x})")
 
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per 4 KiB page of the ``size``-byte slot (little-endian
+        bit order within u64 words), set for pages the guest wrote since the last call; the
+        slot must have been created with KVM_MEM_LOG_DIRTY_PAGES."""
+        pages = size // 4096
+        bitmap = (ctypes.c_uint64 * max(1, (pages + 63) // 64))()
+        log = k.KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        _ioctl(self._fd, k.KVM_GET_DIRTY_LOG, log, f"KVM_GET_DIRTY_LOG(slot {slot})")
+        return bytes(bitmap)
+
     def set_tss_addr(self, addr: int) -> None:
         _ioctl(self._fd, k.KVM_SET_TSS_ADDR, addr, f"KVM_SET_TSS_ADDR({addr:#x})")
 

@@ -177,7 +177,8 @@ class Machine:
     """A VM with its memory slots, vCPUs and device buses (see the module docstring)."""
 
     def __init__(self, memory: GuestMemory, *, vcpus: int = 1, irqchip: bool = False,
-                 pit: bool = False, cpuid: bool = True, kvm: Kvm | None = None) -> None:
+                 pit: bool = False, cpuid: bool = True, kvm: Kvm | None = None,
+                 dirty_log: bool = False) -> None:
         if not 1 <= vcpus <= _MAX_VCPUS:
             raise ValueError(f"vcpus must be between 1 and {_MAX_VCPUS}, got {vcpus}")
         self.memory = memory
@@ -198,6 +199,8 @@ class Machine:
         #: What the VM has in the kernel (a snapshot captures exactly these).
         self.irqchip = irqchip or pit
         self.pit = pit
+        #: Slots log the guest's writes (KVM_MEM_LOG_DIRTY_PAGES; read with vm.get_dirty_log).
+        self.dirty_log = dirty_log
         try:
             self.vm: VmFd = self.kvm.create_vm()
             self._setup_vm(irqchip or pit, pit)
@@ -223,8 +226,9 @@ class Machine:
         for slot, region in enumerate(self.memory.regions):
             # Safety: the regions are mapped for the GuestMemory's lifetime, which the caller
             # keeps longer than this machine (documented in the class contract).
-            self.vm.set_user_memory_region(slot, region.guest_addr, region.size,
-                                           region.host_addr)
+            self.vm.set_user_memory_region(
+                slot, region.guest_addr, region.size, region.host_addr,
+                k.KVM_MEM_LOG_DIRTY_PAGES if self.dirty_log else 0)
 
     def _set_cpuid(self) -> None:
         supported = self.kvm.supported_cpuid()

@@ -38,9 +38,13 @@ import time
 from types import TracebackType
 from typing import Any, Final, Self
 
+import numpy as np
+import numpy.typing as npt
+
 from vmmswap.dataplane.guest_memory import Backing, GuestMemory, data_ranges
 from vmmswap.kernel.uffd import Feature
 from vmmswap.snapshot.handshake import RegionMapping, send_handshake
+from vmmswap.snapshot.working_set import load_working_set
 from vmmswap.uffd.userfaultfd import Userfaultfd
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm.balloon import BalloonDevice
@@ -49,7 +53,7 @@ from vmmswap.vm.kvm import Kvm
 from vmmswap.vm.layout import GuestLayout
 from vmmswap.vm.machine import Machine
 from vmmswap.vm.machine_state import restore_devices, restore_vcpu
-from vmmswap.vm.snapshot import GUEST_KIND
+from vmmswap.vm.snapshot import DIFF_FILE, DIFF_PAGES_FILE, GUEST_KIND, MEMORY_FILE
 from vmmswap.vm.vm_state import VmState, VmStateError
 from vmmswap.vm.workload import Workload, WorkloadDevice
 
@@ -81,8 +85,21 @@ def connect_handler(path: str, timeout: float = CONNECT_TIMEOUT_S) -> socket.soc
             raise
 
 
+def memory_files(directory: str, state: VmState) -> tuple[str, str | None, str | None]:
+    """(memory file, diff file or None, diff page list or None) of a snapshot directory: a
+    diff snapshot's own memory lies over its base's (named in its state file)."""
+    base = state.guest.get("base")
+    if base is None:
+        return os.path.join(directory, MEMORY_FILE), None, None
+    if not isinstance(base, str):
+        raise VmStateError("the state file's base must be a directory path")
+    return (os.path.join(base, MEMORY_FILE), os.path.join(directory, DIFF_FILE),
+            os.path.join(directory, DIFF_PAGES_FILE))
+
+
 def start_handler(mem_file: str, socket_path: str, *, working_set: str | None = None,
                   record: str | None = None, record_seconds: float | None = None,
+                  overlay: str | None = None, overlay_pages: str | None = None,
                   ) -> subprocess.Popen[str]:
     """Start ``vmmswap serve-snapshot`` as a child process (its own interpreter: the process
     serving faults must never be the one whose threads take them -- the GIL rule). It prints
@@ -95,6 +112,8 @@ def start_handler(mem_file: str, socket_path: str, *, working_set: str | None = 
         argv += ["--record-working-set", record]
     if record_seconds is not None:
         argv += ["--record-seconds", str(record_seconds)]
+    if overlay is not None and overlay_pages is not None:
+        argv += ["--overlay", overlay, "--overlay-pages", overlay_pages]
     child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              close_fds=True)
     assert child.stdout is not None
@@ -117,8 +136,32 @@ def handler_stats(child: subprocess.Popen[str], timeout: float = 30.0) -> dict[s
     return stats
 
 
-def eager_load(memory: GuestMemory, state: VmState, mem_file: str) -> int:
-    """Copy the memory file's data into guest memory before anything runs; bytes copied."""
+def eager_load(memory: GuestMemory, state: VmState, mem_file: str,
+               overlay: str | None = None, overlay_pages: str | None = None) -> int:
+    """Copy the memory file's data into guest memory before anything runs -- then, for a diff
+    snapshot, every page the diff lists (zeros where it is a hole); bytes copied."""
+    copied = _copy_extents(memory, state, mem_file)
+    if overlay is not None and overlay_pages is not None:
+        pages = load_working_set(overlay_pages, file_pages=state.memory_size // 4096)
+        fd = os.open(overlay, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            page = bytearray(4096)
+            for file_page in pages.tolist():
+                pos = file_page * 4096
+                rs = next(r for r in state.regions
+                          if r.file_offset <= pos < r.file_offset + r.size)
+                region = memory.regions[state.regions.index(rs)]
+                view = memoryview(page)
+                if os.preadv(fd, [view], pos) != len(page):
+                    raise RestoreError(f"short read of {overlay} at {pos:#x}")
+                os.pwrite(region.memfd, view, pos - rs.file_offset)
+                copied += len(page)
+        finally:
+            os.close(fd)
+    return copied
+
+
+def _copy_extents(memory: GuestMemory, state: VmState, mem_file: str) -> int:
     copied = 0
     fd = os.open(mem_file, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -153,7 +196,8 @@ class RestoredVM:
 
     def __init__(self, state: VmState, *, handler_socket: str | None = None,
                  mem_file: str | None = None, kvm: Kvm | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, overlay: str | None = None,
+                 overlay_pages: str | None = None, dirty_log: bool = False) -> None:
         self.t_created = time.monotonic()
         if (handler_socket is None) == (mem_file is None):
             raise ValueError("give exactly one of handler_socket (lazy) or mem_file (eager)")
@@ -171,13 +215,16 @@ class RestoredVM:
         self.handler_error: str | None = None
         self._started = False
         self._closing = False
+        #: Per region, the pages given back (balloon) since the restore: part of a diff.
+        self._discarded = [np.zeros(r.size // 4096, dtype=np.bool_) for r in state.regions]
+        self.memory.set_discard_hook(self._note_discard)
         #: Seconds spent in each step (where restore time goes; the benchmark prints them).
         self.timings: dict[str, float] = {}
         try:
             t = time.monotonic()
             self.machine = Machine(self.memory, vcpus=len(state.vcpus),
                                    irqchip=state.irqchips is not None,
-                                   pit=state.pit is not None, kvm=kvm)
+                                   pit=state.pit is not None, kvm=kvm, dirty_log=dirty_log)
             self.timings["machine"] = time.monotonic() - t
             t = time.monotonic()
             if handler_socket is not None:
@@ -185,7 +232,7 @@ class RestoredVM:
                 self.timings["handshake"] = time.monotonic() - t
             else:
                 assert mem_file is not None
-                eager_load(self.memory, state, mem_file)
+                eager_load(self.memory, state, mem_file, overlay, overlay_pages)
                 self.timings["eager_copy"] = time.monotonic() - t
             restore_devices(self.machine.vm, clock_ns=state.clock_ns,
                             irqchips=state.irqchips, pit=state.pit)
@@ -203,6 +250,29 @@ class RestoredVM:
         except BaseException:
             self._teardown()
             raise
+
+    def _note_discard(self, host_addr: int, length: int) -> None:
+        for region, marks in zip(self.memory.regions, self._discarded, strict=True):
+            if region.host_addr <= host_addr < region.host_addr + region.size:
+                first = (host_addr - region.host_addr) // 4096
+                marks[first:first + length // 4096] = True
+
+    def written_pages(self) -> list[npt.NDArray[np.bool_]]:
+        """Per region, one bool per 4 KiB page: written by the guest (KVM's dirty log, which
+        this call also clears) or given back since the restore -- what a diff snapshot holds.
+
+        A superset: a shadow-paging KVM such as PVM logs a page when it maps it writable,
+        which it may do on a read of a page the guest's page tables mark dirty. Needs
+        ``dirty_log=True``."""
+        if not self.machine.dirty_log:
+            raise RuntimeError("the VM was restored without dirty logging (dirty_log=True)")
+        out = []
+        for slot, (region, gone) in enumerate(zip(self.memory.regions, self._discarded,
+                                                  strict=True)):
+            raw = self.machine.vm.get_dirty_log(slot, region.size)
+            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+            out.append(bits[:region.size // 4096].astype(np.bool_) | gone)
+        return out
 
     def _hand_over(self, path: str, timeout: float) -> None:
         """Steps 1 and 2 of the module docstring."""

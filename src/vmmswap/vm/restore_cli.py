@@ -8,6 +8,10 @@ Memory comes from one of three places:
   private socket (``--working-set`` / ``--record-working-set`` are passed to it); lazy.
 * ``--eager``: the memory file is copied into guest memory before the guest runs.
 
+A diff snapshot (written by ``--diff-snapshot OUT``: the pages the guest wrote or gave back
+since the restore, over its base) restores the same way; its base's memory file is served
+underneath (``serve-snapshot --overlay``).
+
 Then the guest checksums and verifies its memory against what it recorded at snapshot time
 (:func:`~vmmswap.vm.snapshot_check.check_guest`) and exits. Prints one JSON line (time from the
 start of the restore to the guest's first exit, the check's verdict, the handler's counters);
@@ -28,9 +32,15 @@ import time
 from typing import Any
 
 from vmmswap.vm.kvm import KvmUnavailableError
-from vmmswap.vm.restore import RestoredVM, RestoreError, handler_stats, start_handler
-from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE
-from vmmswap.vm.snapshot_check import check_guest
+from vmmswap.vm.restore import (
+    RestoredVM,
+    RestoreError,
+    handler_stats,
+    memory_files,
+    start_handler,
+)
+from vmmswap.vm.snapshot import STATE_FILE, SnapshotError, snapshot_micro_vm
+from vmmswap.vm.snapshot_check import change_guest, check_guest
 from vmmswap.vm.vm_state import VmStateError, load_state
 from vmmswap.vm.workload import WorkloadError
 
@@ -52,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="with --serve: prefetch this recorded working set")
     parser.add_argument("--record-working-set", metavar="FILE",
                         help="with --serve: record the pages faulted on demand into FILE")
+    parser.add_argument("--diff-snapshot", metavar="OUT",
+                        help="after the check, have the guest change some memory and write a "
+                             "diff snapshot (only the pages written since the restore) to OUT")
     parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                         help="give up on a guest command after SECONDS (default 300)")
     return parser
@@ -64,20 +77,26 @@ def main(argv: list[str]) -> int:
         parser.error("--working-set and --record-working-set need --serve (otherwise give "
                      "them to your serve-snapshot)")
     state_path = os.path.join(args.dir, STATE_FILE)
-    mem_file = os.path.join(args.dir, MEMORY_FILE)
     private_dir: str | None = None
     child: subprocess.Popen[str] | None = None
     out: dict[str, Any] = {}
     try:
         state = load_state(state_path)
+        mem_file, overlay, overlay_pages = memory_files(args.dir, state)
+        if args.diff_snapshot and overlay is not None:
+            raise ValueError("a diff snapshot of a VM restored from a diff is not supported: "
+                             "restore the full snapshot")
         socket_path = args.handler_socket
         if args.serve:
             private_dir = tempfile.mkdtemp(prefix="vmmswap-restore-")
             socket_path = os.path.join(private_dir, "handler.sock")
             child = start_handler(mem_file, socket_path, working_set=args.working_set,
-                                  record=args.record_working_set)
+                                  record=args.record_working_set, overlay=overlay,
+                                  overlay_pages=overlay_pages)
         with RestoredVM(state, handler_socket=socket_path,
-                        mem_file=mem_file if args.eager else None) as vm:
+                        mem_file=mem_file if args.eager else None, overlay=overlay,
+                        overlay_pages=overlay_pages,
+                        dirty_log=bool(args.diff_snapshot)) as vm:
             vm.workload.timeout = args.timeout
             vm.start()
             deadline = time.monotonic() + args.timeout
@@ -88,12 +107,17 @@ def main(argv: list[str]) -> int:
                 out["first_exit_ms"] = round((first - vm.t_created) * 1000, 3)
             result = check_guest(vm.workload, state.guest)
             out.update(ok=result.ok, check=result.describe())
+            if args.diff_snapshot and result.ok:
+                guest = change_guest(vm.workload, state.guest)
+                info = snapshot_micro_vm(vm, args.diff_snapshot, guest=guest,
+                                         diff=vm.written_pages(), base=args.dir)
+                out["diff"] = {"memory": str(info.memory_path), "data_bytes": info.data_bytes}
             vm.shutdown()
         if child is not None:
             out["handler"] = handler_stats(child)
             child = None
-    except (KvmUnavailableError, VmStateError, RestoreError, WorkloadError, OSError,
-            ValueError, KeyError) as err:
+    except (KvmUnavailableError, VmStateError, RestoreError, WorkloadError, SnapshotError,
+            OSError, ValueError, KeyError) as err:
         print(f"vmmswap restore: {err}", file=sys.stderr)
         return 1
     finally:

@@ -24,20 +24,25 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from vmmswap.dataplane.guest_memory import GuestMemory, data_ranges
 from vmmswap.kernel.kvm import KvmRegs
+from vmmswap.snapshot.working_set import save_working_set
 from vmmswap.vm import guest_abi as abi
 from vmmswap.vm import layout as lay
+from vmmswap.vm.machine import Machine
 from vmmswap.vm.machine_state import capture_devices, capture_vcpu, snapshot_msrs
-from vmmswap.vm.micro import MicroVM
 from vmmswap.vm.vm_state import MemoryRegionState, VcpuState, VmState, save_state
+from vmmswap.vm.workload import WorkloadDevice
 
 STATE_FILE: Final = "vmstate.json"
 MEMORY_FILE: Final = "memory"
+DIFF_FILE: Final = "memory.diff"
+DIFF_PAGES_FILE: Final = "diff_pages.npy"
 GUEST_KIND: Final = "vmmswap-micro-vm"
 _CHUNK: Final = 8 << 20
 _PAGE: Final = 4096
@@ -57,6 +62,18 @@ class SnapshotInfo:
     memory_size: int
     data_bytes: int  # bytes of the memory file that are data, not holes
     pause_s: float  # how long the vCPUs stayed parked
+
+
+class SnapshottableVM(Protocol):
+    """What a snapshot needs of a VM: :class:`~vmmswap.vm.micro.MicroVM` and
+    :class:`~vmmswap.vm.restore.RestoredVM` both have it."""
+
+    machine: Machine
+    device: WorkloadDevice
+    memory: GuestMemory
+
+    @property
+    def vcpus(self) -> int: ...
 
 
 def _check_parked(state: VcpuState, program_end: int) -> None:
@@ -108,10 +125,66 @@ def _write_nonzero(fd: int, view: memoryview, file_pos: int) -> int:
     return written
 
 
-def snapshot_micro_vm(vm: MicroVM, directory: str | os.PathLike[str], *,
-                      guest: dict[str, Any] | None = None) -> SnapshotInfo:
+def write_diff_file(memory: GuestMemory, candidates: list[npt.NDArray[np.bool_]],
+                    base_file: str, path: Path, pages_path: Path,
+                    ) -> tuple[list[MemoryRegionState], int]:
+    """A diff snapshot's memory: a full-size sparse memory file holding the pages that differ
+    from the base memory file, among ``candidates`` (per region, one bool per 4 KiB page: the
+    pages written or given back since the restore, a superset), and their page numbers.
+
+    Comparing with the base makes the diff exact whatever the dirty log over-reports, and a
+    page given back (a hole in the memfd now, reading as zeros) over non-zero base data is
+    listed, so it reads as zeros after the next restore too."""
+    regions: list[MemoryRegionState] = []
+    listed: list[npt.NDArray[np.uint64]] = []
+    data = 0
+    base_fd = os.open(base_file, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        buf, old = bytearray(_CHUNK), bytearray(_CHUNK)
+        for region, marks in zip(memory.regions, candidates, strict=True):
+            regions.append(MemoryRegionState(region.guest_addr, region.size, offset))
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], marks.astype(np.int8), [0]))))
+            for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+                for pos in range(lo * _PAGE, hi * _PAGE, _CHUNK):
+                    length = min(_CHUNK, hi * _PAGE - pos)
+                    view, base_view = memoryview(buf)[:length], memoryview(old)[:length]
+                    # pread of a memfd hole (a page given back) reads zeros, allocating
+                    # nothing; a short read of the base means it is not this VM's base.
+                    if os.preadv(region.memfd, [view], pos) != length or \
+                            os.preadv(base_fd, [base_view], offset + pos) != length:
+                        raise SnapshotError(f"short read at {pos:#x} (is {base_file} the "
+                                            "base of this VM?)")
+                    now = np.frombuffer(view, dtype=np.uint64).reshape(-1, _PAGE // 8)
+                    was = np.frombuffer(base_view, dtype=np.uint64).reshape(-1, _PAGE // 8)
+                    changed = np.flatnonzero((now != was).any(axis=1))
+                    for page in changed.tolist():
+                        chunk = view[page * _PAGE:(page + 1) * _PAGE]
+                        data += _write_nonzero(fd, chunk, offset + pos + page * _PAGE)
+                    listed.append(changed.astype(np.uint64) + np.uint64((offset + pos) // _PAGE))
+            offset += region.size
+        os.ftruncate(fd, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.close(base_fd)
+    save_working_set(str(pages_path), np.concatenate(listed) if listed
+                     else np.zeros(0, dtype=np.uint64))
+    return regions, data
+
+
+def snapshot_micro_vm(vm: SnapshottableVM, directory: str | os.PathLike[str], *,
+                      guest: dict[str, Any] | None = None,
+                      diff: list[npt.NDArray[np.bool_]] | None = None,
+                      base: str | None = None) -> SnapshotInfo:
     """Pause ``vm``'s vCPUs at their safe point, write ``directory``/{vmstate.json, memory},
-    resume them. ``guest`` is stored in the state file for whoever restores (checksums)."""
+    resume them. ``guest`` is stored in the state file for whoever restores (checksums).
+
+    A *diff* snapshot (``diff``: per region, the pages written since the restore from the full
+    snapshot at ``base``) writes ``memory.diff`` and ``diff_pages.npy`` instead of ``memory``
+    and names its base in the state file; it restores with the base's memory file underneath
+    (``serve-snapshot --overlay``)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     machine = vm.machine
@@ -129,15 +202,23 @@ def snapshot_micro_vm(vm: MicroVM, directory: str | os.PathLike[str], *,
             if park.error is not None:
                 raise SnapshotError(f"capturing a vCPU failed: {park.error}") from park.error
         vcpus = [park.result for park in parks]
-        program_end = vm.program.load_addr + len(vm.program.binary)
+        program_end = lay.PROGRAM_ADDR + lay.PROGRAM_MAX_SIZE
         for state in vcpus:
             assert isinstance(state, VcpuState)
             _check_parked(state, program_end)
         clock, chips, pit = capture_devices(machine.vm, irqchip=machine.irqchip,
                                             pit=machine.pit)
-        memory_path = out / MEMORY_FILE
-        regions, data = write_memory_file(vm.memory, memory_path)
         meta = {"kind": GUEST_KIND, **(guest or {})}
+        if diff is None:
+            memory_path = out / MEMORY_FILE
+            regions, data = write_memory_file(vm.memory, memory_path)
+        else:
+            if base is None:
+                raise ValueError("a diff snapshot needs the base snapshot it overlays")
+            memory_path = out / DIFF_FILE
+            regions, data = write_diff_file(vm.memory, diff, str(Path(base) / MEMORY_FILE),
+                                            memory_path, out / DIFF_PAGES_FILE)
+            meta["base"] = str(Path(base).resolve())
         state_path = out / STATE_FILE
         save_state(str(state_path), VmState(
             regions=regions, vcpus=[s for s in vcpus if isinstance(s, VcpuState)],

@@ -79,3 +79,18 @@ def check_guest(workload: Workload, guest: dict[str, Any]) -> CheckResult:
         if report.first_bad is not None and result.first_bad is None:
             result.first_bad = report.first_bad
     return result
+
+
+def change_guest(workload: Workload, guest: dict[str, Any], seed: int = 100) -> dict[str, Any]:
+    """After a restore, change memory for a diff snapshot to carry: rewrite the second fill with
+    a new seed (diff pages over non-zero base pages) and write a range of the first gap (diff
+    pages over holes); the guest checksums again. Returns the new ``guest`` dict."""
+    fills = [list(f) for f in guest["fills"]]
+    offset, length, _old = fills[1]
+    workload.fill(offset, length, seed)
+    fills[1] = [offset, length, seed]
+    gap = fills[0][0] + fills[0][1]
+    workload.fill(gap, CHUNK, seed + 1)
+    fills.append([gap, CHUNK, seed + 1])
+    sums = workload.checksum(0, int(guest["data_size"]), int(guest["chunk"])).checksums
+    return {**guest, "fills": fills, "checksums": sums}
