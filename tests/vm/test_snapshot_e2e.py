@@ -11,6 +11,8 @@ each make the guest's check fail at the right place.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,3 +159,38 @@ def test_restore_refuses_another_guest_kind(snapshot_dir: Path) -> None:
 def test_snapshot_needs_both_modes_chosen() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         RestoredVM.__init__(object.__new__(RestoredVM), None)  # type: ignore[arg-type]
+
+
+_HANDLER_DIES = """
+import sys
+from vmmswap.vm.restore import RestoredVM, start_handler
+from vmmswap.vm.vm_state import load_state
+from vmmswap.vm.workload import WorkloadError
+snap, sock = sys.argv[1], sys.argv[2]
+child = start_handler(snap + "/memory", sock)
+vm = RestoredVM(load_state(snap + "/vmstate.json"), handler_socket=sock)
+vm.start()
+vm.workload.nop()
+child.kill()
+child.wait()
+try:
+    vm.workload.read(0, vm.layout.data_size, vcpus=0)
+    print("READ RETURNED")
+except WorkloadError as err:
+    print("stopped:", err)
+vm.close()
+print("running:", vm.machine.running)
+"""
+
+
+@needs_kvm
+def test_handler_death_stops_the_restored_vm(snapshot_dir: Path, tmp_path: Path) -> None:
+    """The handler dies mid-restore: the VMM sees its socket close and stops the VM (its faults
+    stay blocked, never served as zeros) with an error naming the handler. Run in a child so a
+    vCPU that could not be stopped would not be left in this process."""
+    done = subprocess.run([sys.executable, "-c", _HANDLER_DIES, str(snapshot_dir),
+                           str(tmp_path / "h.sock")], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "stopped:" in done.stdout and "page-fault handler went away" in done.stdout
+    assert "READ RETURNED" not in done.stdout and "running: False" in done.stdout
