@@ -23,7 +23,7 @@ from vm_helpers import KVM_REASON, MIB, needs_kvm
 from vmmswap.vm.guest_build import GuestProgram
 from vmmswap.vm.micro import MicroVM
 from vmmswap.vm.restore import RestoredVM, handler_stats, start_handler
-from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE, snapshot_micro_vm
+from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE, SnapshotError, snapshot_micro_vm
 from vmmswap.vm.snapshot_check import CHUNK, check_guest, prepare_guest
 from vmmswap.vm.vm_state import VmStateError, load_state
 from vmmswap.vm.workload import WorkloadError
@@ -194,3 +194,23 @@ def test_handler_death_stops_the_restored_vm(snapshot_dir: Path, tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert "stopped:" in done.stdout and "page-fault handler went away" in done.stdout
     assert "READ RETURNED" not in done.stdout and "running: False" in done.stdout
+
+
+@needs_kvm
+def test_full_snapshot_of_a_lazy_restore_is_refused(snapshot_dir: Path, tmp_path: Path) -> None:
+    """Pages never faulted in are holes in the memfds: a full snapshot would write them as
+    zeros. Negative control: the same snapshot of the eager restore is taken."""
+    vm, child = _restore_lazily(snapshot_dir, tmp_path)
+    with vm:
+        vm.start()
+        with pytest.raises(SnapshotError, match="registered with userfaultfd"):
+            snapshot_micro_vm(vm, tmp_path / "again")
+        vm.shutdown()
+    handler_stats(child)
+    assert not (tmp_path / "again" / STATE_FILE).exists()
+    with RestoredVM(load_state(str(snapshot_dir / STATE_FILE)),
+                    mem_file=str(snapshot_dir / MEMORY_FILE)) as eager:
+        eager.start()
+        snapshot_micro_vm(eager, tmp_path / "eager", guest=eager.state.guest)
+        eager.shutdown()
+    assert load_state(str(tmp_path / "eager" / STATE_FILE)).memory_size == vm.state.memory_size

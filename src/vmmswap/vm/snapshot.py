@@ -14,8 +14,10 @@ holes in the guest's memfds (never written) or all zero are left as holes, so th
 sparse: a 4 GiB guest that used 300 MiB takes 300 MiB of disk.
 
 Guest memory is read with ``pread`` on the region memfds -- copies made by the kernel, holes
-skipped via SEEK_DATA so they are never allocated. Snapshot a guest that is not under vmm-swap
-(its memfds then hold every page).
+skipped via SEEK_DATA so they are never allocated. A full snapshot needs every page in its
+memfd, so it is refused while guest memory is registered with userfaultfd (vmm-swap enabled,
+or a lazy restore); a diff snapshot of a lazily restored VM reads only pages the guest wrote,
+which are in memory, and must not be taken under vmm-swap (its pages may be swapped out).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from vmmswap.control.monitor_launch import registered_ranges
 from vmmswap.dataplane.guest_memory import GuestMemory, data_ranges
 from vmmswap.kernel.kvm import KvmRegs
 from vmmswap.snapshot.working_set import save_working_set
@@ -185,6 +188,12 @@ def snapshot_micro_vm(vm: SnapshottableVM, directory: str | os.PathLike[str], *,
     snapshot at ``base``) writes ``memory.diff`` and ``diff_pages.npy`` instead of ``memory``
     and names its base in the state file; it restores with the base's memory file underneath
     (``serve-snapshot --overlay``)."""
+    if diff is None and registered_ranges((r.host_addr, r.host_addr + r.size)
+                                          for r in vm.memory.regions):
+        raise SnapshotError(
+            "guest memory is registered with userfaultfd (vmm-swap enabled, or a lazy "
+            "restore still serving it): pages not in memory would be read as zeros. Disable "
+            "vmm-swap first, or take a diff snapshot (--diff-snapshot) against the base")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     machine = vm.machine
