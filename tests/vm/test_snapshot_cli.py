@@ -18,7 +18,7 @@ from vm_helpers import KVM_REASON
 
 from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE
 
-pytestmark = [pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240), pytest.mark.kvm]
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

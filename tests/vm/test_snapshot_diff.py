@@ -20,7 +20,7 @@ from vmmswap.vm.snapshot import DIFF_FILE, DIFF_PAGES_FILE, STATE_FILE, snapshot
 from vmmswap.vm.snapshot_check import change_guest, check_guest, prepare_guest
 from vmmswap.vm.vm_state import load_state
 
-pytestmark = [pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.timeout(180), pytest.mark.kvm]
 
 
 @pytest.fixture(scope="module")
