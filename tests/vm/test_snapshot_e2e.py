@@ -10,6 +10,7 @@ each make the guest's check fail at the right place.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -20,10 +21,19 @@ from typing import Any
 import pytest
 from vm_helpers import KVM_REASON, MIB, needs_kvm
 
+from vmmswap.kernel.kvm import KvmRegs
+from vmmswap.vm import guest_abi as abi
+from vmmswap.vm import layout as lay
 from vmmswap.vm.guest_build import GuestProgram
 from vmmswap.vm.micro import MicroVM
 from vmmswap.vm.restore import RestoredVM, handler_stats, start_handler
-from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE, SnapshotError, snapshot_micro_vm
+from vmmswap.vm.snapshot import (
+    MEMORY_FILE,
+    STATE_FILE,
+    SnapshotError,
+    check_parked,
+    snapshot_micro_vm,
+)
 from vmmswap.vm.snapshot_check import CHUNK, check_guest, prepare_guest
 from vmmswap.vm.vm_state import VmStateError, load_state
 from vmmswap.vm.workload import WorkloadError
@@ -214,3 +224,24 @@ def test_full_snapshot_of_a_lazy_restore_is_refused(snapshot_dir: Path, tmp_path
         snapshot_micro_vm(eager, tmp_path / "eager", guest=eager.state.guest)
         eager.shutdown()
     assert load_state(str(tmp_path / "eager" / STATE_FILE)).memory_size == vm.state.memory_size
+
+
+@needs_kvm
+def test_parked_check_sees_the_pending_in(snapshot_dir: Path) -> None:
+    """The saved RIP points at the command port's ``in`` (not past it). Negative control: the
+    same state with RIP one byte on, or DX another port, is refused."""
+    state = load_state(str(snapshot_dir / STATE_FILE))
+    end = lay.PROGRAM_ADDR + lay.PROGRAM_MAX_SIZE
+    with RestoredVM(state, mem_file=str(snapshot_dir / MEMORY_FILE)) as vm:
+        for vcpu in state.vcpus:
+            check_parked(vcpu, end, vm.memory)
+        regs = KvmRegs.from_buffer_copy(state.vcpus[0].regs)
+        regs.rip += 1
+        moved = dataclasses.replace(state.vcpus[0], regs=bytes(regs))
+        with pytest.raises(SnapshotError, match="not parked"):
+            check_parked(moved, end, vm.memory)
+        regs.rip -= 1
+        regs.rdx += abi.PORT_STRIDE
+        other = dataclasses.replace(state.vcpus[0], regs=bytes(regs))
+        with pytest.raises(SnapshotError, match="not parked"):
+            check_parked(other, end, vm.memory)

@@ -79,13 +79,24 @@ class SnapshottableVM(Protocol):
     def vcpus(self) -> int: ...
 
 
-def _check_parked(state: VcpuState, program_end: int) -> None:
-    """The vCPU must sit at its command port's ``in %dx, %eax`` (see the module docstring)."""
+#: ``in %dx, %eax``: the instruction a parked vCPU's RIP must point at.
+_IN_EAX_DX: Final = 0xED
+
+
+def check_parked(state: VcpuState, program_end: int, memory: GuestMemory) -> None:
+    """The vCPU must sit *at* its command port's ``in %dx, %eax``, not yet executed (see the
+    module docstring): RIP in the program, on that opcode (read from the memfd with pread, a
+    kernel copy; the identity map makes RIP a guest-physical address), DX the port."""
     regs = KvmRegs.from_buffer_copy(state.regs)
     port = abi.WORKLOAD_PORT_BASE + state.index * abi.PORT_STRIDE + abi.PORT_CMD
-    if (regs.rdx & 0xFFFF) != port or not lay.PROGRAM_ADDR <= regs.rip < program_end:
-        raise SnapshotError(f"vCPU {state.index} is not parked at its command port (rip "
-                            f"{regs.rip:#x}, dx {regs.rdx & 0xFFFF:#x}, want {port:#x})")
+    opcode = -1
+    if lay.PROGRAM_ADDR <= regs.rip < program_end:
+        region = memory.region_of(regs.rip)
+        opcode = os.pread(region.memfd, 1, regs.rip - region.guest_addr)[0]
+    if (regs.rdx & 0xFFFF) != port or opcode != _IN_EAX_DX:
+        raise SnapshotError(f"vCPU {state.index} is not parked at its command port's in "
+                            f"(rip {regs.rip:#x}, opcode {opcode:#x}, dx {regs.rdx & 0xFFFF:#x},"
+                            f" want {port:#x})")
 
 
 def write_memory_file(memory: GuestMemory, path: Path) -> tuple[list[MemoryRegionState], int]:
@@ -214,7 +225,7 @@ def snapshot_micro_vm(vm: SnapshottableVM, directory: str | os.PathLike[str], *,
         program_end = lay.PROGRAM_ADDR + lay.PROGRAM_MAX_SIZE
         for state in vcpus:
             assert isinstance(state, VcpuState)
-            _check_parked(state, program_end)
+            check_parked(state, program_end, vm.memory)
         clock, chips, pit = capture_devices(machine.vm, irqchip=machine.irqchip,
                                             pit=machine.pit)
         meta = {"kind": GUEST_KIND, **(guest or {})}
