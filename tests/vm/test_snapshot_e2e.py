@@ -11,7 +11,9 @@ each make the guest's check fail at the right place.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +28,13 @@ from vmmswap.vm import guest_abi as abi
 from vmmswap.vm import layout as lay
 from vmmswap.vm.guest_build import GuestProgram
 from vmmswap.vm.micro import MicroVM
-from vmmswap.vm.restore import RestoredVM, handler_stats, start_handler
+from vmmswap.vm.restore import (
+    RestoredVM,
+    RestoreError,
+    connect_handler,
+    handler_stats,
+    start_handler,
+)
 from vmmswap.vm.snapshot import (
     MEMORY_FILE,
     STATE_FILE,
@@ -245,3 +253,20 @@ def test_parked_check_sees_the_pending_in(snapshot_dir: Path) -> None:
         other = dataclasses.replace(state.vcpus[0], regs=bytes(regs))
         with pytest.raises(SnapshotError, match="not parked"):
             check_parked(other, end, vm.memory)
+
+
+def test_handler_of_another_user_is_refused(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uffd is control of all guest memory: never sent to another uid's handler. Negative
+    control: the same listener is accepted when the uids match."""
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(2)
+    try:
+        connect_handler(path, timeout=1).close()
+        monkeypatch.setattr(os, "getuid", lambda: 4242)
+        with pytest.raises(RestoreError, match="not ours"):
+            connect_handler(path, timeout=1)
+    finally:
+        listener.close()

@@ -31,6 +31,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -66,13 +67,31 @@ class RestoreError(RuntimeError):
     """The snapshot cannot be restored (handler unreachable, memory file too short, ...)."""
 
 
+_UCRED: Final = struct.Struct("3i")
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    _UCRED.size))
+    return int(uid)
+
+
 def connect_handler(path: str, timeout: float = CONNECT_TIMEOUT_S) -> socket.socket:
-    """Connect to a handler's socket, waiting up to ``timeout`` for it to start listening."""
+    """Connect to a handler's socket, waiting up to ``timeout`` for it to start listening.
+
+    The handler gets the uffd, i.e. control of all guest memory: one run by another user is
+    refused before anything is sent."""
     deadline = time.monotonic() + timeout
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(path)
+            uid = peer_uid(sock)
+            if uid != os.getuid():
+                sock.close()
+                raise RestoreError(f"the handler at {path} runs as uid {uid}, not ours "
+                                   f"({os.getuid()}): refusing to hand it guest memory")
             return sock
         except (FileNotFoundError, ConnectionRefusedError) as err:
             sock.close()
