@@ -21,6 +21,7 @@ from vm_helpers import needs_kvm
 
 from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import kvm as k
+from vmmswap.kernel import kvm_state as ks
 from vmmswap.vm import machine_state as ms
 from vmmswap.vm.machine import Machine
 from vmmswap.vm.vm_state import (
@@ -45,7 +46,7 @@ def _state(vcpus: int = 2) -> VmState:
         vcpus=[VcpuState(index=i, regs=bytes(regs), sregs=bytes(k.KvmSregs()),
                          events=bytes(k.KvmVcpuEvents()), mp_state=0,
                          msrs={0x10: 12345, 0xC000_0081: 1 << 63},
-                         xsave=bytes(ctypes.sizeof(k.KvmXsave)), xcrs=bytes(k.KvmXcrs()))
+                         xsave=bytes(ctypes.sizeof(ks.KvmXsave)), xcrs=bytes(ks.KvmXcrs()))
                for i in range(vcpus)],
         clock_ns=987654321, tsc_khz=2_000_000, guest={"kind": "x", "checksums": [1, 2]})
 
@@ -136,8 +137,8 @@ def test_capture_restore_round_trip(restore: bool) -> None:
         vcpu.set_lapic(bytes(lapic))
         a.vm.irq_line(4, 1)  # leave a mark in the PIC/IOAPIC state
         msrs = ms.snapshot_msrs(a)
-        assert k.X86_MSR_IA32_TSC in msrs
-        vcpu.set_msrs({k.X86_MSR_STAR: 0x0023_0010_0000_0000})
+        assert ks.X86_MSR_IA32_TSC in msrs
+        vcpu.set_msrs({ks.X86_MSR_STAR: 0x0023_0010_0000_0000})
         saved, devices = _capture(a, msrs)
         clock, chips, pit = ms.capture_devices(a.vm, irqchip=True, pit=True)
         if restore:
@@ -146,11 +147,11 @@ def test_capture_restore_round_trip(restore: bool) -> None:
         again, devices_b = _capture(b, msrs)
         same = (again.regs == saved.regs and again.sregs == saved.sregs
                 and again.lapic == saved.lapic and devices_b[0] == devices[0]
-                and again.msrs[k.X86_MSR_STAR] == saved.msrs[k.X86_MSR_STAR])
+                and again.msrs[ks.X86_MSR_STAR] == saved.msrs[ks.X86_MSR_STAR])
         assert same is restore
         if restore:
             assert again.xsave == saved.xsave and again.xcrs == saved.xcrs
-            tsc = again.msrs[k.X86_MSR_IA32_TSC] - saved.msrs[k.X86_MSR_IA32_TSC]
+            tsc = again.msrs[ks.X86_MSR_IA32_TSC] - saved.msrs[ks.X86_MSR_IA32_TSC]
             assert 0 <= tsc < 60 * 10**9 * 10  # continued from the saved TSC
 
 

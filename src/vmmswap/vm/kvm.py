@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Self
 
 from vmmswap.kernel import kvm as k
+from vmmswap.kernel import kvm_state as ks
 from vmmswap.kernel import libc
 
 DEFAULT_KVM_PATH = "/dev/kvm"
@@ -197,8 +198,8 @@ class VmFd:
         slot must have been created with KVM_MEM_LOG_DIRTY_PAGES."""
         pages = size // 4096
         bitmap = (ctypes.c_uint64 * max(1, (pages + 63) // 64))()
-        log = k.KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
-        _ioctl(self._fd, k.KVM_GET_DIRTY_LOG, log, f"KVM_GET_DIRTY_LOG(slot {slot})")
+        log = ks.KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        _ioctl(self._fd, ks.KVM_GET_DIRTY_LOG, log, f"KVM_GET_DIRTY_LOG(slot {slot})")
         return bytes(bitmap)
 
     def set_tss_addr(self, addr: int) -> None:
@@ -230,22 +231,22 @@ class VmFd:
 
     def get_irqchip(self, chip_id: int) -> bytes:
         """KVM_GET_IRQCHIP: one in-kernel controller's state (``struct kvm_irqchip``)."""
-        chip = k.KvmIrqchip(chip_id=chip_id)
-        _ioctl(self._fd, k.KVM_GET_IRQCHIP, chip, f"KVM_GET_IRQCHIP({chip_id})")
+        chip = ks.KvmIrqchip(chip_id=chip_id)
+        _ioctl(self._fd, ks.KVM_GET_IRQCHIP, chip, f"KVM_GET_IRQCHIP({chip_id})")
         return bytes(chip)
 
     def set_irqchip(self, raw: bytes) -> None:
         """KVM_SET_IRQCHIP with a ``struct kvm_irqchip`` as :meth:`get_irqchip` returned it."""
-        chip = k.KvmIrqchip.from_buffer_copy(raw)
-        _ioctl(self._fd, k.KVM_SET_IRQCHIP, chip, f"KVM_SET_IRQCHIP({chip.chip_id})")
+        chip = ks.KvmIrqchip.from_buffer_copy(raw)
+        _ioctl(self._fd, ks.KVM_SET_IRQCHIP, chip, f"KVM_SET_IRQCHIP({chip.chip_id})")
 
     def get_pit2(self) -> bytes:
-        state = k.KvmPitState2()
-        _ioctl(self._fd, k.KVM_GET_PIT2, state, "KVM_GET_PIT2")
+        state = ks.KvmPitState2()
+        _ioctl(self._fd, ks.KVM_GET_PIT2, state, "KVM_GET_PIT2")
         return bytes(state)
 
     def set_pit2(self, raw: bytes) -> None:
-        _ioctl(self._fd, k.KVM_SET_PIT2, k.KvmPitState2.from_buffer_copy(raw), "KVM_SET_PIT2")
+        _ioctl(self._fd, ks.KVM_SET_PIT2, ks.KvmPitState2.from_buffer_copy(raw), "KVM_SET_PIT2")
 
     def get_clock(self) -> k.KvmClockData:
         """KVM_GET_CLOCK: the VM's kvmclock (ns), for a restored guest to continue from."""
@@ -262,7 +263,7 @@ class VmFd:
         0 without KVM_CAP_XSAVE (then KVM_GET_FPU is the FPU state)."""
         if not self.check_extension(k.KVM_CAP_XSAVE):
             return 0
-        return max(self.check_extension(k.KVM_CAP_XSAVE2), ctypes.sizeof(k.KvmXsave))
+        return max(self.check_extension(ks.KVM_CAP_XSAVE2), ctypes.sizeof(ks.KvmXsave))
 
     def create_vcpu(self, index: int) -> VcpuFd:
         """KVM_CREATE_VCPU with APIC id ``index``, and the mmap of its kvm_run area."""
@@ -389,26 +390,26 @@ class VcpuFd:
 
     def get_xsave(self, size: int) -> bytes:
         """KVM_GET_XSAVE2 (or KVM_GET_XSAVE for the fixed 4 KiB): the XSAVE area."""
-        fixed = ctypes.sizeof(k.KvmXsave)
+        fixed = ctypes.sizeof(ks.KvmXsave)
         buf = (ctypes.c_char * max(size, fixed))()
         if size > fixed:
-            _ioctl(self._fd, k.KVM_GET_XSAVE2, buf, "KVM_GET_XSAVE2")
+            _ioctl(self._fd, ks.KVM_GET_XSAVE2, buf, "KVM_GET_XSAVE2")
         else:
-            _ioctl(self._fd, k.KVM_GET_XSAVE, buf, "KVM_GET_XSAVE")
+            _ioctl(self._fd, ks.KVM_GET_XSAVE, buf, "KVM_GET_XSAVE")
         return bytes(buf)
 
     def set_xsave(self, raw: bytes) -> None:
         """KVM_SET_XSAVE (KVM reads as many bytes as KVM_CAP_XSAVE2 reports)."""
         buf = (ctypes.c_char * len(raw)).from_buffer_copy(raw)
-        _ioctl(self._fd, k.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
+        _ioctl(self._fd, ks.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
 
     def get_xcrs(self) -> bytes:
-        xcrs = k.KvmXcrs()
-        _ioctl(self._fd, k.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        xcrs = ks.KvmXcrs()
+        _ioctl(self._fd, ks.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
         return bytes(xcrs)
 
     def set_xcrs(self, raw: bytes) -> None:
-        _ioctl(self._fd, k.KVM_SET_XCRS, k.KvmXcrs.from_buffer_copy(raw), "KVM_SET_XCRS")
+        _ioctl(self._fd, ks.KVM_SET_XCRS, ks.KvmXcrs.from_buffer_copy(raw), "KVM_SET_XCRS")
 
     def get_vcpu_events(self) -> bytes:
         events = k.KvmVcpuEvents()

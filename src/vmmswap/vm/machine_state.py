@@ -23,6 +23,7 @@ import logging
 from typing import Final
 
 from vmmswap.kernel import kvm as k
+from vmmswap.kernel import kvm_state as ks
 from vmmswap.vm.kvm import VcpuFd, VmFd
 from vmmswap.vm.machine import Machine
 from vmmswap.vm.vm_state import VcpuState, VmStateError
@@ -30,10 +31,10 @@ from vmmswap.vm.vm_state import VcpuState, VmStateError
 _log = logging.getLogger(__name__)
 
 SNAPSHOT_MSRS: Final = (
-    k.X86_MSR_IA32_TSC, k.X86_MSR_IA32_SYSENTER_CS, k.X86_MSR_IA32_SYSENTER_ESP,
-    k.X86_MSR_IA32_SYSENTER_EIP, k.X86_MSR_IA32_MISC_ENABLE, k.X86_MSR_IA32_CR_PAT,
-    k.X86_MSR_STAR, k.X86_MSR_LSTAR, k.X86_MSR_CSTAR, k.X86_MSR_SYSCALL_MASK,
-    k.X86_MSR_KERNEL_GS_BASE, k.X86_MSR_TSC_AUX,
+    ks.X86_MSR_IA32_TSC, ks.X86_MSR_IA32_SYSENTER_CS, ks.X86_MSR_IA32_SYSENTER_ESP,
+    ks.X86_MSR_IA32_SYSENTER_EIP, ks.X86_MSR_IA32_MISC_ENABLE, ks.X86_MSR_IA32_CR_PAT,
+    ks.X86_MSR_STAR, ks.X86_MSR_LSTAR, ks.X86_MSR_CSTAR, ks.X86_MSR_SYSCALL_MASK,
+    ks.X86_MSR_KERNEL_GS_BASE, ks.X86_MSR_TSC_AUX,
 )
 
 
@@ -87,8 +88,8 @@ def restore_vcpu(vcpu: VcpuFd, state: VcpuState, *, xsave_size: int) -> None:
         vcpu.set_lapic(state.lapic)
     vcpu.set_mp_state(state.mp_state)
     events = k.KvmVcpuEvents.from_buffer_copy(state.events)
-    events.flags = (k.KVM_VCPUEVENT_VALID_NMI_PENDING | k.KVM_VCPUEVENT_VALID_SIPI_VECTOR
-                    | k.KVM_VCPUEVENT_VALID_SHADOW)
+    events.flags = (ks.KVM_VCPUEVENT_VALID_NMI_PENDING | ks.KVM_VCPUEVENT_VALID_SIPI_VECTOR
+                    | ks.KVM_VCPUEVENT_VALID_SHADOW)
     vcpu.set_vcpu_events(bytes(events))
 
 
@@ -98,7 +99,7 @@ def capture_devices(vm: VmFd, *, irqchip: bool, pit: bool
     clock = None
     if vm.check_extension(k.KVM_CAP_ADJUST_CLOCK):
         clock = int(vm.get_clock().clock)
-    chips = ([vm.get_irqchip(c) for c in range(k.KVM_NR_IRQCHIPS)] if irqchip else None)
+    chips = ([vm.get_irqchip(c) for c in range(ks.KVM_NR_IRQCHIPS)] if irqchip else None)
     return clock, chips, vm.get_pit2() if pit else None
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from vmmswap.kernel import kvm as k
+from vmmswap.kernel import kvm_state as ks
 
 FORMAT: Final = "vmmswap-vm-state"
 VERSION: Final = 1
@@ -37,11 +38,11 @@ _SIZES: Final = {
     "regs": ctypes.sizeof(k.KvmRegs),
     "sregs": ctypes.sizeof(k.KvmSregs),
     "fpu": ctypes.sizeof(k.KvmFpu),
-    "xcrs": ctypes.sizeof(k.KvmXcrs),
+    "xcrs": ctypes.sizeof(ks.KvmXcrs),
     "events": ctypes.sizeof(k.KvmVcpuEvents),
     "lapic": ctypes.sizeof(k.KvmLapicState),
-    "irqchip": ctypes.sizeof(k.KvmIrqchip),
-    "pit": ctypes.sizeof(k.KvmPitState2),
+    "irqchip": ctypes.sizeof(ks.KvmIrqchip),
+    "pit": ctypes.sizeof(ks.KvmPitState2),
 }
 
 
@@ -212,9 +213,9 @@ def _vcpu(obj: object, position: int) -> VcpuState:
     fpu = _blob(obj, "fpu", where, optional=True)
     if (xsave is None) == (fpu is None):
         raise VmStateError(f"{where}: exactly one of xsave and fpu must be present")
-    if xsave is not None and (len(xsave) < ctypes.sizeof(k.KvmXsave) or len(xsave) % 4):
+    if xsave is not None and (len(xsave) < ctypes.sizeof(ks.KvmXsave) or len(xsave) % 4):
         raise VmStateError(f"{where}: xsave is {len(xsave)} bytes, needs at least "
-                           f"{ctypes.sizeof(k.KvmXsave)} in whole u32s")
+                           f"{ctypes.sizeof(ks.KvmXsave)} in whole u32s")
     mp_state = _int(obj, "mp_state", where, bits=32)
     assert mp_state is not None
     return VcpuState(
@@ -279,8 +280,8 @@ def decode_state(data: bytes) -> VmState:
     chips_doc = body.get("irqchips")
     irqchips: list[bytes] | None = None
     if chips_doc is not None:
-        if not isinstance(chips_doc, list) or len(chips_doc) != k.KVM_NR_IRQCHIPS:
-            raise VmStateError(f"irqchips must list the {k.KVM_NR_IRQCHIPS} in-kernel chips")
+        if not isinstance(chips_doc, list) or len(chips_doc) != ks.KVM_NR_IRQCHIPS:
+            raise VmStateError(f"irqchips must list the {ks.KVM_NR_IRQCHIPS} in-kernel chips")
         irqchips = [_need(_blob({"irqchip": c}, "irqchip", f"irqchip {i}"))
                     for i, c in enumerate(chips_doc)]
     guest = body.get("guest")
