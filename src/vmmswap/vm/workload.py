@@ -124,6 +124,7 @@ class WorkloadDevice:
                 except queue.Empty:
                     if self._machine.stopping:
                         return int(Op.NOP)  # the vCPU loop sees the stop after this exit
+                    self._machine.pause_point(vcpu)
                     continue
                 if isinstance(item, _Park):
                     self._run_parked(vcpu, item)
