@@ -203,6 +203,33 @@ def _copy_extents(memory: GuestMemory, state: VmState, mem_file: str) -> int:
     return copied
 
 
+def hand_over(memory: GuestMemory, state: VmState, path: str, timeout: float = CONNECT_TIMEOUT_S
+              ) -> tuple[Userfaultfd, socket.socket]:
+    """Steps 1 and 2 of the module docstring: register ``memory`` with a new uffd, connect to
+    the handler at ``path`` and send it Firecracker's handshake. The caller keeps both (the
+    uffd keeps the registration alive; closing the socket ends the handler).
+
+    **Safety**: the caller keeps ``memory`` mapped until after the uffd is closed, and from
+    now on only the guest (KVM_RUN, GIL released) touches it; the handler serves it."""
+    uffd = Userfaultfd.new(Feature.EVENT_REMOVE)
+    try:
+        mappings = []
+        for region, rs in zip(memory.regions, state.regions, strict=True):
+            uffd.register(region.host_addr, region.size)
+            mappings.append(RegionMapping(region.host_addr, region.size, rs.file_offset,
+                                          state.page_size))
+        sock = connect_handler(path, timeout)
+        try:
+            send_handshake(sock, mappings, uffd.fileno())
+        except BaseException:
+            sock.close()
+            raise
+    except BaseException:
+        uffd.close()
+        raise
+    return uffd, sock
+
+
 class RestoredVM:
     """A micro-VM brought back from a snapshot; the same attributes as
     :class:`~vmmswap.vm.micro.MicroVM` (``memory``, ``machine``, ``device``, ``workload``,
@@ -294,18 +321,7 @@ class RestoredVM:
         return out
 
     def _hand_over(self, path: str, timeout: float) -> None:
-        """Steps 1 and 2 of the module docstring."""
-        self._uffd = Userfaultfd.new(Feature.EVENT_REMOVE)
-        mappings = []
-        for region, rs in zip(self.memory.regions, self.state.regions, strict=True):
-            # Safety: the regions stay mapped until after the uffd and the machine are closed
-            # (_teardown), and every access from now on is the guest's, served by the handler.
-            self._uffd.register(region.host_addr, region.size)
-            mappings.append(RegionMapping(region.host_addr, region.size, rs.file_offset,
-                                          self.state.page_size))
-        self._sock = connect_handler(path, timeout)
-        send_handshake(self._sock, mappings, self._uffd.fileno())
-        # The handler holds its own copy now; ours only keeps the registration alive.
+        self._uffd, self._sock = hand_over(self.memory, self.state, path, timeout)
 
     def _watch_handler(self) -> None:
         sock = self._sock
