@@ -7,6 +7,8 @@
     vmmswap status [--watch [SECONDS]] [--format json|prometheus] [--output FILE] SOCKET
     vmmswap demo [...]            (the micro-VM demo; --linux or --guest memtest86+ for others)
     vmmswap serve-snapshot [...]  (a Firecracker-compatible page-fault handler)
+    vmmswap snapshot DIR [...]    (snapshot the built-in guest: state + Firecracker memory file)
+    vmmswap restore DIR [...]     (restore it lazily through a handler, or eagerly; verify)
     vmmswap store put|get|info    (snapshot memory in an S3-compatible object store)
 
 Exit codes: 0 success; 1 the command was refused or failed (wrong state, move or swap-out
@@ -259,6 +261,10 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("serve-snapshot", add_help=False, help="serve a snapshot's memory to a "
                    "VMM (Firecracker's page-fault handler handshake)")
+    sub.add_parser("snapshot", add_help=False, help="run the built-in guest and snapshot it "
+                   "(DIR/vmstate.json + DIR/memory)")
+    sub.add_parser("restore", add_help=False, help="restore a snapshot lazily (through a "
+                   "page-fault handler) or eagerly and verify the guest's checksums")
     sub.add_parser("store", add_help=False, help="snapshot memory in an object store "
                    "(put, get, info)")
     return parser
@@ -304,6 +310,8 @@ def _demo(argv: list[str]) -> int:
 
 #: Snapshot subcommands, each the ``main(argv)`` of its own module.
 _SNAPSHOT_COMMANDS = {"serve-snapshot": "vmmswap.snapshot.serve",
+                      "snapshot": "vmmswap.vm.snapshot_cli",
+                      "restore": "vmmswap.vm.restore_cli",
                       "store": "vmmswap.storage.commands"}
 
 

@@ -137,3 +137,22 @@ def test_modem_lines_report_a_connected_peer(h: Harness) -> None:
 def test_scratch_register(h: Harness) -> None:
     h.write(s.SCR, 0xA5)
     assert h.read(s.SCR) == 0xA5
+
+
+def test_state_round_trip_for_snapshots(h: Harness) -> None:
+    """What a snapshot saves comes back whole: registers, queued input, a pending THR-empty
+    interrupt. Negative control: a fresh UART differs; malformed state is refused."""
+    h.write(s.LCR, 0x03)
+    h.write(s.IER_DLM, s.IER_RDI | s.IER_THRI)
+    h.write(s.SCR, 0x5A)
+    h.uart.feed(b"ok")
+    saved = h.uart.state()
+    other = Harness()
+    assert other.uart.state() != saved
+    other.uart.load_state(saved)
+    assert other.uart.state() == saved
+    assert other.read(s.SCR) == 0x5A and other.read(s.RBR_THR_DLL) == ord("o")
+    with pytest.raises(ValueError, match="malformed UART state"):
+        other.uart.load_state({**saved, "lcr": 300})
+    with pytest.raises(ValueError, match="rx must be a list"):
+        other.uart.load_state({**saved, "rx": "ok"})

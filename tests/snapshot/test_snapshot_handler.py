@@ -21,7 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmmswap.snapshot.handshake import HandshakeError, parse_mappings
+from vmmswap.snapshot.handshake import (
+    HandshakeError,
+    RegionMapping,
+    encode_mappings,
+    parse_mappings,
+)
 from vmmswap.snapshot.working_set import load_working_set
 
 HERE = Path(__file__).parent
@@ -162,3 +167,19 @@ def test_working_set_record_then_prefetch(tmp_path: Path) -> None:
     assert (tmp_path / "seen2").read_bytes() == data
     assert second["pages_prefetched"] > 0
     assert second["faults"] <= first["faults"]
+
+
+def test_encoder_writes_what_a_current_firecracker_sends() -> None:
+    """Firecracker >= 1.12 serialises GuestRegionUffdMapping with serde_json: compact, in field
+    order, with the deprecated page_size_kib (bytes) next to page_size."""
+    regions = [RegionMapping(0x7F00_0000_0000, 1 << 30, 0, 4096),
+               RegionMapping(0x7F10_0000_0000, 2 << 20, 1 << 30, 4096)]
+    assert encode_mappings(regions) == (
+        b'[{"base_host_virt_addr":139637976727552,"size":1073741824,"offset":0,'
+        b'"page_size":4096,"page_size_kib":4096},'
+        b'{"base_host_virt_addr":139706696204288,"size":2097152,"offset":1073741824,'
+        b'"page_size":4096,"page_size_kib":4096}]')
+    assert parse_mappings(encode_mappings(regions)) == regions
+    with pytest.raises(HandshakeError, match="disagree"):
+        parse_mappings(b'[{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":4096,'
+                       b'"page_size_kib":2097152}]')

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from vmmswap.kernel import kvm as k
+from vmmswap.kernel import kvm_state as ks
 
 HEADER = Path("/usr/include/linux/kvm.h")
 
@@ -29,6 +30,16 @@ IOCTLS = [
     "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_SYSTEM_EVENT",
     "KVM_CAP_IRQCHIP", "KVM_CAP_PIT2", "KVM_CAP_IMMEDIATE_EXIT", "KVM_CAP_GET_TSC_KHZ",
     "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_SET_IDENTITY_MAP_ADDR", "KVM_CAP_NR_MEMSLOTS",
+    # snapshot/restore state (issue 14)
+    "KVM_GET_IRQCHIP", "KVM_SET_IRQCHIP", "KVM_GET_PIT2", "KVM_SET_PIT2", "KVM_GET_XSAVE",
+    "KVM_SET_XSAVE", "KVM_GET_XSAVE2", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_CAP_XSAVE",
+    "KVM_CAP_XSAVE2", "KVM_CAP_XCRS", "KVM_CAP_ADJUST_CLOCK", "KVM_CAP_VCPU_EVENTS",
+    "KVM_CLOCK_TSC_STABLE", "KVM_CLOCK_REALTIME", "KVM_CLOCK_HOST_TSC",
+    "KVM_VCPUEVENT_VALID_NMI_PENDING", "KVM_VCPUEVENT_VALID_SIPI_VECTOR",
+    "KVM_VCPUEVENT_VALID_SHADOW", "KVM_APIC_REG_SIZE", "KVM_IOAPIC_NUM_PINS", "KVM_MAX_XCRS",
+    "KVM_IRQCHIP_PIC_MASTER", "KVM_IRQCHIP_PIC_SLAVE", "KVM_IRQCHIP_IOAPIC", "KVM_NR_IRQCHIPS",
+    "KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_HALTED", "KVM_GET_DIRTY_LOG",
+    "KVM_MEM_LOG_DIRTY_PAGES",
 ]
 
 LAYOUTS = {
@@ -49,6 +60,16 @@ LAYOUTS = {
     "offsetof(struct kvm_vcpu_events, flags)": k.KvmVcpuEvents.flags.offset,
     "offsetof(struct kvm_vcpu_events, exception_payload)":
         k.KvmVcpuEvents.exception_payload.offset,
+    "sizeof(struct kvm_irqchip)": ctypes.sizeof(ks.KvmIrqchip),
+    "sizeof(struct kvm_pit_channel_state)": ctypes.sizeof(ks.KvmPitChannelState),
+    "sizeof(struct kvm_pit_state2)": ctypes.sizeof(ks.KvmPitState2),
+    "offsetof(struct kvm_pit_state2, flags)": ks.KvmPitState2.flags.offset,
+    "sizeof(struct kvm_xsave)": ctypes.sizeof(ks.KvmXsave),
+    "sizeof(struct kvm_xcrs)": ctypes.sizeof(ks.KvmXcrs),
+    "sizeof(struct kvm_clock_data)": ctypes.sizeof(k.KvmClockData),
+    "sizeof(struct kvm_lapic_state)": ctypes.sizeof(k.KvmLapicState),
+    "sizeof(struct kvm_mp_state)": ctypes.sizeof(k.KvmMpState),
+    "sizeof(struct kvm_dirty_log)": ctypes.sizeof(ks.KvmDirtyLog),
 }
 
 
@@ -70,7 +91,8 @@ def c_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
 
 @pytest.mark.parametrize("name", IOCTLS)
 def test_constant_matches_header(c_values: dict[str, int], name: str) -> None:
-    assert getattr(k, name) == c_values[name]
+    module = ks if hasattr(ks, name) else k
+    assert getattr(module, name) == c_values[name]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -6,8 +6,9 @@ message: a JSON array of ``GuestRegionUffdMapping`` objects with the descriptor 
 SCM_RIGHTS. Each object has ``base_host_virt_addr``, ``size`` and ``offset`` (bytes into the
 memory file, which is guest memory region after region with no header) and the page size in
 bytes -- ``page_size`` since Firecracker 1.12, ``page_size_kib`` before (which, despite its
-name, also held bytes). Both spellings are accepted here, and :func:`encode_mappings` writes the
-new one, so the micro-VM's restore sends exactly what a current Firecracker sends.
+name, also held bytes). A current Firecracker sends both (the old one deprecated, same value),
+as compact JSON in the struct's field order; :func:`encode_mappings` writes exactly that, so the
+micro-VM's restore sends the same bytes. Either spelling alone is accepted; both must agree.
 
 Validation is strict because a wrong mapping serves the wrong bytes to the guest: every field a
 non-negative integer, addresses and sizes page-aligned, regions disjoint. A refused handshake
@@ -49,8 +50,10 @@ class RegionMapping:
         return self.base_host_virt_addr + self.size
 
     def as_json(self) -> dict[str, int]:
+        """The object as a current Firecracker serialises it (field order included)."""
         return {"base_host_virt_addr": self.base_host_virt_addr, "size": self.size,
-                "offset": self.offset, "page_size": self.page_size}
+                "offset": self.offset, "page_size": self.page_size,
+                "page_size_kib": self.page_size}
 
 
 def _int_field(obj: dict[str, object], name: str, index: int) -> int:
@@ -80,6 +83,9 @@ def parse_mappings(data: bytes, *, mem_file_size: int | None = None) -> list[Reg
         base, size, offset = (_int_field(obj, name, index) for name in _FIELDS)
         if "page_size" in obj:
             page_size = _int_field(obj, "page_size", index)
+            if "page_size_kib" in obj and _int_field(obj, "page_size_kib", index) != page_size:
+                raise HandshakeError(f"region {index}: page_size {page_size} and page_size_kib "
+                                     f"{obj['page_size_kib']} disagree")
         elif "page_size_kib" in obj:
             page_size = _int_field(obj, "page_size_kib", index)  # bytes, despite the name
         else:
@@ -104,8 +110,9 @@ def parse_mappings(data: bytes, *, mem_file_size: int | None = None) -> list[Reg
 
 
 def encode_mappings(regions: list[RegionMapping]) -> bytes:
-    """The handshake message a current Firecracker sends for ``regions``."""
-    return json.dumps([r.as_json() for r in regions]).encode()
+    """The handshake message a current Firecracker sends for ``regions`` (serde_json's compact
+    form: no spaces)."""
+    return json.dumps([r.as_json() for r in regions], separators=(",", ":")).encode()
 
 
 def send_handshake(sock: socket.socket, regions: list[RegionMapping], uffd_fd: int) -> None:

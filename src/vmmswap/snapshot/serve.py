@@ -25,7 +25,7 @@ import numpy as np
 
 from vmmswap.snapshot.handshake import HandshakeError, receive_handshake
 from vmmswap.snapshot.server import ServeError, SnapshotServer
-from vmmswap.snapshot.source import FileSource, MemorySource
+from vmmswap.snapshot.source import FileSource, MemorySource, OverlaySource
 from vmmswap.snapshot.working_set import WorkingSetError, load_working_set, save_working_set
 from vmmswap.storage.chunk_source import DEFAULT_CACHE_BYTES, ChunkSource
 from vmmswap.uffd.userfaultfd import Userfaultfd
@@ -61,17 +61,36 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
-def open_source(mem_file: str | None, mem_url: str | None, *, cache_dir: str | None = None,
-                cache_bytes: int | None = None) -> MemorySource:
+def open_source(mem_file: str | None, mem_url: str | None = None, *,
+                cache_dir: str | None = None, cache_bytes: int | None = None,
+                overlay: str | None = None, overlay_pages: str | None = None) -> MemorySource:
     """The memory a handler serves: a local memory file, or a snapshot in an object store
-    (``s3://bucket/prefix`` or a store directory) read in verified chunks through a cache."""
+    (``s3://bucket/prefix`` or a store directory) read in verified chunks through a cache;
+    with ``overlay``, a diff snapshot's memory laid over it (the pages listed in
+    ``overlay_pages``, a working-set format file, come from the diff)."""
     if (mem_file is None) == (mem_url is None):
         raise ValueError("give exactly one of a memory file and a store URL")
+    if overlay_pages is not None and overlay is None:
+        raise WorkingSetError("--overlay-pages needs --overlay (the diff's memory file)")
     if mem_file is not None:
-        return FileSource.open(mem_file)
-    assert mem_url is not None
-    return ChunkSource.open(mem_url, cache_dir=cache_dir,
-                            cache_bytes=cache_bytes or DEFAULT_CACHE_BYTES)
+        base: MemorySource = FileSource.open(mem_file)
+    else:
+        assert mem_url is not None
+        base = ChunkSource.open(mem_url, cache_dir=cache_dir,
+                                cache_bytes=cache_bytes or DEFAULT_CACHE_BYTES)
+    if overlay is None:
+        return base
+    try:
+        pages = load_working_set(overlay_pages, file_pages=-(-base.size // 4096)) \
+            if overlay_pages else None
+        if pages is None:
+            raise WorkingSetError("--overlay needs --overlay-pages (the diff's page list)")
+        marks = np.zeros(-(-base.size // 4096), dtype=np.bool_)
+        marks[pages.astype(np.intp)] = True
+        return OverlaySource(base, FileSource.open(overlay), marks)
+    except BaseException:
+        base.close()
+        raise
 
 
 class StatusWriter:
@@ -120,7 +139,7 @@ def serve_one(listener: socket.socket, mem_file: str | MemorySource, *,
               record_seconds: float | None = None, status_file: str | None = None,
               ) -> dict[str, float | int]:
     """Accept VMMs until one hands over a valid handshake; serve it until it goes away.
-    ``mem_file`` is a path or an open source (which is then closed at the end)."""
+    ``mem_file`` is a path or an open source (see :func:`open_source`; closed at the end)."""
     source = FileSource.open(mem_file) if isinstance(mem_file, str) else mem_file
     status = None
     try:
@@ -195,12 +214,17 @@ def main(argv: list[str]) -> int:
                         help="write the pages faulted on demand to FILE at exit")
     parser.add_argument("--record-seconds", type=float,
                         help="record only this long after the first fault")
+    parser.add_argument("--overlay", metavar="DIFF",
+                        help="a diff snapshot's memory file laid over --mem-file (its base)")
+    parser.add_argument("--overlay-pages", metavar="PAGES",
+                        help="the diff's page list (.npy of 4 KiB page numbers)")
     args = parser.parse_args(argv)
     if args.cache_mib <= 0:
         parser.error("--cache-mib must be positive")
     try:
         source = open_source(args.mem_file, args.mem_url, cache_dir=args.cache_dir,
-                             cache_bytes=args.cache_mib << 20)
+                             cache_bytes=args.cache_mib << 20, overlay=args.overlay,
+                             overlay_pages=args.overlay_pages)
     except (OSError, ValueError, ImportError) as err:
         print(f"vmmswap serve-snapshot: {err}", file=sys.stderr)
         return 1

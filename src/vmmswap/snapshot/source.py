@@ -14,7 +14,12 @@ blocks or raises, and the handler leaves the fault unanswered.
 from __future__ import annotations
 
 import os
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+_PAGE: Final = 4096
 
 
 class SourceError(OSError):
@@ -72,3 +77,45 @@ class FileSource:
         if self._owned and self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
+
+
+class OverlaySource:
+    """A base memory file with a diff laid over it: the pages listed in ``pages`` (a bool
+    bitmap, one slot per 4 KiB page of the memory file) come from ``diff``, all others from
+    ``base``. Both must be the same size -- a diff snapshot is a full-size sparse memory file
+    in Firecracker's layout -- and the bitmap must cover them, so a page can never be served
+    from the wrong layer. A listed page that is a hole in the diff reads as zeros: it was
+    written with zeros, or given back, after the base was taken."""
+
+    def __init__(self, base: MemorySource, diff: MemorySource, pages: npt.NDArray[np.bool_]
+                 ) -> None:
+        if base.size != diff.size:
+            raise SourceError(f"the diff is {diff.size} bytes, its base {base.size}: a diff "
+                              "snapshot must be a full-size memory file")
+        if pages.ndim != 1 or len(pages) != -(-base.size // _PAGE):
+            raise SourceError(f"the diff's page map has {len(pages)} pages, the memory file "
+                              f"{-(-base.size // _PAGE)}")
+        self._base = base
+        self._diff = diff
+        self._pages = pages
+
+    @property
+    def size(self) -> int:
+        return self._base.size
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        if offset % _PAGE or len(view) % _PAGE:
+            raise SourceError(f"overlay reads are whole pages, got {offset:#x}+{len(view):#x}")
+        first = offset // _PAGE
+        marks = self._pages[first:first + len(view) // _PAGE]
+        # Runs of pages from the same layer, read with one call each.
+        edges = np.flatnonzero(np.diff(marks.astype(np.int8))) + 1
+        start = 0
+        for end in [*edges.tolist(), len(marks)]:
+            layer = self._diff if marks[start] else self._base
+            layer.read_into(offset + start * _PAGE, view[start * _PAGE:end * _PAGE])
+            start = end
+
+    def close(self) -> None:
+        self._base.close()
+        self._diff.close()

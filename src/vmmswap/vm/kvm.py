@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Self
 
 from vmmswap.kernel import kvm as k
+from vmmswap.kernel import kvm_state as ks
 from vmmswap.kernel import libc
 
 DEFAULT_KVM_PATH = "/dev/kvm"
@@ -29,7 +30,8 @@ class KvmUnavailableError(OSError):
 
 
 def _ioctl(fd: int, request: int,
-           arg: int | ctypes.Structure | ctypes.Array[ctypes.c_char] | ctypes.c_uint64,
+           arg: (int | ctypes.Structure | ctypes.Array[ctypes.c_char]
+                 | ctypes.Array[ctypes.c_uint32] | ctypes.c_uint64),
            what: str) -> int:
     try:
         if isinstance(arg, int):
@@ -111,6 +113,19 @@ class Kvm:
             count = int(cpuid.nent)
             return [k.KvmCpuidEntry2.from_buffer_copy(entries[i]) for i in range(count)]
 
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU."""
+        header = k.KvmMsrListHeader(nmsrs=0)
+        try:
+            _ioctl(self._fd, k.KVM_GET_MSR_INDEX_LIST, header, "KVM_GET_MSR_INDEX_LIST")
+        except OSError as exc:
+            if exc.errno != errno.E2BIG:
+                raise
+        count = int(header.nmsrs)
+        buf = (ctypes.c_uint32 * (count + 1))(count)
+        _ioctl(self._fd, k.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+        return [int(buf[1 + i]) for i in range(int(buf[0]))]
+
     def create_vm(self) -> VmFd:
         """KVM_CREATE_VM with the default machine type."""
         fd = _ioctl(self._fd, k.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
@@ -177,6 +192,16 @@ class VmFd:
         _ioctl(self._fd, k.KVM_SET_USER_MEMORY_REGION, region,
                f"KVM_SET_USER_MEMORY_REGION(slot {slot}, guest {guest_addr:#x}+{size:#x})")
 
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per 4 KiB page of the ``size``-byte slot (little-endian
+        bit order within u64 words), set for pages the guest wrote since the last call; the
+        slot must have been created with KVM_MEM_LOG_DIRTY_PAGES."""
+        pages = size // 4096
+        bitmap = (ctypes.c_uint64 * max(1, (pages + 63) // 64))()
+        log = ks.KvmDirtyLog(slot=slot, dirty_bitmap=ctypes.addressof(bitmap))
+        _ioctl(self._fd, ks.KVM_GET_DIRTY_LOG, log, f"KVM_GET_DIRTY_LOG(slot {slot})")
+        return bytes(bitmap)
+
     def set_tss_addr(self, addr: int) -> None:
         _ioctl(self._fd, k.KVM_SET_TSS_ADDR, addr, f"KVM_SET_TSS_ADDR({addr:#x})")
 
@@ -203,6 +228,42 @@ class VmFd:
         """KVM_IRQFD: raise ``gsi`` whenever ``eventfd`` is signalled."""
         value = k.KvmIrqfd(fd=eventfd, gsi=gsi, flags=flags)
         _ioctl(self._fd, k.KVM_IRQFD, value, f"KVM_IRQFD(gsi {gsi})")
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: one in-kernel controller's state (``struct kvm_irqchip``)."""
+        chip = ks.KvmIrqchip(chip_id=chip_id)
+        _ioctl(self._fd, ks.KVM_GET_IRQCHIP, chip, f"KVM_GET_IRQCHIP({chip_id})")
+        return bytes(chip)
+
+    def set_irqchip(self, raw: bytes) -> None:
+        """KVM_SET_IRQCHIP with a ``struct kvm_irqchip`` as :meth:`get_irqchip` returned it."""
+        chip = ks.KvmIrqchip.from_buffer_copy(raw)
+        _ioctl(self._fd, ks.KVM_SET_IRQCHIP, chip, f"KVM_SET_IRQCHIP({chip.chip_id})")
+
+    def get_pit2(self) -> bytes:
+        state = ks.KvmPitState2()
+        _ioctl(self._fd, ks.KVM_GET_PIT2, state, "KVM_GET_PIT2")
+        return bytes(state)
+
+    def set_pit2(self, raw: bytes) -> None:
+        _ioctl(self._fd, ks.KVM_SET_PIT2, ks.KvmPitState2.from_buffer_copy(raw), "KVM_SET_PIT2")
+
+    def get_clock(self) -> k.KvmClockData:
+        """KVM_GET_CLOCK: the VM's kvmclock (ns), for a restored guest to continue from."""
+        data = k.KvmClockData()
+        _ioctl(self._fd, k.KVM_GET_CLOCK, data, "KVM_GET_CLOCK")
+        return data
+
+    def set_clock(self, clock_ns: int) -> None:
+        data = k.KvmClockData(clock=clock_ns)
+        _ioctl(self._fd, k.KVM_SET_CLOCK, data, "KVM_SET_CLOCK")
+
+    def xsave_size(self) -> int:
+        """Bytes of a vCPU's XSAVE area: KVM_CAP_XSAVE2's answer, else the fixed 4 KiB;
+        0 without KVM_CAP_XSAVE (then KVM_GET_FPU is the FPU state)."""
+        if not self.check_extension(k.KVM_CAP_XSAVE):
+            return 0
+        return max(self.check_extension(ks.KVM_CAP_XSAVE2), ctypes.sizeof(ks.KvmXsave))
 
     def create_vcpu(self, index: int) -> VcpuFd:
         """KVM_CREATE_VCPU with APIC id ``index``, and the mmap of its kvm_run area."""
@@ -326,6 +387,38 @@ class VcpuFd:
         state = k.KvmLapicState()
         ctypes.memmove(ctypes.addressof(state), regs, min(len(regs), ctypes.sizeof(state)))
         _ioctl(self._fd, k.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+
+    def get_xsave(self, size: int) -> bytes:
+        """KVM_GET_XSAVE2 (or KVM_GET_XSAVE for the fixed 4 KiB): the XSAVE area."""
+        fixed = ctypes.sizeof(ks.KvmXsave)
+        buf = (ctypes.c_char * max(size, fixed))()
+        if size > fixed:
+            _ioctl(self._fd, ks.KVM_GET_XSAVE2, buf, "KVM_GET_XSAVE2")
+        else:
+            _ioctl(self._fd, ks.KVM_GET_XSAVE, buf, "KVM_GET_XSAVE")
+        return bytes(buf)
+
+    def set_xsave(self, raw: bytes) -> None:
+        """KVM_SET_XSAVE (KVM reads as many bytes as KVM_CAP_XSAVE2 reports)."""
+        buf = (ctypes.c_char * len(raw)).from_buffer_copy(raw)
+        _ioctl(self._fd, ks.KVM_SET_XSAVE, buf, "KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> bytes:
+        xcrs = ks.KvmXcrs()
+        _ioctl(self._fd, ks.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return bytes(xcrs)
+
+    def set_xcrs(self, raw: bytes) -> None:
+        _ioctl(self._fd, ks.KVM_SET_XCRS, ks.KvmXcrs.from_buffer_copy(raw), "KVM_SET_XCRS")
+
+    def get_vcpu_events(self) -> bytes:
+        events = k.KvmVcpuEvents()
+        _ioctl(self._fd, k.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return bytes(events)
+
+    def set_vcpu_events(self, raw: bytes) -> None:
+        _ioctl(self._fd, k.KVM_SET_VCPU_EVENTS, k.KvmVcpuEvents.from_buffer_copy(raw),
+               "KVM_SET_VCPU_EVENTS")
 
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ: the guest's TSC frequency, to turn rdtsc deltas into time."""

@@ -169,6 +169,17 @@ class _Bus(Generic[D]):
         return None
 
 
+@dataclass
+class _Pause:
+    """A pause request (see :meth:`Machine.pause`)."""
+
+    job: Callable[[VcpuFd], object]
+    results: dict[int, object]
+    errors: dict[int, BaseException]
+    arrived: threading.Condition
+    release: threading.Event
+
+
 def _noop_handler(signum: int, frame: object) -> None:
     """The kick signal only needs to interrupt KVM_RUN; there is nothing to do."""
 
@@ -177,7 +188,8 @@ class Machine:
     """A VM with its memory slots, vCPUs and device buses (see the module docstring)."""
 
     def __init__(self, memory: GuestMemory, *, vcpus: int = 1, irqchip: bool = False,
-                 pit: bool = False, cpuid: bool = True, kvm: Kvm | None = None) -> None:
+                 pit: bool = False, cpuid: bool = True, kvm: Kvm | None = None,
+                 dirty_log: bool = False) -> None:
         if not 1 <= vcpus <= _MAX_VCPUS:
             raise ValueError(f"vcpus must be between 1 and {_MAX_VCPUS}, got {vcpus}")
         self.memory = memory
@@ -195,6 +207,12 @@ class Machine:
         self._started = False
         self._closed = False
         self._kick_ok = False
+        self._pause: _Pause | None = None
+        #: What the VM has in the kernel (a snapshot captures exactly these).
+        self.irqchip = irqchip or pit
+        self.pit = pit
+        #: Slots log the guest's writes (KVM_MEM_LOG_DIRTY_PAGES; read with vm.get_dirty_log).
+        self.dirty_log = dirty_log
         try:
             self.vm: VmFd = self.kvm.create_vm()
             self._setup_vm(irqchip or pit, pit)
@@ -220,8 +238,9 @@ class Machine:
         for slot, region in enumerate(self.memory.regions):
             # Safety: the regions are mapped for the GuestMemory's lifetime, which the caller
             # keeps longer than this machine (documented in the class contract).
-            self.vm.set_user_memory_region(slot, region.guest_addr, region.size,
-                                           region.host_addr)
+            self.vm.set_user_memory_region(
+                slot, region.guest_addr, region.size, region.host_addr,
+                k.KVM_MEM_LOG_DIRTY_PAGES if self.dirty_log else 0)
 
     def _set_cpuid(self) -> None:
         supported = self.kvm.supported_cpuid()
@@ -317,6 +336,91 @@ class Machine:
                         with contextlib.suppress(ProcessLookupError):
                             signal.pthread_kill(ident, KICK_SIGNAL)
 
+    def pause(self, job: Callable[[VcpuFd], object], timeout: float = 30.0) -> list[object]:
+        """Stop every vCPU outside KVM_RUN, run ``job(vcpu)`` on each vCPU's own thread, and
+        keep them there until :meth:`resume`; the jobs' results in vCPU order.
+
+        Works wherever the guest is (a snapshot of a guest that never idles at a port): each
+        vCPU gets ``immediate_exit`` and the kick signal, so its KVM_RUN returns EINTR -- and
+        KVM completes a pending port-I/O or MMIO exit first, so the state the job reads is
+        whole. A job's exception is raised here (after resuming). TimeoutError (after
+        resuming) when a vCPU does not arrive in time, e.g. one stuck in a device handler.
+        """
+        if not self.running:
+            raise RuntimeError("pause() needs running vCPUs")
+        request = _Pause(job, {}, {}, threading.Condition(), threading.Event())
+        with self._lock:
+            if self._pause is not None:
+                raise RuntimeError("the machine is already paused")
+            self._pause = request
+        for vcpu in self.vcpus:
+            vcpu.run_state.immediate_exit = 1
+        self._kick()
+        live = {t.name for t in self._threads if t.is_alive()}
+        want = {i for i, _ in enumerate(self.vcpus) if f"vcpu{i}" in live}
+        deadline = time.monotonic() + timeout
+        with request.arrived:
+            while not want <= set(request.results) | set(request.errors):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    break
+                request.arrived.wait(left)
+        missing = want - set(request.results) - set(request.errors)
+        if missing or request.errors:
+            self.resume()
+            if missing:
+                raise TimeoutError(f"vCPUs {sorted(missing)} did not pause within {timeout} s")
+            raise next(iter(request.errors.values()))
+        return [request.results[i] for i in sorted(want)]
+
+    def resume(self) -> None:
+        """Let vCPUs paused by :meth:`pause` run on."""
+        with self._lock:
+            request, self._pause = self._pause, None
+            if not self._stop.is_set():
+                for vcpu in self.vcpus:  # also those that never arrived
+                    vcpu.run_state.immediate_exit = 0
+        if request is not None:
+            request.release.set()
+
+    def _kick(self) -> None:
+        if self._kick_ok:
+            for thread in self._threads:
+                if thread.is_alive() and thread is not threading.current_thread():
+                    ident = thread.ident
+                    if ident is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def pause_point(self, index: int) -> None:
+        """For a device that keeps vCPU ``index``'s thread waiting outside KVM_RUN (the
+        built-in guest's idle command port): serve a pending :meth:`pause` there. The vCPU is
+        then in the middle of its exit, registers at the instruction that caused it, which
+        runs again after a restore."""
+        if self._pause is not None:
+            self._paused(self.vcpus[index])
+
+    def _paused(self, vcpu: VcpuFd) -> None:
+        """On a vCPU thread whose KVM_RUN returned EINTR: serve a pause request, if any."""
+        request = self._pause
+        if request is None or vcpu.index in request.results or vcpu.index in request.errors:
+            return
+        try:
+            result = request.job(vcpu)
+            with request.arrived:
+                request.results[vcpu.index] = result
+                request.arrived.notify_all()
+        except BaseException as exc:  # handed to pause(), which raises it
+            with request.arrived:
+                request.errors[vcpu.index] = exc
+                request.arrived.notify_all()
+        while not request.release.wait(0.05):
+            if self._stop.is_set():
+                return
+        with self._lock:
+            if not self._stop.is_set():
+                vcpu.run_state.immediate_exit = 0
+
     def halt_current_vcpu(self) -> None:
         """End the calling vCPU (reason "halted") once the exit being handled completes.
 
@@ -369,7 +473,10 @@ class Machine:
             try:
                 reason = vcpu.run()
             except InterruptedError:
-                continue  # a kick, or SIGSTOP/SIGCONT around `enable`: re-check, re-enter
+                # A kick (stop or pause), or SIGSTOP/SIGCONT around `enable`: re-check, re-enter.
+                if self._pause is not None:
+                    self._paused(vcpu)
+                continue
             if reason == k.KVM_EXIT_IO:
                 self._handle_io(vcpu)
                 if _thread_vcpu.halt:

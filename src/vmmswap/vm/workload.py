@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vmmswap.uffd.pagesize import PAGE_SIZE, bytes_to_pages, pages_to_bytes
@@ -49,14 +49,41 @@ class _Pending:
     finished: float = 0.0
 
 
+@dataclass
+class _Park:
+    """A host-side job for a vCPU thread idle at its command port (see :meth:`park`)."""
+
+    job: Callable[[int], object]
+    parked: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: BaseException | None = None
+
+
 class WorkloadDevice:
     """The per-vCPU command ports (an :class:`~vmmswap.vm.machine.IoDevice`)."""
 
     def __init__(self, machine: Machine, vcpus: int) -> None:
         self._machine = machine
-        self._queues: list[queue.Queue[_Pending]] = [queue.Queue() for _ in range(vcpus)]
+        self._queues: list[queue.Queue[_Pending | _Park]] = [queue.Queue() for _ in range(vcpus)]
         self._current: list[_Pending | None] = [None] * vcpus
         self.vcpus = vcpus
+        #: ``time.monotonic()`` of each vCPU's first command-port read (its first exit).
+        self.first_exit: list[float | None] = [None] * vcpus
+
+    def park(self, vcpu: int, job: Callable[[int], object]) -> _Park:
+        """Queue ``job(vcpu)`` to run on ``vcpu``'s own thread once it is idle, then keep the
+        vCPU parked there until ``release`` is set (or the machine stops).
+
+        Idle means: every command queued before has finished and the guest sits at the
+        ``in`` of its command port, an exit not yet completed -- its registers are those of
+        that instruction, which runs again on the next KVM_RUN. That is the safe point of a
+        snapshot (:mod:`vmmswap.vm.snapshot`): the vCPU is outside KVM_RUN, on the thread KVM
+        expects, and touches no guest memory until released.
+        """
+        item = _Park(job)
+        self._queues[vcpu].put(item)
+        return item
 
     @property
     def port_count(self) -> int:
@@ -72,6 +99,16 @@ class WorkloadDevice:
         self._queues[vcpu].put(pending)
         return pending
 
+    def _run_parked(self, vcpu: int, item: _Park) -> None:
+        try:
+            item.result = item.job(vcpu)
+        except BaseException as exc:  # handed to the waiter, which raises it
+            item.error = exc
+        item.parked.set()
+        while not item.release.wait(_POLL_S):
+            if self._machine.stopping:
+                return
+
     def _decode(self, port: int) -> tuple[int, int]:
         offset = port - abi.WORKLOAD_PORT_BASE
         return offset // abi.PORT_STRIDE, offset % abi.PORT_STRIDE
@@ -79,13 +116,21 @@ class WorkloadDevice:
     def io_in(self, port: int, size: int) -> int:
         vcpu, reg = self._decode(port)
         if reg == abi.PORT_CMD:
+            if self.first_exit[vcpu] is None:
+                self.first_exit[vcpu] = time.monotonic()
             while True:
                 try:
-                    pending = self._queues[vcpu].get(timeout=_POLL_S)
-                    break
+                    item = self._queues[vcpu].get(timeout=_POLL_S)
                 except queue.Empty:
                     if self._machine.stopping:
                         return int(Op.NOP)  # the vCPU loop sees the stop after this exit
+                    self._machine.pause_point(vcpu)
+                    continue
+                if isinstance(item, _Park):
+                    self._run_parked(vcpu, item)
+                    continue
+                pending = item
+                break
             pending.started = time.monotonic()
             self._current[vcpu] = pending
             return int(pending.op)

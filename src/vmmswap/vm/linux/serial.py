@@ -104,6 +104,40 @@ class Uart16550:
     def ports(self) -> range:
         return range(self.base, self.base + PORT_COUNT)
 
+    # --- snapshot -------------------------------------------------------------------------------
+
+    _STATE_FIELDS: Final = ("ier", "fcr", "lcr", "mcr", "scr", "dll", "dlm", "msr")
+
+    def state(self) -> dict[str, object]:
+        """The registers, queued input and interrupt state, as JSON (for a VM snapshot)."""
+        with self._lock:
+            out: dict[str, object] = {name: getattr(self, f"_{name}")
+                                      for name in self._STATE_FIELDS}
+            out.update(rx=list(self._rx), thr_pending=self._thr_pending,
+                       irq_level=self._irq_level)
+            return out
+
+    def load_state(self, state: dict[str, object]) -> None:
+        """Take a :meth:`state` back (before the guest runs; the irqchip's line level is
+        restored with the irqchip, so the line is not driven here). ValueError if malformed."""
+        def byte(value: object) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 256:
+                raise ValueError(f"malformed UART state: {value!r} is not a register byte")
+            return value
+
+        raw_rx = state.get("rx")
+        if not isinstance(raw_rx, list):
+            raise ValueError("malformed UART state: rx must be a list of bytes")
+        values = {name: byte(state.get(name)) for name in self._STATE_FIELDS}
+        rx = [byte(b) for b in raw_rx]
+        thr, level = bool(state.get("thr_pending")), bool(state.get("irq_level"))
+        with self._lock:
+            for name, value in values.items():
+                setattr(self, f"_{name}", value)
+            self._rx = deque(rx)
+            self._thr_pending = thr
+            self._irq_level = level
+
     # --- the host side ---------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
