@@ -10,6 +10,8 @@
     vmmswap snapshot DIR [...]    (snapshot the built-in guest: state + Firecracker memory file)
     vmmswap restore DIR [...]     (restore it lazily through a handler, or eagerly; verify)
     vmmswap store put|get|info    (snapshot memory in an S3-compatible object store)
+    vmmswap park URL [...]        (snapshot the built-in guest into the store, drop it here)
+    vmmswap resume URL [...]      (restore it lazily from the store on any host; verify)
 
 Exit codes: 0 success; 1 the command was refused or failed (wrong state, move or swap-out
 failed); 2 usage error or a request the monitor did not understand; 3 the monitor cannot be
@@ -267,6 +269,10 @@ def _parser() -> argparse.ArgumentParser:
                    "page-fault handler) or eagerly and verify the guest's checksums")
     sub.add_parser("store", add_help=False, help="snapshot memory in an object store "
                    "(put, get, info)")
+    sub.add_parser("park", add_help=False, help="snapshot the built-in guest into an object "
+                   "store and remove the local copy")
+    sub.add_parser("resume", add_help=False, help="restore a parked VM lazily from the store "
+                   "and verify the guest's checksums")
     return parser
 
 
@@ -312,12 +318,15 @@ def _demo(argv: list[str]) -> int:
 _SNAPSHOT_COMMANDS = {"serve-snapshot": "vmmswap.snapshot.serve",
                       "snapshot": "vmmswap.vm.snapshot_cli",
                       "restore": "vmmswap.vm.restore_cli",
-                      "store": "vmmswap.storage.commands"}
+                      "store": "vmmswap.storage.commands",
+                      "park": "vmmswap.vm.park",
+                      "resume": "vmmswap.vm.park:resume_main"}
 
 
 def _snapshot_command(name: str, argv: list[str]) -> int:
-    module = importlib.import_module(_SNAPSHOT_COMMANDS[name])
-    return int(module.main(argv) or 0)
+    module_name, _, entry = _SNAPSHOT_COMMANDS[name].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, entry or "main")(argv) or 0)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:

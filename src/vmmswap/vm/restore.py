@@ -116,15 +116,27 @@ def memory_files(directory: str, state: VmState) -> tuple[str, str | None, str |
             os.path.join(directory, DIFF_PAGES_FILE))
 
 
-def start_handler(mem_file: str, socket_path: str, *, working_set: str | None = None,
+def start_handler(mem_file: str | None, socket_path: str, *, working_set: str | None = None,
                   record: str | None = None, record_seconds: float | None = None,
                   overlay: str | None = None, overlay_pages: str | None = None,
-                  ) -> subprocess.Popen[str]:
+                  mem_url: str | None = None, cache_dir: str | None = None,
+                  cache_mib: int | None = None) -> subprocess.Popen[str]:
     """Start ``vmmswap serve-snapshot`` as a child process (its own interpreter: the process
     serving faults must never be the one whose threads take them -- the GIL rule). It prints
-    one JSON line when listening and one with its counters when the VMM has gone."""
-    argv = [sys.executable, "-m", "vmmswap", "serve-snapshot", "--socket", socket_path,
-            "--mem-file", mem_file]
+    one JSON line when listening and one with its counters when the VMM has gone. Memory comes
+    from ``mem_file``, or from the object store at ``mem_url`` through ``cache_dir``."""
+    if (mem_file is None) == (mem_url is None):
+        raise ValueError("give exactly one of mem_file and mem_url")
+    argv = [sys.executable, "-m", "vmmswap", "serve-snapshot", "--socket", socket_path]
+    if mem_file is not None:
+        argv += ["--mem-file", mem_file]
+    else:
+        assert mem_url is not None
+        argv += ["--mem-url", mem_url]
+        if cache_dir is not None:
+            argv += ["--cache-dir", cache_dir]
+        if cache_mib is not None:
+            argv += ["--cache-mib", str(cache_mib)]
     if working_set is not None:
         argv += ["--working-set", working_set]
     if record is not None:
