@@ -12,7 +12,9 @@ inside the kernel's copy), timed by the VMM from its handshake:
 * local file, on demand; local file with the recorded working set;
 * store with a cold cache, on demand (this run records the working set);
 * store with a cold cache and the working set prefetched (chunks fetched in parallel ahead);
-* store with the warm cache, on demand.
+* store with the warm cache, on demand;
+* ``vmmswap park`` of a ``--vm-mib`` micro-VM and ``vmmswap resume`` (cold, then warm cache):
+  the restore to the guest's first instruction.
 
 Targets (issue 15): resume (handshake to the first page read) <= 50 ms; working-set re-touch
 with prefetch >= 3x faster than on demand, bytes fetched <= 1.2x the working set; store with
@@ -80,6 +82,8 @@ def main() -> int:
     parser.add_argument("--guest-mib", type=int, default=1024)
     parser.add_argument("--data-mib", type=int, default=768)
     parser.add_argument("--ws-mib", type=int, default=256)
+    parser.add_argument("--vm-mib", type=int, default=256,
+                        help="micro-VM parked and resumed (0: skip; needs /dev/kvm)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     binary = weed_binary()
@@ -171,6 +175,16 @@ def run(work: Path, rng: np.random.Generator, size: int, region: int,
         two = cli("store", "put", str(mem), f"s3://{BUCKET}/bench/vm/two-{kind}",
                   "--regions", regions)
         figures[f"second_snapshot_{kind}_stored_x"] = round((one + two["bytes_sent"]) / one, 3)
+    if os.path.exists("/dev/kvm") and args.vm_mib:
+        # The micro-VM parked and resumed: restore to the guest's first instruction.
+        vm_url = f"s3://{BUCKET}/bench/microvm/now"
+        parked = cli("park", vm_url, "--memory", str(args.vm_mib))
+        figures["park_seconds"] = parked["seconds"]
+        for name in ("cold", "warm"):
+            out = cli("resume", vm_url, "--cache-dir", str(work / "vm-cache"))
+            figures[f"resume_{name}_first_instruction_ms"] = out.get("first_exit_ms")
+            figures[f"resume_{name}_fetched_mib"] = round(
+                out["handler"]["source_bytes_fetched"] / MIB, 1)
     return figures
 
 

@@ -308,6 +308,29 @@ def test_demand_read_takes_over_a_queued_prefetch(store: LocalStore, tmp_path: P
         src.close()
 
 
+def test_ready_says_whether_a_read_would_wait(store: LocalStore, tmp_path: Path) -> None:
+    """The handler's prefetch reads only what is ready, so demand faults never queue behind a
+    read that waits for the store."""
+    memory_file(tmp_path / "mem", 64, seed=12, zero_every=4)   # chunk 3 is zeros
+    manifest, _ = upload(store, "vm/s", tmp_path / "mem")
+    src = ChunkSource(SlowStore(store, 0.2), manifest,  # type: ignore[arg-type]
+                      ChunkCache(tmp_path / "cache", 4 << 20))
+    try:
+        assert src.ready(3 * CHUNK, CHUNK)                  # zeros: nothing to fetch
+        assert not src.ready(0, PAGE)
+        src.prefetch(np.array([0], dtype=np.uint64))
+        assert not src.ready(0, PAGE)                       # still on its way
+        assert src.wait_prefetched(10)
+        assert src.ready(0, CHUNK) and not src.ready(0, CHUNK + PAGE)
+    finally:
+        src.close()
+    nocache = ChunkSource(store, manifest, None)
+    try:
+        assert nocache.ready(0, PAGE)   # cannot tell: a read simply blocks
+    finally:
+        nocache.close()
+
+
 def test_cache_is_bounded_lru_and_rechecks_what_it_finds(tmp_path: Path) -> None:
     chunks = [bytes([i]) * CHUNK for i in range(1, 6)]
     cache = ChunkCache(tmp_path / "c", 3 * CHUNK)

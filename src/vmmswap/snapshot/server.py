@@ -58,6 +58,8 @@ _log = logging.getLogger(__name__)
 READAHEAD_BYTES: Final = 2 * 1024 * 1024
 #: One prefetch batch: large sequential reads and COPYs, short enough to answer a fault soon.
 PREFETCH_BATCH_BYTES: Final = 4 * 1024 * 1024
+#: How often (ms) the loop looks again for a prefetch batch the source has ready.
+_PREFETCH_POLL_MS: Final = 2
 _BOUNCE_BYTES: Final = max(PREFETCH_BATCH_BYTES, 2 * READAHEAD_BYTES)
 
 
@@ -184,15 +186,20 @@ class SnapshotServer:
         poller.register(conn.fileno(), select.POLLIN)
         conn.setblocking(False)
         try:
+            waiting = False   # prefetch left, none of it ready in the source yet
             while True:
-                busy = bool(self._pending) or bool(self._prefetch)
-                for fd, _mask in poller.poll(0 if busy else None):
+                timeout: float | None = None
+                if self._pending or (self._prefetch and not waiting):
+                    timeout = 0
+                elif self._prefetch:
+                    timeout = _PREFETCH_POLL_MS   # a fault still wakes us at once
+                for fd, _mask in poller.poll(timeout):
                     if fd == conn.fileno() and self._vmm_gone(conn):
                         return self._finish()
                 self._read_events()
                 self._serve_pending()
                 if self._prefetch and not self._pending:
-                    self._prefetch_one()
+                    waiting = not self._prefetch_one()
         finally:
             self.stats.seconds = time.monotonic() - self._start
 
@@ -337,12 +344,28 @@ class SnapshotServer:
         region.removed[page] = False  # zeros are now its content; file data never again
 
     # --- prefetch ---------------------------------------------------------------------------
-    def _prefetch_one(self) -> None:
-        """Fill the next working-set batch, minus pages filled or removed meanwhile."""
-        region, first, count = self._prefetch.pop(0)
+    def _next_prefetch(self) -> int:
+        """Index of the first batch the source can give without waiting (a store's chunks in
+        its cache), or -1. A source that cannot tell is always ready."""
+        ready = getattr(self.source, "ready", None)
+        if not callable(ready):
+            return 0
+        for i, (region, first, count) in enumerate(self._prefetch):
+            if ready(region.file_offset(first), count * region.page_size):
+                return i
+        return -1
+
+    def _prefetch_one(self) -> bool:
+        """Fill a working-set batch, minus pages filled or removed meanwhile; False if no batch
+        was ready. A batch whose bytes a store is still fetching waits: the loop must never
+        block in the source while demand faults queue behind it."""
+        i = self._next_prefetch()
+        if i < 0:
+            return False
+        region, first, count = self._prefetch.pop(i)
         skip = region.filled[first:first + count] | region.removed[first:first + count]
         if skip.all():
-            return
+            return True
         wanted = np.flatnonzero(~skip)
         breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
         for run in np.split(wanted, breaks):
@@ -352,8 +375,9 @@ class SnapshotServer:
             except MappingChangingError:
                 self.stats.retries += 1
                 self._prefetch.insert(0, (region, lo, n))
-                return
+                return True
             self.stats.pages_prefetched += done
+        return True
 
     # --- the working set --------------------------------------------------------------------
     def recorded_pages(self) -> npt.NDArray[np.uint64]:

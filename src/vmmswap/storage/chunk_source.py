@@ -53,7 +53,7 @@ DEFAULT_CACHE_BYTES: Final = 1 << 30
 
 class ChunkSource:
     def __init__(self, store: ObjectStore, manifest: Manifest, cache: ChunkCache | None, *,
-                 workers: int = 8, prefetch_workers: int = 8,
+                 workers: int = 8, prefetch_workers: int = 3,
                  backoff_initial: float = BACKOFF_INITIAL, backoff_max: float = BACKOFF_MAX,
                  give_up_after: float | None = None) -> None:
         self.store = store
@@ -159,6 +159,20 @@ class ChunkSource:
         if self._owns_cache and self.cache is not None:
             self.cache.close()
             self._owns_cache = False
+
+    def ready(self, offset: int, length: int) -> bool:
+        """Whether a read of these bytes would not wait for the store: every chunk they
+        overlap is all zeros or in the cache (the handler's prefetch asks before it reads).
+        Without a cache nothing is ever ready ahead of a read, so True: reads then block."""
+        if self.cache is None:
+            return True
+        end = min(offset + length, self._size)
+        if offset >= end:
+            return True
+        first = int(np.searchsorted(self._starts, offset, side="right")) - 1
+        last = int(np.searchsorted(self._starts, end - 1, side="right")) - 1
+        return all(self._digests[c] is None or self._digests[c] in self.cache
+                   for c in range(first, last + 1))
 
     # --- prefetch and status ----------------------------------------------------------------
     def prefetch(self, offsets: npt.NDArray[np.uint64] | npt.NDArray[np.int64]) -> int:
