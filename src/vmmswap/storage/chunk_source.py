@@ -171,8 +171,12 @@ class ChunkSource:
             return True
         first = int(np.searchsorted(self._starts, offset, side="right")) - 1
         last = int(np.searchsorted(self._starts, end - 1, side="right")) - 1
-        return all(self._digests[c] is None or self._digests[c] in self.cache
-                   for c in range(first, last + 1))
+        cache = self.cache
+        for c in range(first, last + 1):
+            digest = self._digests[c]
+            if digest is not None and digest not in cache:
+                return False
+        return True
 
     # --- prefetch and status ----------------------------------------------------------------
     def prefetch(self, offsets: npt.NDArray[np.uint64] | npt.NDArray[np.int64]) -> int:
