@@ -4,6 +4,7 @@ runs the same paths against SeaweedFS.)"""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,9 +17,11 @@ from vmmswap.storage.cache import CacheBusy, ChunkCache
 from vmmswap.storage.chunk_source import ChunkSource
 from vmmswap.storage.manifest import (
     MANIFEST,
+    ChunkedRegion,
     Manifest,
     ManifestError,
     chunk_hash,
+    load_file,
     load_manifest,
 )
 from vmmswap.storage.store import LocalStore, ObjectStore, StoreUnavailable, join, open_store
@@ -365,3 +368,77 @@ def test_open_store_and_manifest_validation(tmp_path: Path) -> None:
     assert Manifest.from_json(good).pool == "p"
     with pytest.raises(ManifestError, match="malformed"):
         Manifest.from_json(b"not json")
+
+
+class FailingManifest:
+    """A store whose manifest PUT fails (the link dropped right at the end of an upload)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        if key.endswith(MANIFEST):
+            raise StoreUnavailable("injected: connection reset")
+        self.inner.put(key, data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_a_failed_re_upload_leaves_the_old_snapshot_whole(store: LocalStore,
+                                                         tmp_path: Path) -> None:
+    """Uploading again to the same prefix must not change a file the old manifest names: if the
+    new manifest never arrives, the old memory and the old state still go together."""
+    memory_file(tmp_path / "mem", 64, seed=15)
+    src = FileSource.open(tmp_path / "mem")
+    try:
+        upload_memory(store, "vm/s", src, chunk_size=CHUNK, files={"state": b"STATE-A"})
+        with pytest.raises(StoreUnavailable):
+            upload_memory(FailingManifest(store), "vm/s", src,  # type: ignore[arg-type]
+                          chunk_size=CHUNK, files={"state": b"STATE-B"})
+    finally:
+        src.close()
+    manifest = load_manifest(store, "vm/s")
+    assert load_file(store, manifest, "state") == b"STATE-A"
+    key = manifest.files["state"]
+    store.put(key, b"STATE-X")           # negative control: the hash in the key catches it
+    with pytest.raises(ManifestError, match="does not match"):
+        load_file(store, manifest, "state")
+
+
+def test_a_diff_must_share_its_base_pool(store: LocalStore, tmp_path: Path) -> None:
+    memory_file(tmp_path / "mem", 64, seed=16)
+    base, _ = upload(store, "vm1/mon", tmp_path / "mem")
+    src = FileSource.open(tmp_path / "mem")
+    try:
+        with pytest.raises(ValueError, match="pool"):
+            upload_memory(store, "vm2/tue", src, chunk_size=CHUNK, base=base,
+                          changed=np.zeros(64, dtype=np.bool_))
+    finally:
+        src.close()
+    with pytest.raises(ManifestError):
+        load_manifest(store, "vm2/tue")     # nothing was written
+
+
+def test_manifest_pool_and_file_keys_are_validated() -> None:
+    good = Manifest(CHUNK, (ChunkedRegion(0, CHUNK, (None,)),), "vm/chunks")
+    assert Manifest.from_json(good.to_json()) == good
+    for pool in ("../x", "/abs", "a//b", "a/./b"):
+        bad = Manifest(CHUNK, good.regions, pool)
+        with pytest.raises(ManifestError, match="pool"):
+            Manifest.from_json(bad.to_json())
+    with pytest.raises(ManifestError, match="content-addressed"):
+        Manifest.from_json(Manifest(CHUNK, good.regions, "p", {"s": "vm/s/state"}).to_json())
+
+
+def test_cache_directory_is_private(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "c", 1 << 20)
+    cache.insert(chunk_hash(b"x" * 10), b"x" * 10)
+    assert os.stat(tmp_path / "c").st_mode & 0o777 == 0o700
+    assert all(os.stat(p).st_mode & 0o777 == 0o600 for p in (tmp_path / "c").iterdir())
+    cache.close()
+    open_dir = tmp_path / "shared"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    with pytest.raises(PermissionError, match="0700"):
+        ChunkCache(open_dir, 1 << 20)

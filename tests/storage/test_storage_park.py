@@ -91,3 +91,22 @@ def test_negative_control_a_wrong_chunk_fails_the_guest_check(
     assert resumed.returncode == 1, resumed.stdout
     out = json.loads(resumed.stdout.splitlines()[-1])
     assert out["ok"] is False and "check failed" in resumed.stderr
+
+
+def test_a_failed_park_keeps_the_snapshot(seaweed: SeaweedServer, s3_env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    """The VM is stopped once its snapshot is written: if the upload then fails, the snapshot
+    is the only copy and must stay (named in the error), to be parked later with --from."""
+    failed = _host("a", tmp_path, "park", "/proc/vmmswap-not-a-store/x", "--memory", "64",
+                   "--vcpus", "1", "--regions", "1")
+    assert failed.returncode == 1
+    assert "kept in" in failed.stderr, failed.stderr
+    kept = Path(failed.stderr.split("kept in ")[1].split(":")[0])
+    assert (kept / "memory").exists() and (kept / "vmstate.json").exists()
+    url = f"s3://{BUCKET}/park/vm3/now"
+    later = _host("a", tmp_path, "park", url, "--from", str(kept))
+    assert later.returncode == 0, later.stderr
+    resumed = _host("b", tmp_path, "resume", url, "--cache-dir", str(tmp_path / "b" / "c3"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout.splitlines()[-1])["ok"] is True
+

@@ -164,3 +164,17 @@ def test_corrupted_chunk_blocks_the_vmm_until_repaired(seaweed: SeaweedServer,
     assert seen == data   # negative control of the check: the store held a flipped bit
     assert stats["source_hash_failures"] >= 2
     assert os.stat(status).st_mode & 0o777 == 0o600
+
+
+def test_failed_get_leaves_no_file(tmp_path: Path) -> None:
+    """A get that cannot finish (a chunk gone from the store) leaves nothing at MEM_FILE that
+    could later be served as the snapshot: no file of holes, no partial file."""
+    _memory(tmp_path / "mem", 25)
+    url = str(tmp_path / "store" / "vm" / "snap")       # a directory store
+    _cli("store", "put", str(tmp_path / "mem"), url, "--chunk-kib", "256")
+    chunk = next(p for p in (tmp_path / "store" / "vm" / "snap" / "chunks").iterdir())
+    chunk.unlink()
+    out = _run("store", "get", url, str(tmp_path / "back"), "--give-up-after", "0.5")
+    assert out.returncode == 1, out.stdout
+    assert not (tmp_path / "back").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("back")] == []

@@ -87,7 +87,12 @@ def open_source(mem_file: str | None, mem_url: str | None = None, *,
             raise WorkingSetError("--overlay needs --overlay-pages (the diff's page list)")
         marks = np.zeros(-(-base.size // 4096), dtype=np.bool_)
         marks[pages.astype(np.intp)] = True
-        return OverlaySource(base, FileSource.open(overlay), marks)
+        diff = FileSource.open(overlay)
+        try:
+            return OverlaySource(base, diff, marks)
+        except BaseException:
+            diff.close()
+            raise
     except BaseException:
         base.close()
         raise

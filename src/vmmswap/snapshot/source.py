@@ -116,6 +116,20 @@ class OverlaySource:
             layer.read_into(offset + start * _PAGE, view[start * _PAGE:end * _PAGE])
             start = end
 
+    # A base in an object store keeps its prefetch, readiness and counters visible through
+    # the overlay (the diff is a local file: always ready, nothing to count).
+    def prefetch(self, offsets: npt.NDArray[np.uint64]) -> int:
+        fn = getattr(self._base, "prefetch", None)
+        return int(fn(offsets)) if callable(fn) else 0
+
+    def ready(self, offset: int, length: int) -> bool:
+        fn = getattr(self._base, "ready", None)
+        return bool(fn(offset, length)) if callable(fn) else True
+
+    def stats(self) -> dict[str, int | str]:
+        fn = getattr(self._base, "stats", None)
+        return dict(fn()) if callable(fn) else {}
+
     def close(self) -> None:
         self._base.close()
         self._diff.close()

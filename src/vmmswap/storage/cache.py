@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -37,7 +38,14 @@ class ChunkCache:
         if max_bytes <= 0:
             raise ValueError("a cache needs a positive size limit")
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(self.dir, follow_symlinks=False)
+        # Guest memory lives here, and a chunk read back from a file this process already
+        # checked is not hashed again: nobody else may read or replace one.
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{self.dir}: a chunk cache must be a directory of ours "
+                                  f"with mode 0700 (it is {stat.S_IMODE(st.st_mode):o}, "
+                                  f"uid {st.st_uid})")
         self.max_bytes = max_bytes
         self._lock_fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                                 0o600)
@@ -121,7 +129,9 @@ class ChunkCache:
         path = self.dir / digest
         tmp = self.dir / f".{digest}.{threading.get_ident():x}"
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except OSError:

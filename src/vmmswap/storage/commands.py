@@ -12,6 +12,7 @@ interrupted upload resumes; the manifest goes up last, so a snapshot that is vis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -71,12 +72,16 @@ def _put(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _get(args: argparse.Namespace) -> dict[str, object]:
-    if os.path.exists(args.mem_file) and not args.force:
+    if os.path.lexists(args.mem_file) and not args.force:
         raise FileExistsError(f"{args.mem_file} exists (--force to overwrite)")
     source = ChunkSource.open(args.url, give_up_after=args.give_up_after)
+    # Written beside it under a temporary name and renamed when whole: a get that fails
+    # leaves no file of holes that could later be served as the snapshot's memory.
+    tmp = f"{args.mem_file}.{os.getpid()}.partial"
     try:
-        fd = os.open(args.mem_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
+        renamed = False
         try:
             os.ftruncate(fd, source.size)
             buf = bytearray(_GET_BLOCK)
@@ -88,8 +93,16 @@ def _get(args: argparse.Namespace) -> dict[str, object]:
                 if view != zero[:n]:  # zeros stay holes
                     os.pwrite(fd, view, offset)
             os.fsync(fd)
+            if not args.force and os.path.lexists(args.mem_file):
+                raise FileExistsError(f"{args.mem_file} appeared meanwhile (--force to "
+                                      "overwrite)")
+            os.rename(tmp, args.mem_file)
+            renamed = True
         finally:
             os.close(fd)
+            if not renamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         stats = source.stats()
     finally:
         source.close()

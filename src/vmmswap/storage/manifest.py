@@ -124,9 +124,15 @@ class Manifest:
                         raise ManifestError(f"{where}: bad chunk hash {c!r}")
                 regions.append(region)
                 at += region.size
-            manifest = cls(chunk_size, tuple(regions), str(doc["pool"]),
-                           {str(k): str(v) for k, v in doc.get("files", {}).items()},
-                           doc.get("parent"))
+            pool = str(doc["pool"])
+            if not _safe_key(pool):
+                raise ManifestError(f"{where}: pool {pool!r} is not a plain key prefix")
+            files = {str(k): str(v) for k, v in doc.get("files", {}).items()}
+            for name, key in files.items():
+                if not _safe_key(key) or _file_digest(key) is None:
+                    raise ManifestError(f"{where}: file {name!r} at {key!r} is not a "
+                                        "content-addressed key of this format")
+            manifest = cls(chunk_size, tuple(regions), pool, files, doc.get("parent"))
             if int(doc["size"]) != manifest.size:
                 raise ManifestError(f"{where}: size {doc['size']} != regions' {manifest.size}")
             return manifest
@@ -134,6 +140,38 @@ class Manifest:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ManifestError(f"{where}: malformed manifest: {err!r}") from None
+
+
+def _safe_key(key: str) -> bool:
+    """A relative key without empty, ``.`` or ``..`` parts (a store directory is a path)."""
+    parts = key.split("/")
+    return bool(key) and not key.startswith("/") and all(p not in ("", ".", "..")
+                                                         for p in parts)
+
+
+def file_key(prefix: str, name: str, data: bytes | bytearray | memoryview) -> str:
+    """Where a snapshot's small file goes: named by its hash as well, so that parking again to
+    the same prefix never changes a file an older manifest still names (the manifest, written
+    last, switches to the new files at once)."""
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"file name {name!r}: one plain name")
+    return join(prefix, f"{name}.{chunk_hash(data)}")
+
+
+def _file_digest(key: str) -> str | None:
+    digest = key.rpartition(".")[2]
+    return digest if len(digest) == _HEX_LEN and not digest.strip("0123456789abcdef") else None
+
+
+def load_file(store: ObjectStore, manifest: Manifest, name: str) -> bytes:
+    """A small file of the snapshot, checked against the hash its key carries."""
+    key = manifest.files.get(name)
+    if key is None:
+        raise ManifestError(f"the snapshot has no file {name!r}")
+    data = store.get(key)
+    if chunk_hash(data) != _file_digest(key):
+        raise ManifestError(f"{store.url}/{key}: content does not match its hash")
+    return data
 
 
 def default_pool(prefix: str) -> str:

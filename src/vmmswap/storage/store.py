@@ -84,7 +84,7 @@ class LocalStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
@@ -99,9 +99,12 @@ class LocalStore:
     def put(self, key: str, data: Buffer) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{id(data):x}")
-            with open(tmp, "wb") as f:
+            # Guest memory: readable by its owner only (0600 whatever the umask allows).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as err:

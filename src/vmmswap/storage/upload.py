@@ -35,6 +35,7 @@ from vmmswap.storage.manifest import (
     Manifest,
     chunk_hash,
     default_pool,
+    file_key,
     save_manifest,
 )
 from vmmswap.storage.store import ObjectStore, join
@@ -127,6 +128,9 @@ def upload_memory(store: ObjectStore, prefix: str, source: Readable, *,
     if base is not None:
         if base.chunk_size != chunk_size or [(r.offset, r.size) for r in base.regions] != spans:
             raise ValueError("a diff needs the base's regions and chunk size")
+        if base.pool != pool:
+            raise ValueError(f"a diff reuses its base's chunks: its pool must be the base's "
+                             f"({base.pool!r}, not {pool!r})")
         if changed is None or len(changed) * 4096 < source.size:
             raise ValueError("a diff needs a written-page bitmap covering the memory file")
     stats = UploadStats()
@@ -198,7 +202,7 @@ def upload_memory(store: ObjectStore, prefix: str, source: Readable, *,
     stats.chunks = sum(len(r.chunks) for r in chunked)
     stored: dict[str, str] = {}
     for name, data in (files or {}).items():
-        key = join(prefix, name)
+        key = file_key(prefix, name, data)
         store.put(key, data)
         stored[name] = key
     manifest = Manifest(chunk_size, chunked, pool, stored, parent)

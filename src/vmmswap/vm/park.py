@@ -17,7 +17,6 @@ checksum it recorded before the park. One JSON line each; exit 0, or 1 with the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -29,12 +28,18 @@ from pathlib import Path
 from typing import Any, Final
 
 from vmmswap.snapshot.source import FileSource, SourceError
-from vmmswap.storage.manifest import ManifestError, load_manifest
+from vmmswap.storage.manifest import ManifestError, load_file, load_manifest
 from vmmswap.storage.store import StoreError, open_store
 from vmmswap.storage.upload import upload_memory
 from vmmswap.vm.kvm import KvmUnavailableError
 from vmmswap.vm.micro import MIB, MicroVM
-from vmmswap.vm.restore import RestoredVM, RestoreError, handler_stats, start_handler
+from vmmswap.vm.restore import (
+    RestoredVM,
+    RestoreError,
+    handler_stats,
+    start_handler,
+    stop_handler,
+)
 from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE, SnapshotError, snapshot_micro_vm
 from vmmswap.vm.snapshot_check import check_guest, prepare_guest
 from vmmswap.vm.vm_state import VmState, VmStateError, load_state
@@ -44,7 +49,13 @@ from vmmswap.vm.workload import WorkloadError
 STATE_OBJECT: Final = STATE_FILE
 WORKING_SET_OBJECT: Final = "working_set.npy"
 
-_ERRORS = (KvmUnavailableError, SnapshotError, WorkloadError, RestoreError, VmStateError,
+
+
+class ParkError(RuntimeError):
+    """The upload failed after the VM was stopped; the message names the kept snapshot."""
+
+
+_ERRORS = (ParkError, KvmUnavailableError, SnapshotError, WorkloadError, RestoreError, VmStateError,
            StoreError, ManifestError, SourceError, OSError, ValueError, ImportError)
 
 
@@ -75,12 +86,11 @@ def fetch_state(url: str, into: str) -> tuple[VmState, str | None]:
     working set's path in ``into``, if one was parked."""
     store, prefix = open_store(url)
     manifest = load_manifest(store, prefix)
-    key = manifest.files.get(STATE_OBJECT)
-    if key is None:
+    if STATE_OBJECT not in manifest.files:
         raise ManifestError(f"{url}: a memory snapshot without a VM state (not parked by "
                             "`vmmswap park`)")
     path = os.path.join(into, STATE_FILE)
-    Path(path).write_bytes(store.get(key))
+    Path(path).write_bytes(load_file(store, manifest, STATE_OBJECT))
     state = load_state(path)   # checks its own SHA-256 and every field
     regions = [(r.file_offset, r.size) for r in state.regions]
     if regions != [(r.offset, r.size) for r in manifest.regions]:
@@ -89,7 +99,7 @@ def fetch_state(url: str, into: str) -> tuple[VmState, str | None]:
     ws = None
     if WORKING_SET_OBJECT in manifest.files:
         ws = os.path.join(into, WORKING_SET_OBJECT)
-        Path(ws).write_bytes(store.get(manifest.files[WORKING_SET_OBJECT]))
+        Path(ws).write_bytes(load_file(store, manifest, WORKING_SET_OBJECT))
     return state, ws
 
 
@@ -97,20 +107,30 @@ def _park(args: argparse.Namespace) -> dict[str, Any]:
     if args.source_dir is not None:
         return park_directory(args.source_dir, args.url, working_set=args.working_set)
     work = tempfile.mkdtemp(prefix="vmmswap-park-")
+    snapped_ok = False
     try:
         t0 = time.monotonic()
         with MicroVM(args.memory * MIB, vcpus=args.vcpus, regions=args.regions) as vm:
             vm.start()
             guest = prepare_guest(vm.workload, written_fraction=args.written)
             info = snapshot_micro_vm(vm, work, guest=guest)
+            snapped_ok = True
             vm.shutdown()
         snapped = time.monotonic() - t0
-        out = park_directory(work, args.url, working_set=args.working_set)
+        try:
+            out = park_directory(work, args.url, working_set=args.working_set)
+        except _ERRORS as err:
+            # The VM is stopped: the snapshot on disk is now its only copy. Keep it.
+            raise ParkError(f"{err}; the snapshot is kept in {work}: park it with "
+                            f"`vmmswap park {args.url} --from {work}`") from err
         out.update(snapshot_seconds=round(snapped, 3), pause_ms=round(info.pause_s * 1000, 2),
                    checksums=len(guest["checksums"]))
-        return out
-    finally:
         shutil.rmtree(work, ignore_errors=True)   # parked: nothing of the VM stays here
+        return out
+    except BaseException:
+        if not snapped_ok:
+            shutil.rmtree(work, ignore_errors=True)   # no snapshot yet: nothing to keep
+        raise
 
 
 def _resume(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,9 +161,7 @@ def _resume(args: argparse.Namespace) -> dict[str, Any]:
         return out
     finally:
         if child is not None:
-            child.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.communicate(timeout=10)
+            stop_handler(child)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -34,10 +34,11 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import IO, Any, Final, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -145,20 +146,54 @@ def start_handler(mem_file: str | None, socket_path: str, *, working_set: str | 
         argv += ["--record-seconds", str(record_seconds)]
     if overlay is not None and overlay_pages is not None:
         argv += ["--overlay", overlay, "--overlay-pages", overlay_pages]
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             close_fds=True)
+    # Its log goes to an unnamed file, never to a pipe nobody reads until the end: a handler
+    # that logs a retry per chunk while a store is down would fill a pipe and block in write,
+    # with its fetch threads holding the logging lock -- the guest would never be served.
+    err_file = tempfile.TemporaryFile("w+")  # noqa: SIM115 (kept open for the child's life)
+    try:
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err_file, text=True,
+                                 close_fds=True)
+    except BaseException:
+        err_file.close()
+        raise
+    _HANDLER_LOGS[child.pid] = err_file
     assert child.stdout is not None
     line = child.stdout.readline()
     if '"listening"' not in line:
         child.kill()
-        _out, err = child.communicate(timeout=10)
-        raise RestoreError(f"vmmswap serve-snapshot did not start: {err.strip() or line}")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.communicate(timeout=10)
+        raise RestoreError(f"vmmswap serve-snapshot did not start: "
+                           f"{_take_log(child).strip() or line}")
     return child
+
+
+#: pid -> the unnamed file holding that handler child's stderr.
+_HANDLER_LOGS: dict[int, IO[str]] = {}
+
+
+def _take_log(child: subprocess.Popen[str]) -> str:
+    f = _HANDLER_LOGS.pop(child.pid, None)
+    if f is None:
+        return ""
+    with f:
+        f.seek(0)
+        return f.read()
+
+
+def stop_handler(child: subprocess.Popen[str]) -> None:
+    """Kill a handler child that is no longer wanted (the restore failed) and reap it."""
+    child.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.communicate(timeout=10)
+    if child.returncode is not None:
+        _take_log(child)
 
 
 def handler_stats(child: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
     """Wait for a handler started by :func:`start_handler` to exit; its counters."""
-    out, err = child.communicate(timeout=timeout)
+    out, _ = child.communicate(timeout=timeout)
+    err = _take_log(child)
     if child.returncode != 0:
         raise RestoreError(f"vmmswap serve-snapshot failed ({child.returncode}): "
                            f"{err.strip()}")

@@ -21,7 +21,6 @@ exit 0 when every check passed, 1 when one failed or the restore could not be ma
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from vmmswap.vm.restore import (
     handler_stats,
     memory_files,
     start_handler,
+    stop_handler,
 )
 from vmmswap.vm.snapshot import STATE_FILE, SnapshotError, snapshot_micro_vm
 from vmmswap.vm.snapshot_check import change_guest, check_guest
@@ -122,9 +122,7 @@ def main(argv: list[str]) -> int:
         return 1
     finally:
         if child is not None:
-            child.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.communicate(timeout=10)
+            stop_handler(child)
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
     print(json.dumps(out), flush=True)
