@@ -108,6 +108,10 @@ def _child(cfg: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
     op = cfg["op"]
     step = int(cfg.get("step_pages", 4))
     if op == "move":
+        # As the monitor's enable does: staging prepared first (a kill there leaves only
+        # populated pages with clear bits, a successor's sweep frees them).
+        if cfg.get("prepare", True):
+            handler.prepare_move()
         handler.move_to_staging()
     elif op == "out":
         while handler.swap_out(step * PAGE_SIZE) > 0:
