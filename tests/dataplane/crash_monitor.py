@@ -105,6 +105,8 @@ def _child(cfg: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
                                  readahead=bool(cfg.get("readahead", True)),
                                  workers=int(cfg.get("workers", 2)))
     crash_points.set_hook(hook)
+    if cfg.get("map_staging"):
+        handler.staging.view()  # as after a prepared enable: swap-out writes from the mapping
     op = cfg["op"]
     step = int(cfg.get("step_pages", 4))
     if op == "move":
