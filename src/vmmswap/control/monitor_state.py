@@ -185,6 +185,7 @@ class StateMachine:
                 frozen = time.monotonic()
                 if created:
                     self._hooks.register_all()
+                registered = time.monotonic()
                 # Only now, with every writer stopped, is the old work dropped: a failed freeze
                 # must leave the state as it was.
                 self._abort_background()
@@ -204,9 +205,9 @@ class StateMachine:
                 self.error = None
                 moved = time.monotonic()
             _log.info("enable: %d pages moved; VMM frozen at most %.3f s (stopping it %.3f s, "
-                      "registering and moving %.3f s, thawing %.3f s)", self.transition.pages,
-                      time.monotonic() - asked, frozen - asked, moved - frozen,
-                      time.monotonic() - moved)
+                      "registering %.3f s, moving %.3f s, thawing %.3f s)",
+                      self.transition.pages, time.monotonic() - asked, frozen - asked,
+                      registered - frozen, moved - registered, time.monotonic() - moved)
         except CommandError:
             self._enable_over()
             raise

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -112,6 +113,7 @@ def prepare_staging(regions: Sequence[PrepareRegion], staging: StagingMemory, *,
     if budget is None:
         budget = memory_budget()
     out = Prepared()
+    began = time.monotonic()
     # A punch still pending from a page that left staging would free what is populated here.
     staging.flush()
     left = budget // staging.page_size
@@ -143,4 +145,7 @@ def prepare_staging(regions: Sequence[PrepareRegion], staging: StagingMemory, *,
                 pos = stop
     if out.limited is None and out.prepared_pages < out.resident_pages:
         out.limited = f"memory budget ({budget} bytes)"
+    _log.info("staging prepared for %d of %d resident pages in %.3f s%s", out.prepared_pages,
+              out.resident_pages, time.monotonic() - began,
+              f" (limited by {out.limited})" if out.limited else "")
     return out

@@ -326,6 +326,12 @@ class StagingMemory:
         self.present.check_range(start, max(end, start + 1))
         return self.view()[start * self.page_size:end * self.page_size]
 
+    def unmap(self) -> None:
+        """Drop the mapping (until the next :meth:`populate`): moves copy with
+        ``copy_file_range`` and swap-out reads through a buffer again, as with a staging
+        nobody prepared (the benchmark compares both)."""
+        self._unmap()
+
     def _unmap(self) -> None:
         if self._view is not None:
             self._view.release()
