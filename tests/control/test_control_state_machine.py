@@ -370,8 +370,10 @@ class PreparingHandler(Handler):
         self.hooks = hooks
         self.fail_prepare = fail_prepare
 
-    def prepare_move(self) -> None:
+    def prepare_move(self, between: Any = None) -> None:
         self.hooks.log.append("prepare (frozen)" if self.hooks.frozen else "prepare")
+        if between is not None:
+            between()
         if self.fail_prepare:
             raise OSError(errno.ENOMEM, "no memory to prepare")
 
@@ -395,3 +397,12 @@ def test_enable_prepares_before_the_freeze(machine: StateMachine, hooks: Hooks,
         machine.enable()
     assert hooks.log == ["prepare", "release"]
     assert machine.state is SwapState.PENDING
+
+
+def test_prepare_serves_faults_between_steps(machine: StateMachine, hooks: Hooks) -> None:
+    """A monitor offering ``serve_pending`` has it called during the preparation."""
+    handler = PreparingHandler(hooks)
+    hooks.create_handler = lambda: handler  # type: ignore[method-assign]
+    hooks.serve_pending = lambda: hooks.log.append("serve")  # type: ignore[attr-defined]
+    machine.enable()
+    assert hooks.log == ["prepare", "serve", "freeze", "register", "thaw"]

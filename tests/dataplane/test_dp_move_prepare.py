@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dataplane.conftest import Rig, RigFactory
+from vmmswap.dataplane import move_prepare
 from vmmswap.dataplane.guest_memory import data_ranges
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
@@ -83,3 +84,29 @@ def test_prepare_within_a_budget(make_rig: RigFactory) -> None:
     assert rig.enable() == 64
     assert _leftovers(rig) == []
     rig.check(rig.addr(0, 0), 5, 64)
+
+
+def test_faults_served_between_preparation_steps(make_rig: RigFactory,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``between`` runs after every step; what it does meanwhile (here: the guest faults pages
+    back from staging, which frees their staging pages) leaves the move right."""
+    rig = make_rig([(0, 64 * P)])
+    rig.write(rig.addr(0, 0), seed=6, pages=64)
+    rig.enable()
+    rig.check(rig.addr(0, 0), 6, 32)  # pages 0-31 back in the guest, 32-63 still staged
+    monkeypatch.setattr(move_prepare, "_STEP_PAGES", 8)
+    steps: list[int] = []
+
+    def between() -> None:
+        if not steps:  # while preparing: the guest touches a staged page, and writes one
+            assert rig.digests(rig.addr(0, 40), 1) == rig.expected(6, 41)[40:]
+            rig.write(rig.addr(0, 2), seed=7, pages=1)
+        steps.append(1)
+
+    prepared = rig.handler.prepare_move(between=between)
+    assert prepared.prepared_pages == 32 and len(steps) == 4
+    assert rig.enable() == 33
+    assert _leftovers(rig) == []
+    assert rig.digests(rig.addr(0, 0), 2) == rig.expected(6, 2)
+    rig.check(rig.addr(0, 2), 7, 1)
+    assert rig.digests(rig.addr(0, 3), 61) == rig.expected(6, 64)[3:]

@@ -102,14 +102,14 @@ class _Transition:
         return SwapStateTransition(self.pages, int(elapsed * 1000))
 
 
-def _call_optional(handler: PageHandlerLike, name: str, what: str) -> None:
+def _call_optional(handler: PageHandlerLike, name: str, what: str, **kwargs: Any) -> None:
     """Call a handler's optional speed-up hook (``prepare_move``, ``release_prepared``):
     handlers without it, and any failure of it, leave the enable as it was without it."""
     hook = getattr(handler, name, None)
     if hook is None:
         return
     try:
-        hook()
+        hook(**kwargs)
     except Exception as err:
         _log.warning("enable: %s failed (the move does without): %s", what, err)
 
@@ -177,7 +177,11 @@ class StateMachine:
             created = True
         handler = self.handler
         # Everything that can happen while the VMM runs happens before the freeze.
-        _call_optional(handler, "prepare_move", "preparing staging before the freeze")
+        # The monitor may offer ``serve_pending`` (serve waiting faults): then faults are served
+        # between the preparation's steps instead of waiting for all of it.
+        serve = getattr(self._hooks, "serve_pending", None)
+        _call_optional(handler, "prepare_move", "preparing staging before the freeze",
+                       **({"between": serve} if serve is not None else {}))
         move_started = False
         asked = time.monotonic()
         try:

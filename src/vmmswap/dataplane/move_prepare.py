@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -103,12 +103,16 @@ def memory_budget() -> int:
 
 
 def prepare_staging(regions: Sequence[PrepareRegion], staging: StagingMemory, *,
-                    budget: int | None = None) -> Prepared:
+                    budget: int | None = None,
+                    between: Callable[[], object] | None = None) -> Prepared:
     """Populate the staging pages that the guest's resident pages will move to.
 
     Runs while the VMM runs; changes no page's place (see the module docstring). Errors are
     logged and end the preparation early (the move then allocates as it goes): preparing is
-    only ever a speed-up.
+    only ever a speed-up. ``between`` is called after every step (at most ``_STEP_PAGES``
+    pages, ~20 ms): the monitor serves waiting faults there. Anything it does to staging is
+    safe: a punch it causes may hit a populated page (only the speed-up is lost), and the move
+    flushes every pending punch before its first copy.
     """
     if budget is None:
         budget = memory_budget()
@@ -143,6 +147,8 @@ def prepare_staging(regions: Sequence[PrepareRegion], staging: StagingMemory, *,
                 out.prepared_pages += stop - pos
                 left -= stop - pos
                 pos = stop
+                if between is not None:
+                    between()
     if out.limited is None and out.prepared_pages < out.resident_pages:
         out.limited = f"memory budget ({budget} bytes)"
     _log.info("staging prepared for %d of %d resident pages in %.3f s%s", out.prepared_pages,

@@ -393,16 +393,18 @@ class PageHandler:
         )
 
     # --- enable ---------------------------------------------------------------------------------
-    def prepare_move(self, budget: int | None = None) -> move_prepare.Prepared:
+    def prepare_move(self, budget: int | None = None,
+                     between: Callable[[], object] | None = None) -> move_prepare.Prepared:
         """Before the VMM is frozen for :meth:`move_to_staging`: allocate and map the staging
         pages the resident guest pages will move to (:mod:`vmmswap.dataplane.move_prepare`),
         so the frozen move only copies and punches. Optional, and changes no page's place;
-        :meth:`release_prepared` undoes it if no move follows.
+        :meth:`release_prepared` undoes it if no move follows. ``between`` runs after every
+        step of ~20 ms (the monitor serves faults there; they may call this handler).
         """
         self.check_open()
         prepared = move_prepare.prepare_staging(
             [move_prepare.PrepareRegion(r.memfd, r.size, r.base_page, r.page_size)
-             for r in self.regions], self.staging, budget=budget)
+             for r in self.regions], self.staging, budget=budget, between=between)
         self._prepared = self._prepared or prepared.prepared_pages > 0
         crash_point("move.prepared")
         return prepared
