@@ -266,6 +266,7 @@ def test_failed_swap_out_loses_nothing(make_rig: RigFactory,
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "pwrite", eio)
+    monkeypatch.setattr(os, "pwritev", eio)   # the path straight from the staging mapping
     with pytest.raises(OSError, match="Input/output"):
         rig.handler.swap_out()
     assert (rig.handler.staging_pages, rig.handler.swap_pages) == (8, 0)
