@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -126,11 +127,38 @@ class VmmProcess:
             return {"seed": seed, "ok": False, "error": f"SEED {seed}: the VMM process died"}
         line = self._readline(SCENARIO_TIMEOUT)
         if line is None:
+            where = self.describe_hang()
             self.kill()
             return {"seed": seed, "ok": False,
-                    "error": f"SEED {seed}: no answer in {SCENARIO_TIMEOUT} s (hang)"}
+                    "error": f"SEED {seed}: no answer in {SCENARIO_TIMEOUT} s (hang); "
+                             f"{where}"}
         result: dict[str, Any] = json.loads(line)
         return result
+
+    def describe_hang(self) -> str:
+        """Where a hung scenario's threads wait (the VMM's and its children's wait channels),
+        and its Python stacks on stderr (SIGUSR1: faulthandler), for the report."""
+        parts = []
+        pids = [self.proc.pid]
+        with contextlib.suppress(OSError):
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                        if int(fields[1]) == self.proc.pid:
+                            pids.append(int(entry))
+        for pid in pids:
+            chans = []
+            with contextlib.suppress(OSError):
+                for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+                    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                        chans.append(f.read().strip() or "running")
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+                parts.append(f"{f.read().strip()}[{pid}]: {', '.join(chans)}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(2.0)
+        return "threads waiting in: " + "; ".join(parts) + " (Python stacks on stderr)"
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -8,6 +8,7 @@ that leaves a thread blocked on a fault ends the process (it answers first, then
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -22,6 +23,8 @@ from .scenario import Options, Scenario
 
 def main() -> None:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the runner
+    # The runner sends SIGUSR1 before it kills a hung scenario: every thread's stack to stderr.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process: wanted
     swap_dir = sys.argv[1]
     small = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None
