@@ -28,6 +28,7 @@ import numpy as np
 from vmmswap.control.controller import SwapController
 from vmmswap.control.status import SwapState
 from vmmswap.dataplane.guest_memory import GuestMemory
+from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 from .actors import Actor, Failure, Worker, device_main
@@ -274,10 +275,16 @@ class Scenario(HostCommands):
         restarts = ctl.restarts  # before the attach: a death from here on may refuse it
         registrar = ctl.prepare_fork()
         read_fd, write_fd = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the device process: nothing here returns
             code = 3
             try:
+                # Dies with the VMM process (a VMM killed as hung would otherwise leave its
+                # devices blocked for good on faults nobody serves).
+                libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+                if os.getppid() != parent:
+                    os._exit(3)
                 os.close(read_fd)
                 registrar.register_or_exit()
                 assert self.memory is not None

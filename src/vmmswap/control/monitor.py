@@ -358,11 +358,6 @@ class Monitor(ClientConnections, DeviceRegistration):
             if entry.registered:
                 self._serve(entry)
 
-    def serve_pending(self) -> None:
-        """Serve the faults waiting now (the state machine calls it between the steps of work
-        that runs in this thread before a freeze, so a re-enable never stalls the guest)."""
-        self._serve_all()
-
     def _step(self) -> None:
         try:
             self.machine.step()
