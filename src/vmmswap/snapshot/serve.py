@@ -120,7 +120,8 @@ class StatusWriter:
         if callable(stats):
             doc["source"] = stats()
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f)
         os.replace(tmp, self.path)
