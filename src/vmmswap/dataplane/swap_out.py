@@ -140,11 +140,8 @@ class SwapOutWriter:
         if taken is not None:
             pages, buffer = taken
         else:
-            pages, self._cursor = present.collect(self._cursor, None, max_pages)
-            if pages.size == 0 and self._cursor:
-                pages, self._cursor = present.collect(0, None, max_pages)
+            pages = self._next_pages(max_pages)
             if pages.size == 0:
-                self._cursor = 0
                 return 0
             buffer = 0
             self._read(pages, buffer)
@@ -163,17 +160,24 @@ class SwapOutWriter:
         nbytes = int(pages.size) * self._page_size
         return self._commit(pages, self._buffer(buffer).view[:nbytes])
 
-    def _step_direct(self, max_pages: int) -> int:
-        """A chunk written straight from the staging mapping (``pwritev`` per run of slots):
-        no bounce copy, no read-ahead thread. A page present now stays present and unchanged
-        for the whole call (only this thread clears bits; nothing writes a present page)."""
-        self._drop_ahead()
+    def _next_pages(self, max_pages: int) -> Indices:
+        """Up to ``max_pages`` present staging pages from the cursor on, wrapping around once;
+        empty (and the cursor back at 0) when staging holds none."""
         present = self._staging.present
         pages, self._cursor = present.collect(self._cursor, None, max_pages)
         if pages.size == 0 and self._cursor:
             pages, self._cursor = present.collect(0, None, max_pages)
         if pages.size == 0:
             self._cursor = 0
+        return pages
+
+    def _step_direct(self, max_pages: int) -> int:
+        """A chunk written straight from the staging mapping (``pwritev`` per run of slots):
+        no bounce copy, no read-ahead thread. A page present now stays present and unchanged
+        for the whole call (only this thread clears bits; nothing writes a present page)."""
+        self._drop_ahead()
+        pages = self._next_pages(max_pages)
+        if pages.size == 0:
             return 0
         staging = self._staging
 
