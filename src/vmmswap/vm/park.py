@@ -41,7 +41,7 @@ from vmmswap.vm.restore import (
     stop_handler,
 )
 from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE, SnapshotError, snapshot_micro_vm
-from vmmswap.vm.snapshot_check import check_guest, prepare_guest
+from vmmswap.vm.snapshot_check import prepare_guest
 from vmmswap.vm.vm_state import VmState, VmStateError, load_state
 from vmmswap.vm.workload import WorkloadError
 
@@ -145,16 +145,7 @@ def _resume(args: argparse.Namespace) -> dict[str, Any]:
                               cache_mib=args.cache_mib, working_set=ws)
         out: dict[str, Any] = {"url": args.url, "working_set": ws is not None}
         with RestoredVM(state, handler_socket=sock) as vm:
-            vm.workload.timeout = args.timeout
-            vm.start()
-            deadline = time.monotonic() + args.timeout
-            while vm.device.first_exit[0] is None and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            first = vm.device.first_exit[0]
-            if first is not None:
-                out["first_exit_ms"] = round((first - vm.t_created) * 1000, 3)
-            result = check_guest(vm.workload, state.guest)
-            out.update(ok=result.ok, check=result.describe())
+            out.update(vm.start_and_check(args.timeout)[0])
             vm.shutdown()
         out["handler"] = handler_stats(child)
         child = None

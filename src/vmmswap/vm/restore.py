@@ -56,6 +56,7 @@ from vmmswap.vm.layout import GuestLayout
 from vmmswap.vm.machine import Machine
 from vmmswap.vm.machine_state import restore_devices, restore_vcpu
 from vmmswap.vm.snapshot import DIFF_FILE, DIFF_PAGES_FILE, GUEST_KIND, MEMORY_FILE
+from vmmswap.vm.snapshot_check import CheckResult, check_guest
 from vmmswap.vm.vm_state import VmState, VmStateError
 from vmmswap.vm.workload import Workload, WorkloadDevice
 
@@ -408,6 +409,23 @@ class RestoredVM:
             self._watch.start()
         self.machine.start()
         self._started = True
+
+    def start_and_check(self, timeout: float) -> tuple[dict[str, Any], CheckResult]:
+        """Start the guest and have it verify every checksum it recorded at snapshot time:
+        the report (``first_exit_ms`` -- construction to the first vCPU exit --, ``ok``,
+        ``check``) and the check's result."""
+        self.workload.timeout = timeout
+        self.start()
+        deadline = time.monotonic() + timeout
+        while self.device.first_exit[0] is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        out: dict[str, Any] = {}
+        first = self.device.first_exit[0]
+        if first is not None:
+            out["first_exit_ms"] = round((first - self.t_created) * 1000, 3)
+        result = check_guest(self.workload, self.state.guest)
+        out.update(ok=result.ok, check=result.describe())
+        return out, result
 
     def shutdown(self, timeout: float = 30.0) -> None:
         if self._started and self.machine.running:

@@ -27,7 +27,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 from vmmswap.vm.kvm import KvmUnavailableError
@@ -40,7 +39,7 @@ from vmmswap.vm.restore import (
     stop_handler,
 )
 from vmmswap.vm.snapshot import STATE_FILE, SnapshotError, snapshot_micro_vm
-from vmmswap.vm.snapshot_check import change_guest, check_guest
+from vmmswap.vm.snapshot_check import change_guest
 from vmmswap.vm.vm_state import VmStateError, load_state
 from vmmswap.vm.workload import WorkloadError
 
@@ -97,16 +96,8 @@ def main(argv: list[str]) -> int:
                         mem_file=mem_file if args.eager else None, overlay=overlay,
                         overlay_pages=overlay_pages,
                         dirty_log=bool(args.diff_snapshot)) as vm:
-            vm.workload.timeout = args.timeout
-            vm.start()
-            deadline = time.monotonic() + args.timeout
-            while vm.device.first_exit[0] is None and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            first = vm.device.first_exit[0]
-            if first is not None:
-                out["first_exit_ms"] = round((first - vm.t_created) * 1000, 3)
-            result = check_guest(vm.workload, state.guest)
-            out.update(ok=result.ok, check=result.describe())
+            report, result = vm.start_and_check(args.timeout)
+            out.update(report)
             if args.diff_snapshot and result.ok:
                 guest = change_guest(vm.workload, state.guest)
                 info = snapshot_micro_vm(vm, args.diff_snapshot, guest=guest,
