@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from store_faults import FaultyStore, after_puts
 
 from vmmswap.snapshot.source import FileSource, SourceError
 from vmmswap.storage.cache import CacheBusy, ChunkCache
@@ -111,31 +112,10 @@ def test_two_snapshots_share_chunks_and_a_diff_sends_only_new_ones(
         src.close()
 
 
-class FailingStore:
-    """Passes through to ``inner`` and fails every PUT after the first ``puts``."""
-
-    def __init__(self, inner: ObjectStore, puts: int) -> None:
-        self.inner = inner
-        self.left = puts
-
-    @property
-    def url(self) -> str:
-        return self.inner.url
-
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        if self.left <= 0:
-            raise StoreUnavailable("injected: store went away")
-        self.left -= 1
-        self.inner.put(key, data)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
 def test_interrupted_upload_is_no_snapshot_and_resumes(store: LocalStore, tmp_path: Path) -> None:
     memory_file(tmp_path / "mem", 256, seed=3)
     with pytest.raises(StoreUnavailable):
-        upload(FailingStore(store, 5), "vm/s", tmp_path / "mem")  # type: ignore[arg-type]
+        upload(FaultyStore(store, put_fails=after_puts(5)), "vm/s", tmp_path / "mem")  # type: ignore[arg-type]
     assert store.head(join("vm/s", MANIFEST)) is None
     with pytest.raises(ManifestError, match="did not finish"):
         load_manifest(store, "vm/s")
@@ -152,10 +132,10 @@ def test_a_failed_chunk_is_never_followed_by_a_manifest(store: LocalStore,
     more allowed (the control) the same upload is one."""
     memory_file(tmp_path / "mem", 64, seed=4, zero_every=1000)   # 4 chunks stored
     with pytest.raises(StoreUnavailable):
-        upload(FailingStore(store, 4), "vm/s", tmp_path / "mem")  # type: ignore[arg-type]
+        upload(FaultyStore(store, put_fails=after_puts(4)), "vm/s", tmp_path / "mem")  # type: ignore[arg-type]
     assert len(list(store.list("vm/chunks/"))) == 4
     assert store.head(join("vm/s", MANIFEST)) is None
-    upload(FailingStore(store, 1), "vm/s", tmp_path / "mem")  # type: ignore[arg-type]
+    upload(FaultyStore(store, put_fails=after_puts(1)), "vm/s", tmp_path / "mem")  # type: ignore[arg-type]
     assert load_manifest(store, "vm/s").size == 64 * PAGE + 3 * CHUNK
 
 
@@ -206,41 +186,22 @@ def test_control_without_verification_serves_the_corrupt_chunk(
     assert out != data[:PAGE]    # exactly what verification keeps from the guest
 
 
-class OutageStore:
-    """GETs fail (as a refused connection would) while ``down`` is set."""
-
-    def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-        self.down = threading.Event()
-
-    @property
-    def url(self) -> str:
-        return self.inner.url
-
-    def get(self, key: str) -> bytes:
-        if self.down.is_set():
-            raise StoreUnavailable("injected: connection refused")
-        return self.inner.get(key)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
 def test_store_outage_blocks_reads_then_serves_real_data(store: LocalStore,
                                                          tmp_path: Path) -> None:
     data = memory_file(tmp_path / "mem", 128, seed=7, zero_every=1000)
     manifest, _ = upload(store, "vm/s", tmp_path / "mem")
-    flaky = OutageStore(store)
+    down = threading.Event()
+    flaky = FaultyStore(store, get_fails=lambda _key: down.is_set())
     src = ChunkSource(flaky, manifest, None, backoff_initial=0.01, backoff_max=0.1)  # type: ignore[arg-type]
     out = bytearray(2 * CHUNK)
     src.read_into(0, memoryview(out)[:PAGE])           # fine while up
-    flaky.down.set()
+    down.set()
     reader = threading.Thread(target=src.read_into, args=(CHUNK, memoryview(out)), daemon=True)
     reader.start()
     time.sleep(0.5)
     assert reader.is_alive() and int(src.stats()["retries"]) >= 3
     assert out[:] == data[:PAGE] + bytes(2 * CHUNK - PAGE)   # nothing written meanwhile
-    flaky.down.clear()
+    down.clear()
     reader.join(10)
     assert not reader.is_alive() and out == data[CHUNK:3 * CHUNK]
     src.close()
@@ -249,8 +210,9 @@ def test_store_outage_blocks_reads_then_serves_real_data(store: LocalStore,
 def test_give_up_raises_instead_of_serving(store: LocalStore, tmp_path: Path) -> None:
     memory_file(tmp_path / "mem", 32, seed=8, zero_every=1000)
     manifest, _ = upload(store, "vm/s", tmp_path / "mem")
-    flaky = OutageStore(store)
-    flaky.down.set()
+    down = threading.Event()
+    flaky = FaultyStore(store, get_fails=lambda _key: down.is_set())
+    down.set()
     src = ChunkSource(flaky, manifest, None, backoff_initial=0.01, give_up_after=0.2)  # type: ignore[arg-type]
     out = bytearray(b"\xaa" * PAGE)
     with pytest.raises(SourceError, match="gave up"):
@@ -275,27 +237,13 @@ def test_prefetch_fills_the_cache_ahead_of_reads(store: LocalStore, tmp_path: Pa
     src.close()
 
 
-class SlowStore:
-    """A store whose GETs take ``delay`` seconds: the prefetch queue backs up."""
-
-    def __init__(self, inner: ObjectStore, delay: float) -> None:
-        self.inner, self.delay = inner, delay
-
-    def get(self, key: str) -> bytes:
-        time.sleep(self.delay)
-        return self.inner.get(key)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
 def test_demand_read_takes_over_a_queued_prefetch(store: LocalStore, tmp_path: Path) -> None:
     """A read of a chunk still waiting in the prefetch queue cancels that prefetch and fetches
     it on the demand pool (a regression: the cancel ran the done callback under the source's
     lock, and the read deadlocked)."""
     data = memory_file(tmp_path / "mem", 256, seed=10, zero_every=1000)
     manifest, _ = upload(store, "vm/s", tmp_path / "mem")
-    src = ChunkSource(SlowStore(store, 0.05), manifest,  # type: ignore[arg-type]
+    src = ChunkSource(FaultyStore(store, get_delay=0.05), manifest,  # type: ignore[arg-type]
                       ChunkCache(tmp_path / "cache", 4 << 20), prefetch_workers=1)
     try:
         assert src.prefetch(np.arange(0, 256, 16, dtype=np.uint64) * np.uint64(PAGE)) == 16
@@ -316,7 +264,7 @@ def test_ready_says_whether_a_read_would_wait(store: LocalStore, tmp_path: Path)
     read that waits for the store."""
     memory_file(tmp_path / "mem", 64, seed=12, zero_every=4)   # chunk 3 is zeros
     manifest, _ = upload(store, "vm/s", tmp_path / "mem")
-    src = ChunkSource(SlowStore(store, 0.2), manifest,  # type: ignore[arg-type]
+    src = ChunkSource(FaultyStore(store, get_delay=0.2), manifest,  # type: ignore[arg-type]
                       ChunkCache(tmp_path / "cache", 4 << 20))
     try:
         assert src.ready(3 * CHUNK, CHUNK)                  # zeros: nothing to fetch
@@ -370,21 +318,6 @@ def test_open_store_and_manifest_validation(tmp_path: Path) -> None:
         Manifest.from_json(b"not json")
 
 
-class FailingManifest:
-    """A store whose manifest PUT fails (the link dropped right at the end of an upload)."""
-
-    def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        if key.endswith(MANIFEST):
-            raise StoreUnavailable("injected: connection reset")
-        self.inner.put(key, data)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
 def test_a_failed_re_upload_leaves_the_old_snapshot_whole(store: LocalStore,
                                                          tmp_path: Path) -> None:
     """Uploading again to the same prefix must not change a file the old manifest names: if the
@@ -394,7 +327,8 @@ def test_a_failed_re_upload_leaves_the_old_snapshot_whole(store: LocalStore,
     try:
         upload_memory(store, "vm/s", src, chunk_size=CHUNK, files={"state": b"STATE-A"})
         with pytest.raises(StoreUnavailable):
-            upload_memory(FailingManifest(store), "vm/s", src,  # type: ignore[arg-type]
+            cut = FaultyStore(store, put_fails=lambda key: key.endswith(MANIFEST))
+            upload_memory(cut, "vm/s", src,  # type: ignore[arg-type]
                           chunk_size=CHUNK, files={"state": b"STATE-B"})
     finally:
         src.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from seaweed import BUCKET, SeaweedServer
+from store_faults import FaultyStore, after_puts
 
 from vmmswap.snapshot.source import FileSource
 from vmmswap.storage.cache import ChunkCache
@@ -168,28 +169,12 @@ def test_chunk_corrupted_in_the_store_never_served(seaweed: SeaweedServer,
     src.close()
 
 
-class CutOff:
-    """An S3 store whose PUTs stop working after ``puts`` of them (the link dropped)."""
-
-    def __init__(self, inner: ObjectStore, puts: int) -> None:
-        self.inner, self.left = inner, puts
-
-    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        if self.left <= 0:
-            raise StoreUnavailable("injected: connection reset")
-        self.left -= 1
-        self.inner.put(key, data)
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-
 def test_interrupted_upload_then_resumed(seaweed: SeaweedServer, s3_env: dict[str, str],
                                          tmp_path: Path) -> None:
     memory_file(tmp_path / "mem", 1024, seed=14)
     store, prefix = open_store(f"s3://{BUCKET}/interrupted/snap")
     with pytest.raises(StoreUnavailable):
-        upload(CutOff(store, 6), prefix, tmp_path / "mem")  # type: ignore[arg-type]
+        upload(FaultyStore(store, put_fails=after_puts(6)), prefix, tmp_path / "mem")  # type: ignore[arg-type]
     assert store.head(join(prefix, MANIFEST)) is None
     with pytest.raises(ManifestError, match="did not finish"):
         load_manifest(store, prefix)
