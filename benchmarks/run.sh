@@ -4,7 +4,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python=${PYTHON:-python3}
-for bench in bench_uffd bench_data_plane bench_vm bench_snapshot bench_restart bench_store; do
+for bench in bench_uffd bench_data_plane bench_vm bench_snapshot bench_restart bench_store bench_dirty; do
     echo "== $bench"
     "$python" "$here/$bench.py"
 done

@@ -3,7 +3,7 @@
     vmmswap enable SOCKET
     vmmswap trim [--wait] SOCKET
     vmmswap out [--wait] SOCKET
-    vmmswap disable [--slow-file-cleanup] [--wait] SOCKET
+    vmmswap disable [--slow-file-cleanup] [--drop-file] [--wait] SOCKET
     vmmswap status [--watch [SECONDS]] [--format json|prometheus] [--output FILE] SOCKET
     vmmswap demo [...]            (the micro-VM demo; --linux or --guest memtest86+ for others)
     vmmswap serve-snapshot [...]  (a Firecracker-compatible page-fault handler)
@@ -248,6 +248,9 @@ def _parser() -> argparse.ArgumentParser:
     p = add("disable", "Disable vmm-swap of a VM: swap every page back in.")
     p.add_argument("--slow-file-cleanup", action="store_true",
                    help="clean up the swap file in the background")
+    p.add_argument("--drop-file", action="store_true",
+                   help="with dirty tracking: do not keep the swap file's copies for the next "
+                   "enable (in Ready: drop a kept file now)")
     p.add_argument("--wait", action="store_true", help="wait until every page is back")
     p = add("status", "Get vmm-swap status of a VM (JSON, one line).")
     p.add_argument("--watch", nargs="?", type=float, const=1.0, metavar="SECONDS",
@@ -349,7 +352,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if command is Command.STATUS and args.watch is not None:
             return _watch(client, max(0.05, args.watch), out)
-        req = Request(command, getattr(args, "slow_file_cleanup", False))
+        req = Request(command, getattr(args, "slow_file_cleanup", False),
+                      getattr(args, "drop_file", False))
         response = client.send(req)
         if command is Command.STATUS and response.ok and response.status is not None:
             return _print_status(response.status, args.format, args.output, out)

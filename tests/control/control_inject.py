@@ -40,6 +40,8 @@ import signal
 import time
 from typing import Any
 
+import numpy as np
+
 from vmmswap.control import monitor
 from vmmswap.control.monitor import default_handler_factory
 from vmmswap.control.monitor_resume import HandlerSetup
@@ -94,6 +96,17 @@ class Injected:
         if self._remove_bug:
             raise RuntimeError(f"injected bug handling REMOVE [{start:#x}, {end:#x})")
         self._inner.handle_remove(start, end)
+
+    def release_clean(self, written: Any) -> int:
+        """INJECT_SKIP_WRITTEN=1: drop one page from the dirty scan's answer (the first page
+        that is both written and clean) -- the negative control of dirty tracking."""
+        if os.environ.get("INJECT_SKIP_WRITTEN") == "1" and written is not None:
+            both = np.flatnonzero(written & self._inner.clean.bits.bools(0, len(written)))
+            if both.size:
+                written[int(both[0])] = False
+                self._event(f"skipped written page {int(both[0])}")
+        released: int = self._inner.release_clean(written)
+        return released
 
     def move_to_staging(self) -> int:
         time.sleep(float(os.environ.get("INJECT_SLOW_MOVE_MS", "0")) / 1000)

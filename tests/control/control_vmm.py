@@ -22,10 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from vmmswap.control import swap_device
 from vmmswap.control.controller import RestartPolicy, SwapController, SwapError
 from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES
 
 MIB = 1024 * 1024
 #: Test-only: "module:function" building the monitor's page handler (a fake or an injector).
@@ -64,7 +66,8 @@ class Vmm:
     # --- ops -------------------------------------------------------------------------------------
     def op_launch(self, swap_dir: str, control_socket: str | None = None,
                   readahead: bool = True, max_restarts: int = 5, window: float = 60.0,
-                  spare: bool = True) -> dict[str, Any]:
+                  spare: bool = True, dirty_tracking: bool = False,
+                  keep_file_bytes: int = -1) -> dict[str, Any]:
         """``max_restarts=0``: the old policy (a dead monitor is not replaced)."""
         self.restarts: list[dict[str, Any]] = []
         self.deaths: list[str] = []
@@ -73,7 +76,8 @@ class Vmm:
             monitor_command=monitor_command(),
             restart_policy=RestartPolicy(max_restarts, window, spare),
             on_monitor_restarted=lambda info: self.restarts.append(dataclasses.asdict(info)),
-            on_monitor_died=lambda err: self.deaths.append(str(err)))
+            on_monitor_died=lambda err: self.deaths.append(str(err)),
+            dirty_tracking=dirty_tracking, keep_file_bytes=keep_file_bytes)
         return {"monitor_pid": self.ctl.monitor_pid}
 
     def op_restarts(self) -> dict[str, Any]:
@@ -189,9 +193,10 @@ class Vmm:
     def op_out(self, wait: bool = True) -> dict[str, Any]:
         return {"status": self._ctl().swap_out(wait=wait, timeout=60).to_dict()}
 
-    def op_disable(self, wait: bool = True, slow_file_cleanup: bool = False) -> dict[str, Any]:
+    def op_disable(self, wait: bool = True, slow_file_cleanup: bool = False,
+                   drop_file: bool = False) -> dict[str, Any]:
         return {"status": self._ctl().disable(slow_file_cleanup=slow_file_cleanup, wait=wait,
-                                              timeout=60).to_dict()}
+                                              timeout=60, drop_file=drop_file).to_dict()}
 
     def op_status(self) -> dict[str, Any]:
         return {"status": self._ctl().status().to_dict()}
@@ -208,10 +213,15 @@ class Vmm:
 
     def op_fork_device(self, checks: list[list[int]], writes: list[list[int]],
                        via: str = "prepare", wait_path: str | None = None,
-                       unmap_region: int | None = None) -> dict[str, Any]:
+                       unmap_region: int | None = None,
+                       linger_path: str | None = None,
+                       plain_uffd: bool = False) -> dict[str, Any]:
         """Fork a device process: register its uffd, wait for ``wait_path`` to exist (if
         given), verify ``checks``, apply ``writes`` (each ``[region, offset, length, seed]``);
-        it exits 0 when everything matched, 2 on a mismatch, 1 when registration failed."""
+        with ``linger_path`` it then creates ``linger_path + ".ready"`` and stays until
+        ``linger_path`` exists. ``plain_uffd``: its uffd lacks the write-protect features (as
+        from an older device binary). It exits 0 when everything matched, 2 on a mismatch, 1
+        when registration failed."""
         ctl = self._ctl()
         registrar = ctl.prepare_fork() if via == "prepare" else None
         sys.stdout.flush()
@@ -221,6 +231,8 @@ class Vmm:
             try:
                 if unmap_region is not None:  # a device that does not map all guest memory
                     self.memory.regions[unmap_region].mapping.close()
+                if plain_uffd:
+                    swap_device.swap_features = lambda: VMM_SWAP_FEATURES  # type: ignore
                 if registrar is not None:
                     registrar.register_or_exit()
                 elif not ctl.register_device_process():
@@ -232,6 +244,11 @@ class Vmm:
                     bad += self.op_verify(region, offset, length, seed)["mismatched_pages"]
                 for region, offset, length, seed in writes:
                     self.op_write(region, offset, length, seed)
+                if linger_path is not None:
+                    with open(linger_path + ".ready", "w"):
+                        pass
+                    while not os.path.exists(linger_path):
+                        time.sleep(0.01)
                 code = 0 if bad == 0 else 2
             finally:
                 os._exit(code)

@@ -62,6 +62,9 @@ class Stats:
     restarts: int = 0  # successors that took over (host kills and crash-point kills)
     enables_interrupted: int = 0
     registrations_lost: int = 0
+    tracking: int = 0  # scenarios run with dirty tracking
+    released_pages: int = 0  # clean pages that left guest memory without a copy
+    files_dropped: int = 0  # disables with drop_file while tracking
     pages_checked: int = 0
     states: list[str] = field(default_factory=list)
 
@@ -80,6 +83,8 @@ class HostCommands:
     def __init__(self) -> None:
         self.stats = Stats()
         self.log: list[str] = []
+        #: Dirty tracking across the scenario's cycles (drawn at launch).
+        self.tracking = False
 
     def _run(self) -> None:
         raise NotImplementedError
@@ -112,19 +117,28 @@ class HostCommands:
         swap_dir = self.options.small_swap_dir if self.disk_full else self.options.swap_dir
         assert swap_dir is not None
         inject = dict(inject or {})
+        self.tracking = self.options.skip_written or self.rng.random() < 0.5
+        if self.tracking:
+            self.stats.tracking = 1
+            self.note("dirty tracking on")
+        if self.options.skip_written:
+            self.note("negative control: the dirty scan loses one written page")
+            inject["INJECT_SKIP_WRITTEN"] = "1"
         if self.eio_at:
             self.stats.eio_scenarios = 1
             self.note(f"swap-file write {self.eio_at} will tear with EIO")
             inject["INJECT_EIO_PWRITE_AT"] = str(self.eio_at)
         if not inject:
             self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
-                                             on_monitor_died=None)
+                                             on_monitor_died=None,
+                                             dirty_tracking=self.tracking)
             return
         os.environ.update(inject)
         try:  # the controller copies the environment into the monitor at launch
             self.ctl = SwapController.launch(memory, swap_dir, readahead=readahead,
                                              on_monitor_died=None,
-                                             monitor_command=INJECTING_MONITOR)
+                                             monitor_command=INJECTING_MONITOR,
+                                             dirty_tracking=self.tracking)
         finally:
             for key in inject:
                 del os.environ[key]
@@ -183,9 +197,13 @@ class HostCommands:
     def do_disable(self) -> None:
         before = self.state()
         slow, wait = self.rng.random() < 0.5, self.rng.random() < 0.5
+        drop = self.tracking and self.rng.random() < 0.2
         self.stats.commands += 1
-        status = self.controller().disable(slow_file_cleanup=slow, wait=wait, timeout=TIMEOUT)
-        self.note(f"disable(slow={slow}, wait={wait}) in {before} -> {status.state}")
+        self.stats.files_dropped += drop
+        status = self.controller().disable(slow_file_cleanup=slow, wait=wait, timeout=TIMEOUT,
+                                           drop_file=drop)
+        self.note(f"disable(slow={slow}, wait={wait}, drop={drop}) in {before} -> "
+                  f"{status.state}")
         if wait and status.state is not S.READY:
             raise Failure(f"disable in {before} ended in {status.state}")
 

@@ -55,6 +55,9 @@ class Summary:
                 f", monitor kills {self.total('monitor_kills')} + crash points armed in "
                 f"{self.total('crash_armed')} scenarios -> restarts {self.total('restarts')} "
                 f"(enables interrupted {self.total('enables_interrupted')})"
+                f", dirty tracking in {self.total('tracking')} scenarios (pages released "
+                f"without a copy {self.total('released_pages')}, files dropped "
+                f"{self.total('files_dropped')})"
                 f", devices forked {self.total('devices_forked')} / killed "
                 f"{self.total('devices_killed')} (while faulting "
                 f"{self.total('killed_while_faulting')}), worker ops {self.total('worker_ops')}"
@@ -117,11 +120,12 @@ class VmmProcess:
             return None
         return self.proc.stdout.readline() or None
 
-    def run(self, seed: int, corrupt: bool, kind: str = "host") -> dict[str, Any]:
+    def run(self, seed: int, corrupt: bool, kind: str = "host",
+            skip_written: bool = False) -> dict[str, Any]:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(json.dumps({"seed": seed, "corrupt": corrupt,
-                                              "kind": kind}) + "\n")
+            self.proc.stdin.write(json.dumps({"seed": seed, "corrupt": corrupt, "kind": kind,
+                                              "skip_written": skip_written}) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             return {"seed": seed, "ok": False, "error": f"SEED {seed}: the VMM process died"}
@@ -155,9 +159,13 @@ class VmmProcess:
                         chans.append(f.read().strip() or "running")
             with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
                 parts.append(f"{f.read().strip()}[{pid}]: {', '.join(chans)}")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGUSR1)
-            time.sleep(2.0)
+        for pid in pids:  # the VMM and its monitors print their Python stacks (faulthandler)
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
+                if pid != self.proc.pid and f.read().strip() != "swap monitor":
+                    continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(2.0)
         return "threads waiting in: " + "; ".join(parts) + " (Python stacks on stderr)"
 
     def alive(self) -> bool:
@@ -178,7 +186,8 @@ class VmmProcess:
 
 
 def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str | None = None,
-              progress: bool = False, kvm_seeds: range = range(0)) -> Summary:
+              progress: bool = False, kvm_seeds: range = range(0),
+              skip_written: bool = False) -> Summary:
     """Run every seed of ``seeds`` (host scenarios) and of ``kvm_seeds`` (the micro-VM
     variant) on ``jobs`` VMM processes; the summary in (kind, seed) order."""
     summary = Summary()
@@ -202,7 +211,7 @@ def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str 
                         return
                     if not vmm.alive():
                         vmm = VmmProcess(big, small, huge)
-                    result = vmm.run(seed, corrupt, kind)
+                    result = vmm.run(seed, corrupt, kind, skip_written)
                     result.setdefault("kind", kind)
                     with lock:
                         summary.results.append(result)

@@ -46,3 +46,14 @@ def test_torture_negative_control_detects_a_zero_page() -> None:
     assert all("zero" in str(f["error"]) for f in summary.failures), _failures(
         summary.failures)
     assert all("CORRUPT" in str(f["error"]) for f in summary.failures if f["kind"] == "host")
+
+
+def test_torture_negative_control_detects_a_missed_dirty_page() -> None:
+    """Dirty tracking's negative control: the scan of the second enable loses one written
+    page, whose stale file copy is then served; every such scenario must fail on a page's
+    content (an older version, which is zeros where the page was zeros then)."""
+    summary = run_seeds(range(FIRST, FIRST + 4), jobs=2, skip_written=True)
+    assert len(summary.failures) == 4, [r["seed"] for r in summary.results if r["ok"]]
+    assert all("after the final disable" in str(f["error"])
+               and "expected version" in str(f["error"]) for f in summary.failures), _failures(
+        summary.failures)

@@ -32,7 +32,8 @@ def main() -> None:
     print(json.dumps({"ready": os.getpid()}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        options = Options(swap_dir, small, corrupt=bool(cmd.get("corrupt")), huge_pages=huge)
+        options = Options(swap_dir, small, corrupt=bool(cmd.get("corrupt")), huge_pages=huge,
+                          skip_written=bool(cmd.get("skip_written")))
         kind = KvmScenario if cmd.get("kind") == "kvm" else Scenario
         result = kind(int(cmd["seed"]), options).run()
         print(json.dumps(result), flush=True)

@@ -68,8 +68,9 @@ from vmmswap.control.protocol import (
 )
 from vmmswap.control.status import SwapState, SwapStatus
 from vmmswap.control.swap_device import DeviceRegistrar
+from vmmswap.dataplane.dirty import swap_features
 from vmmswap.dataplane.guest_memory import GuestMemory
-from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 #: uffds of VMMs whose monitor died while memory was registered: kept open on purpose, forever.
 _ORPHANED_UFFDS: list[Userfaultfd] = []
@@ -109,8 +110,11 @@ class SwapController:
                  on_monitor_died: DeathCallback | None = _log_death,
                  on_monitor_restarted: RestartCallback | None = _log_restart,
                  restart_policy: RestartPolicy = DEFAULT_RESTART,
-                 monitor_command: Sequence[str] | None = None) -> None:
+                 monitor_command: Sequence[str] | None = None,
+                 dirty_tracking: bool = False, keep_file_bytes: int = -1) -> None:
         self._memory = memory  # kept so guest memory outlives the monitor's swap-in
+        self._dirty_tracking = dirty_tracking
+        self._keep_file_bytes = keep_file_bytes
         self._uffd = uffd
         self._kept = kept
         self._sock = sock
@@ -240,7 +244,9 @@ class SwapController:
         init = InitRequest(tuple(self._memory.specs()), os.getpid(), self._readahead,
                            self.control_socket, keeper=True, control_area=True,
                            restart_state=self._kept.restart_state,
-                           resume=ResumeInfo(len(self._deaths) + 1, died_at))
+                           resume=ResumeInfo(len(self._deaths) + 1, died_at),
+                           dirty_tracking=self._dirty_tracking,
+                           keep_file_bytes=self._keep_file_bytes)
         if spare is not None:
             try:
                 process, ours, keeper_ours = self._start_successor(init, spare)
@@ -318,7 +324,9 @@ class SwapController:
                on_monitor_died: DeathCallback | None = _log_death,
                on_monitor_restarted: RestartCallback | None = _log_restart,
                restart_policy: RestartPolicy | None = None,
-               monitor_command: Sequence[str] | None = None) -> SwapController:
+               monitor_command: Sequence[str] | None = None,
+               dirty_tracking: bool = False,
+               keep_file_bytes: int = -1) -> SwapController:
         """Start the monitor for ``memory`` and wait until it is Ready.
 
         Call it before guest memory is touched by anything but this process, and before any
@@ -346,7 +354,7 @@ class SwapController:
         keeper_ours, keeper_theirs = seqpacket_pair()
         process: subprocess.Popen[bytes] | None = None
         try:
-            uffd = Userfaultfd.new(VMM_SWAP_FEATURES)
+            uffd = Userfaultfd.new(swap_features())
             if control_socket is not None:
                 control_socket = os.path.abspath(control_socket)
             process = start_monitor(theirs, monitor_command)
@@ -354,7 +362,8 @@ class SwapController:
             fds, _ = kept.init_fds(uffd.fileno(), keeper_theirs.fileno(), memory.memfds())
             init = InitRequest(tuple(memory.specs()), os.getpid(), readahead, control_socket,
                                keeper=True, control_area=True,
-                               restart_state=kept.restart_state)
+                               restart_state=kept.restart_state,
+                               dirty_tracking=dirty_tracking, keep_file_bytes=keep_file_bytes)
             handshake(ours, process, init, fds, resume=False)
         except BaseException:
             ours.close()
@@ -371,7 +380,8 @@ class SwapController:
         kept.replace_keeper(keeper_ours)
         return cls(memory, uffd, kept, ours, process, control_socket, readahead=readahead,
                    on_monitor_died=on_monitor_died, on_monitor_restarted=on_monitor_restarted,
-                   restart_policy=policy, monitor_command=monitor_command)
+                   restart_policy=policy, monitor_command=monitor_command,
+                   dirty_tracking=dirty_tracking, keep_file_bytes=keep_file_bytes)
 
     # --- properties -----------------------------------------------------------------------------
     @property
@@ -496,9 +506,14 @@ class SwapController:
             if wait else status
 
     def disable(self, slow_file_cleanup: bool = False, wait: bool = False,
-                timeout: float | None = None) -> SwapStatus:
-        """Swap every page back in and unregister guest memory; Ready when done."""
-        status = self._call(Command.DISABLE, slow_file_cleanup=slow_file_cleanup)
+                timeout: float | None = None, drop_file: bool = False) -> SwapStatus:
+        """Swap every page back in and unregister guest memory; Ready when done.
+
+        With dirty tracking the swap file's copies and the registration are kept (the next
+        enable releases pages nobody wrote without copying them) unless ``drop_file`` or
+        ``slow_file_cleanup``; in Ready, either drops a kept file."""
+        status = self._call(Command.DISABLE, slow_file_cleanup=slow_file_cleanup,
+                            drop_file=drop_file)
         return self._wait_done(SwapState.SWAP_IN_IN_PROGRESS, SwapState.READY, timeout) \
             if wait else status
 

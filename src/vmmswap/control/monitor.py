@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import faulthandler
 import importlib
 import logging
 import mmap
@@ -60,6 +61,7 @@ from vmmswap.control.monitor_resume import (
     wake_all,
 )
 from vmmswap.control.monitor_state import CommandError, PageHandlerLike, StateMachine
+from vmmswap.control.monitor_tracking import DirtyTracking, tracking_mode
 from vmmswap.control.protocol import (
     Command,
     ErrorKind,
@@ -89,7 +91,7 @@ from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.kernel import libc
 from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
 from vmmswap.uffd.pagesize import PAGE_SIZE
-from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 _log = logging.getLogger("vmmswap.control.monitor")
 
@@ -118,13 +120,14 @@ def default_handler_factory(setup: HandlerSetup) -> PageHandlerLike:
             raise NotResumableError("the page state was not kept: the dead monitor's pages "
                                     "cannot be resumed")
         return PageHandler.create(setup.regions, swap_file=swap_file,
-                                  readahead=setup.readahead)
+                                  readahead=setup.readahead, tracking=setup.tracking)
     build: Callable[..., PageHandlerLike] | None = getattr(
         PageHandler, "resume" if setup.resume else "create", None)
     if build is None:
         raise NotResumableError("this data plane cannot resume a page state")
     return build(setup.regions, swap_file=swap_file, state=setup.state,
-                 staging_fd=setup.staging_fd, readahead=setup.readahead)
+                 staging_fd=setup.staging_fd, readahead=setup.readahead,
+                 tracking=setup.tracking)
 
 
 def _attach_state(fd: int) -> Any:
@@ -132,7 +135,7 @@ def _attach_state(fd: int) -> Any:
     return importlib.import_module("vmmswap.dataplane.page_state").PageState.attach(fd)
 
 
-class Monitor(ClientConnections, DeviceRegistration):
+class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
     """Everything the monitor process owns."""
 
     def __init__(self, controller: socket.socket, init: InitRequest, fds: InitFds,
@@ -157,6 +160,9 @@ class Monitor(ClientConnections, DeviceRegistration):
         self.memfds = memfds
         #: Each region's page (2 MiB on hugetlbfs), asked of the kernel once.
         self.page_sizes = [memfd_page_size(fd) for fd in memfds]
+        self.tracking, self.tracking_reason = tracking_mode(init.dirty_tracking,
+                                                            self.page_sizes)
+        self.keep_limit_bytes = init.keep_file_bytes
         self.factory = factory
         self.epoll = select.epoll()
         self.clients: dict[int, Client] = {}
@@ -167,10 +173,10 @@ class Monitor(ClientConnections, DeviceRegistration):
         self.huge_pages = HugePageRestorer(init.vmm_pid, self.regions)
         self.vmm_pidfd = os.pidfd_open(init.vmm_pid)
         os.set_blocking(uffd_fd, False)  # see _register_process: never block the loop
-        main = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES),
+        main = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, None),
                          init.vmm_pid, main=True)
         self.uffds = UffdSet(self.regions, main, lambda: self.machine.handler, self._dropped,
-                             self.page_sizes)
+                             self.page_sizes, track=self.tracking)
         journal = None if self.area is None else journal_for(
             self.area, lambda: self.restarts, lambda: self.last_resume_seconds)
         self.machine = StateMachine(self, page_size=max(self.page_sizes, default=PAGE_SIZE),
@@ -191,7 +197,8 @@ class Monitor(ClientConnections, DeviceRegistration):
         if self.page_state is None and self.state_fd is not None:
             self.page_state = _attach_state(self.state_fd)
         return HandlerSetup(list(zip(self.regions, self.memfds, strict=True)), self.swap_fd,
-                            self.init.readahead, self.staging_fd, self.page_state, resume)
+                            self.init.readahead, self.staging_fd, self.page_state, resume,
+                            self.tracking)
 
     # --- taking over from a dead monitor --------------------------------------------------------
     def resume(self) -> str:
@@ -279,6 +286,8 @@ class Monitor(ClientConnections, DeviceRegistration):
 
     def _dropped(self, entry: UffdEntry) -> None:
         _log.info("device process %d is gone; its uffd is collected", entry.pid)
+        # Its writes since the last scan are unknown now.
+        self.forget_clean(f"device process {entry.pid} left")
         self._unwatch(entry.fd)
         if entry.pidfd is not None:
             self._unwatch(entry.pidfd)
@@ -398,6 +407,9 @@ class Monitor(ClientConnections, DeviceRegistration):
             return
         state = self.machine.state
         if state is SwapState.READY:
+            # Nobody would serve a kept file's registrations after the exit.
+            self.machine.drop_kept()
+            self.truncator.finish()
             if self._exit_client is not None:
                 self._reply(self._exit_client, Response(True, "monitor exiting; every page "
                                                         "is back in guest memory",
@@ -413,7 +425,8 @@ class Monitor(ClientConnections, DeviceRegistration):
     def _status(self) -> SwapStatus:
         status = self.machine.status(len(self.uffds.devices))
         status = dataclasses.replace(status, restarts=self.restarts,
-                                     last_resume_seconds=round(self.last_resume_seconds, 6))
+                                     last_resume_seconds=round(self.last_resume_seconds, 6),
+                                     dirty_tracking=self.tracking_stats())
         if status.error is None and self.uffds.stuck_count:
             status = dataclasses.replace(status, error=self.uffds.last_error)
         return status
@@ -436,7 +449,7 @@ class Monitor(ClientConnections, DeviceRegistration):
             elif req.command is Command.OUT:
                 machine.swap_out()
             elif req.command is Command.DISABLE:
-                machine.disable(req.slow_file_cleanup)
+                machine.disable(req.slow_file_cleanup, req.drop_file)
             elif req.command is Command.REGISTER_PROCESS:
                 return self._register_process(fds)
             elif req.command is Command.ATTACH:
@@ -546,6 +559,9 @@ def main(argv: Sequence[str] | None = None,
     parser.add_argument("--spare", action="store_true",
                         help="started ahead of need: wait for the init without a timeout")
     args = parser.parse_args(argv)
+    # SIGUSR1 prints every thread's Python stack to stderr (the VMM's): how a monitor that
+    # spins or waits where it should not is diagnosed in the field, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"vmmswap monitor[{os.getpid()}] %(levelname)s %(message)s")
     with contextlib.suppress(OSError):

@@ -19,7 +19,7 @@ from vmmswap.control.monitor_faults import UffdEntry, UffdSet
 from vmmswap.control.monitor_state import StateMachine
 from vmmswap.control.protocol import ErrorKind, Response, send_message
 from vmmswap.control.status import SwapStatus
-from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 _log = logging.getLogger("vmmswap.control.monitor")
 
@@ -78,10 +78,15 @@ class DeviceRegistration:
         """Serve a device's uffd (registered at once when swap is enabled); the error text
         if that failed (the descriptors are closed then)."""
         os.set_blocking(uffd_fd, False)
-        entry = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, VMM_SWAP_FEATURES), pid,
-                          pidfd)
         try:
-            self.uffds.add_device(entry, enabled=self.machine.state.enabled)
+            uffd = Userfaultfd.from_raw_descriptor(uffd_fd, None)  # its features: asked
+        except (OSError, ValueError) as err:
+            os.close(uffd_fd)
+            os.close(pidfd)
+            return f"pid {pid} sent no usable uffd: {err}"
+        entry = UffdEntry(uffd, pid, pidfd)
+        try:
+            self.uffds.add_device(entry, enabled=self.machine.registered)
         except OSError as err:
             entry.close()
             return f"cannot register pid {pid}'s uffd: {err}"

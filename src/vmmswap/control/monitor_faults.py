@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from vmmswap.control.monitor_state import PageHandlerLike
+from vmmswap.dataplane.dirty import DIRTY_TRACKING_FEATURES
 from vmmswap.dataplane.guest_memory import RegionSpec
 from vmmswap.kernel.uffd import RegisterMode
 from vmmswap.uffd.errors import (
@@ -33,6 +34,7 @@ from vmmswap.uffd.errors import (
 )
 from vmmswap.uffd.events import Fork, PageFault, Remove
 from vmmswap.uffd.memory import Mapping
+from vmmswap.uffd.pagemap_scan import Pagemap
 from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import ForkedUffd, Userfaultfd
 
@@ -53,6 +55,10 @@ class UffdEntry:
     pidfd: int | None = None
     main: bool = False
     registered: bool = False
+    #: Registered MISSING | WP (dirty tracking); False also when the uffd lacks the features.
+    tracked: bool = False
+    #: The process's pagemap, opened at the first dirty scan.
+    pagemap: Pagemap | None = None
 
     @property
     def fd(self) -> int:
@@ -60,6 +66,9 @@ class UffdEntry:
 
     def close(self) -> None:
         self.uffd.close()
+        if self.pagemap is not None:
+            self.pagemap.close()
+            self.pagemap = None
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
@@ -83,8 +92,10 @@ class UffdSet:
     def __init__(self, regions: Sequence[RegionSpec], main: UffdEntry,
                  handler: Callable[[], PageHandlerLike | None],
                  on_drop: Callable[[UffdEntry], None],
-                 page_sizes: Sequence[int] | None = None) -> None:
+                 page_sizes: Sequence[int] | None = None, *, track: bool = False) -> None:
         self.regions = tuple(regions)
+        #: Register MISSING | WP, for dirty tracking (see vmmswap.dataplane.dirty).
+        self.track = track
         #: Each region's page (2 MiB on hugetlbfs, where a fault is answered whole, by COPY).
         self.page_sizes = tuple(page_sizes) if page_sizes is not None else (
             (PAGE_SIZE,) * len(self.regions))
@@ -102,7 +113,9 @@ class UffdSet:
 
     # --- registration -------------------------------------------------------------------------
     def register(self, entry: UffdEntry) -> None:
-        """Register every region on ``entry``'s uffd (MISSING mode).
+        """Register every region on ``entry``'s uffd (MISSING mode; MISSING | WP when tracking,
+        or MISSING alone when that uffd lacks the WP features: its process's pages then always
+        count as written, see :mod:`.monitor_tracking`).
 
         **Safety**: from here on, missing pages of guest memory in that process are filled only
         by the monitor; the caller must serve this uffd's faults for as long as it stays
@@ -112,9 +125,16 @@ class UffdSet:
         if entry.registered:
             return
         done: list[RegionSpec] = []
+        # Only a uffd whose creator enabled WP_ASYNC may be registered for WP: the kernel
+        # accepts WP on one without, and its writes would then wait for this monitor.
+        wp = self.track and DIRTY_TRACKING_FEATURES in entry.uffd.features
+        if self.track and not wp:
+            _log.warning("pid %d's uffd lacks the write-protect features: its writes are not "
+                         "tracked, every page counts as written", entry.pid)
+        mode = RegisterMode.MISSING | RegisterMode.WP if wp else RegisterMode.MISSING
         try:
             for spec in self.regions:
-                entry.uffd.register(spec.host_addr, spec.size, RegisterMode.MISSING)
+                entry.uffd.register(spec.host_addr, spec.size, mode)
                 done.append(spec)
         except OSError:
             for spec in done:
@@ -124,6 +144,7 @@ class UffdSet:
                     _log.warning("rolling back a registration failed: %s", err)
             raise
         entry.registered = True
+        entry.tracked = entry.uffd.write_protect_fills = wp
 
     def register_all(self) -> None:
         """Register every uffd; dead devices are dropped, any other failure undoes it all."""
@@ -151,7 +172,7 @@ class UffdSet:
         ranges not registered are skipped by the kernel)."""
         if not entry.registered and not force:
             return
-        entry.registered = False
+        entry.registered = entry.tracked = entry.uffd.write_protect_fills = False
         for spec in self.regions:
             try:
                 entry.uffd.unregister(spec.host_addr, spec.size)

@@ -60,6 +60,8 @@ class HandlerSetup:
     staging_fd: int | None = None
     state: Any = None
     resume: bool = False
+    #: Dirty tracking on (see vmmswap.dataplane.dirty): fills are write-protected.
+    tracking: bool = False
 
 
 class NotResumableError(RuntimeError):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import fields
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeGuard
 
 from vmmswap.control.protocol import ErrorKind
 from vmmswap.control.status import SwapMetrics, SwapState, SwapStateTransition, SwapStatus
@@ -75,6 +75,26 @@ class Hooks(Protocol):
     def main_uffd(self) -> Any: ...
     def resident_pages(self) -> int: ...
     def disabled(self, slow_file_cleanup: bool) -> None: ...
+    def scan_written(self) -> Any:
+        """Dirty tracking: the pages any mapping process wrote (a bool per page), or None."""
+    def may_keep(self) -> bool:
+        """Dirty tracking: whether the swap file may be kept after a disable."""
+    def kept(self) -> None:
+        """Dirty tracking: a disable ended keeping the swap file and the registrations."""
+
+
+class TrackingHandlerLike(PageHandlerLike, Protocol):
+    """A page handler doing dirty tracking (see vmmswap.dataplane.dirty)."""
+
+    def release_clean(self, written: Any) -> int: ...
+    def forget_clean(self, why: str) -> None: ...
+    def tracking_stats(self) -> Any: ...
+    def limit_kept(self, max_bytes: int) -> int: ...
+
+
+def tracks(handler: PageHandlerLike | None) -> TypeGuard[TrackingHandlerLike]:
+    """Whether ``handler`` does dirty tracking (the data plane's PageHandler with it on)."""
+    return getattr(handler, "clean", None) is not None
 
 
 class _Transition:
@@ -121,11 +141,15 @@ class StateMachine:
         self.page_size = page_size
         self.state = SwapState.READY
         self.handler: PageHandlerLike | None = None
+        self._clock = clock
+        #: How long the last enable kept the VMM tree frozen (freeze done to thaw done).
+        self.frozen_seconds = 0.0
         self.transition = _Transition(clock)
         self.error: str | None = None
         self._trim: TrimContextLike | None = None
         self._swap_in: SwapInContextLike | None = None
         self._slow_cleanup = False
+        self._drop_file = False
 
     # --- queries ------------------------------------------------------------------------------
     def status(self, devices: int = 0) -> SwapStatus:
@@ -136,7 +160,8 @@ class StateMachine:
                                   self.page_size)
         transition = (SwapStateTransition() if self.state is SwapState.FAILED
                       else self.transition.snapshot())
-        return SwapStatus(self.state, metrics, transition, devices, self.error)
+        return SwapStatus(self.state, metrics, transition, devices, self.error,
+                          frozen_seconds=round(self.frozen_seconds, 6))
 
     @property
     def work_pending(self) -> bool:
@@ -165,8 +190,10 @@ class StateMachine:
             created = True
         handler = self.handler
         move_started = False
+        frozen_at: float | None = None
         try:
             with self._hooks.freeze():
+                frozen_at = self._clock()
                 if created:
                     self._hooks.register_all()
                 # Only now, with every writer stopped, is the old work dropped: a failed freeze
@@ -178,6 +205,10 @@ class StateMachine:
                 self.enable_phase = 2  # MOVING: pages may leave guest memory from here on
                 self._persist()
                 try:
+                    if tracks(handler):
+                        # Clean pages leave without a copy; the scan also protects every
+                        # page again, so what the guest writes from now on is seen.
+                        handler.release_clean(self._hooks.scan_written())
                     self.transition.pages = handler.move_to_staging()
                 except Exception as err:
                     # Any failure, not only OSError: pages may already sit in staging, so the
@@ -187,9 +218,11 @@ class StateMachine:
                 self.transition.end()
                 self.error = None
         except CommandError:
+            self._note_thawed(frozen_at)
             self._enable_over()
             raise
         except Exception as err:
+            self._note_thawed(frozen_at)
             if move_started:
                 # The move finished but thawing failed: staged pages must not be discarded.
                 self._fail(f"enable: thawing the VMM failed after the move: {err}")
@@ -200,8 +233,13 @@ class StateMachine:
                 self._discard_handler()
             self._enable_over()
             raise CommandError(ErrorKind.FAILED, f"enable failed: {err}") from err
+        self._note_thawed(frozen_at)
         self._enable_over()
         return self.status()
+
+    def _note_thawed(self, frozen_at: float | None) -> None:
+        if frozen_at is not None:
+            self.frozen_seconds = self._clock() - frozen_at
 
     def _enable_over(self) -> None:
         self.enable_phase = 0
@@ -231,18 +269,44 @@ class StateMachine:
         self.state = SwapState.SWAP_OUT_IN_PROGRESS
         self._persist()
 
-    def disable(self, slow_file_cleanup: bool = False) -> None:
-        """Any enabled state → SwapInInProgress: bring every page back, then Ready."""
+    def disable(self, slow_file_cleanup: bool = False, drop_file: bool = False) -> None:
+        """Any enabled state → SwapInInProgress: bring every page back, then Ready.
+
+        With dirty tracking the swap file and the registrations are kept after the swap-in
+        (the next enable releases unwritten pages without copying them), unless
+        ``drop_file`` or ``slow_file_cleanup`` asks for the file to go; in Ready either drops
+        a kept file.
+        """
         if self.state is SwapState.READY:
+            if self.handler is not None:
+                if not (slow_file_cleanup or drop_file):
+                    return  # the kept file stays
+                self.drop_kept()
             self.slow_cleanup_asked = slow_file_cleanup
             self._persist()
             self._hooks.disabled(slow_file_cleanup)
             return
+        self._drop_file = drop_file
         if self.state is SwapState.SWAP_IN_IN_PROGRESS:
             self._slow_cleanup = slow_file_cleanup
             self._persist()
             return
         self._start_swap_in(slow_file_cleanup)
+
+    def drop_kept(self) -> None:
+        """Ready with a kept swap file (dirty tracking): stop tracking, forget the file's
+        copies (every page is in guest memory). The caller truncates the file."""
+        if self.state is not SwapState.READY or self.handler is None:
+            return
+        try:
+            self._hooks.unregister_all()
+        finally:
+            self._discard_handler()
+
+    @property
+    def registered(self) -> bool:
+        """Whether guest memory is registered: swap enabled, or a kept file being tracked."""
+        return self.state.enabled or self.handler is not None
 
     def _start_swap_in(self, slow_file_cleanup: bool) -> None:
         assert self.handler is not None
@@ -319,6 +383,14 @@ class StateMachine:
         self._swap_in.close()
         self._swap_in = None
         self.transition.end()
+        if (tracks(self.handler) and not self._slow_cleanup and not self._drop_file
+                and self._hooks.may_keep()):
+            self.state = SwapState.READY
+            self.error = None
+            self.slow_cleanup_asked = False
+            self._persist()
+            self._hooks.kept()
+            return
         try:
             self._hooks.unregister_all()
         finally:

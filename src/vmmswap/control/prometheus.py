@@ -86,6 +86,21 @@ _KNOWN: Final[dict[str, _Family]] = {
         "device_processes", "gauge", "Device processes whose userfaultfds the monitor serves."),
     "page_size": _Family(
         "page_size_bytes", "gauge", "Bytes per guest page (2 MiB on hugetlbfs)."),
+    "frozen_seconds": _Family(
+        "enable_frozen_seconds", "gauge",
+        "How long the last enable kept the VMM and its devices frozen."),
+    "dirty_tracking.kept_pages": _Family(
+        "dirty_tracking_kept_bytes", "gauge",
+        "Guest memory whose swap-file copy is kept and still current unless written.", "pages"),
+    "dirty_tracking.dirty_pages": _Family(
+        "dirty_tracking_dirty_bytes", "gauge",
+        "Kept pages the last enable found written (copied to staging).", "pages"),
+    "dirty_tracking.released_pages": _Family(
+        "dirty_tracking_released_bytes", "gauge",
+        "Kept pages the last enable released from guest memory without a copy.", "pages"),
+    "dirty_tracking.released_total_pages": _Family(
+        "dirty_tracking_released_bytes_total", "counter",
+        "Guest memory released without a copy by every enable of this monitor.", "pages"),
     "restarts": _Family(
         "monitor_restarts_total", "counter", "Times the monitor died and was replaced."),
     "last_resume_seconds": _Family(

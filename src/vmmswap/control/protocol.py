@@ -89,10 +89,12 @@ class ProtocolError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A validated request. ``slow_file_cleanup`` only means something for ``disable``."""
+    """A validated request. ``slow_file_cleanup`` and ``drop_file`` (do not keep the swap
+    file for dirty tracking) only mean something for ``disable``."""
 
     command: Command
     slow_file_cleanup: bool = False
+    drop_file: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,10 @@ class InitRequest:
     restart_state: bool = False
     devices: tuple[int, ...] = ()
     resume: ResumeInfo | None = None
+    #: Track dirty pages across cycles (the uffds have the WP features; see
+    #: vmmswap.dataplane.dirty), keeping at most ``keep_file_bytes`` of file (-1: no limit).
+    dirty_tracking: bool = False
+    keep_file_bytes: int = -1
 
     @property
     def fd_count(self) -> int:
@@ -190,6 +196,8 @@ def encode_request(request: Request) -> bytes:
     body: dict[str, Any] = {"version": PROTOCOL_VERSION, "command": str(request.command)}
     if request.command is Command.DISABLE:
         body["slow_file_cleanup"] = request.slow_file_cleanup
+        if request.drop_file:
+            body["drop_file"] = True
     return _dump(body)
 
 
@@ -212,6 +220,9 @@ def encode_init(init: InitRequest) -> bytes:
         body["devices"] = list(init.devices)
     if init.resume is not None:
         body["resume"] = {"restarts": init.resume.restarts, "died_at": init.resume.died_at}
+    if init.dirty_tracking:
+        body["dirty_tracking"] = True
+        body["keep_file_bytes"] = init.keep_file_bytes
     return _dump(body)
 
 
@@ -307,8 +318,9 @@ def decode_request(data: bytes, nfds: int = 0, *, public: bool = True) -> Reques
     if nfds != expected_fds:
         raise ProtocolError(f"{command} carries {expected_fds} descriptor(s), got {nfds}")
     if command is Command.DISABLE:
-        _check_keys(body, {"version", "command", "slow_file_cleanup"})
-        return Request(command, _bool(body, "slow_file_cleanup", False))
+        _check_keys(body, {"version", "command", "slow_file_cleanup", "drop_file"})
+        return Request(command, _bool(body, "slow_file_cleanup", False),
+                       _bool(body, "drop_file", False))
     _check_keys(body, {"version", "command"})
     return Request(command)
 
@@ -316,7 +328,7 @@ def decode_request(data: bytes, nfds: int = 0, *, public: bool = True) -> Reques
 def _decode_init(body: dict[str, Any]) -> InitRequest:
     _check_keys(body, {"version", "command", "regions", "vmm_pid", "readahead",
                        "control_socket", "keeper", "control_area", "restart_state", "devices",
-                       "resume"})
+                       "resume", "dirty_tracking", "keep_file_bytes"})
     regions = body.get("regions")
     if not isinstance(regions, list) or not 1 <= len(regions) <= MAX_REGIONS:
         raise ProtocolError(f"init: 'regions' must be a list of 1 to {MAX_REGIONS} regions")
@@ -351,7 +363,14 @@ def _decode_init(body: dict[str, Any]) -> InitRequest:
                        _bool(body, "readahead", True), socket_path,
                        _bool(body, "keeper", False), _bool(body, "control_area", False),
                        _bool(body, "restart_state", False),
-                       pids, resume)
+                       pids, resume, _bool(body, "dirty_tracking", False),
+                       _keep_bytes(body.get("keep_file_bytes", -1)))
+
+
+def _keep_bytes(value: Any) -> int:
+    if value == -1 and not isinstance(value, bool):
+        return -1
+    return _uint(value, "init: keep_file_bytes")
 
 
 def decode_response(data: bytes) -> Response:

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from vmmswap.dataplane.dirty import TrackingStats
 from vmmswap.dataplane.metrics import (
     CROSVM_METRICS,
     READAHEAD_METRICS,
@@ -129,6 +130,10 @@ class SwapStatus:
     error: str | None = None
     restarts: int = 0
     last_resume_seconds: float = 0.0
+    #: How long the last enable kept the VMM and its devices frozen (0.0 before the first).
+    frozen_seconds: float = 0.0
+    #: Dirty tracking across cycles (see vmmswap.dataplane.dirty): its mode and counters.
+    dirty_tracking: TrackingStats = field(default_factory=TrackingStats)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: crosvm's keys first, then this project's."""
@@ -142,6 +147,8 @@ class SwapStatus:
             "page_size": self.metrics.page_size,
             "restarts": self.restarts,
             "last_resume_seconds": self.last_resume_seconds,
+            "frozen_seconds": self.frozen_seconds,
+            "dirty_tracking": self.dirty_tracking.to_dict(),
         }
 
     def to_json(self) -> str:
@@ -152,7 +159,8 @@ class SwapStatus:
     def from_dict(cls, value: Any) -> SwapStatus:
         value = parse_object(value, "status")
         known = {"state", "metrics", "state_transition", "readahead", "devices", "error",
-                 "page_size", "restarts", "last_resume_seconds"}
+                 "page_size", "restarts", "last_resume_seconds", "frozen_seconds",
+                 "dirty_tracking"}
         extra = sorted(set(value) - known)
         if extra:
             raise StatusFormatError(f"status: unexpected keys {extra}")
@@ -179,6 +187,8 @@ class SwapStatus:
             restarts=parse_u64(value.get("restarts", 0), "restarts"),
             last_resume_seconds=_parse_seconds(value.get("last_resume_seconds", 0.0),
                                                "last_resume_seconds"),
+            frozen_seconds=_parse_seconds(value.get("frozen_seconds", 0.0), "frozen_seconds"),
+            dirty_tracking=TrackingStats.from_dict(value.get("dirty_tracking")),
         )
 
     @classmethod

@@ -26,7 +26,8 @@ import socket
 from types import TracebackType
 
 from vmmswap.control.protocol import Command, ProtocolError, Request, request
-from vmmswap.uffd.userfaultfd import VMM_SWAP_FEATURES, Userfaultfd
+from vmmswap.dataplane.dirty import swap_features
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 #: This process's uffd(s) once registered: never closed while the process lives.
 _REGISTERED_UFFDS: list[Userfaultfd] = []
@@ -55,7 +56,7 @@ class DeviceRegistrar:
         **Safety**: call it in the process that will touch guest memory (the uffd is bound to
         the calling process's address space), before it touches any.
         """
-        uffd = Userfaultfd.new(VMM_SWAP_FEATURES)
+        uffd = Userfaultfd.new(swap_features())
         pidfd = os.pidfd_open(os.getpid())
         try:
             self._sock.settimeout(timeout)

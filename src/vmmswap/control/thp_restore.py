@@ -56,6 +56,11 @@ class HugePageRestorer:
                 self._huge.append(spec)
                 self.before += mapped
 
+    @property
+    def pending(self) -> bool:
+        """Whether regions wait for their huge pages to be restored after disable."""
+        return bool(self._huge)
+
     def restore_async(self) -> None:
         """After disable (every region unregistered): collapse the regions noted before."""
         if not self._huge:

@@ -30,10 +30,13 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 from vmmswap.dataplane.crash_points import crash_point
 from vmmswap.dataplane.guest_memory import data_ranges, resident_bytes
 from vmmswap.dataplane.move_hugetlb import HugeBuffers, plan_spans, stage_span
-from vmmswap.dataplane.present_list import PresentList
+from vmmswap.dataplane.present_list import PresentList, runs_of
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import (
@@ -211,6 +214,21 @@ def _run_batch(staging: StagingMemory, region: MoveRegion, batch: MoveBatch,
         marker.mark(region, batch.copies)
 
 
+def _without(copies: list[tuple[int, int]], region: MoveRegion,
+             skip: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """``copies`` (byte ranges of ``region``) minus the pages ``skip`` names."""
+    out: list[tuple[int, int]] = []
+    for start, end in copies:
+        first, last = region.page_of(start), region.page_of(end)
+        keep = ~skip[first:last]
+        if keep.all():
+            out.append((start, end))
+            continue
+        for a, b in runs_of(np.flatnonzero(keep)):
+            out.append((start + a * PAGE_SIZE, start + b * PAGE_SIZE))
+    return out
+
+
 def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     """Data extents of a memfd in ``[0, size)``, from SEEK_DATA/SEEK_HOLE."""
     return list(data_ranges(fd, size))
@@ -261,7 +279,8 @@ def _wait(future: Future[None]) -> tuple[BaseException | None, BaseException | N
 def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
                     workers: int | None = None,
                     batch_bytes: int = DEFAULT_BATCH_BYTES,
-                    file_current: PresentList | None = None) -> int:
+                    file_current: PresentList | None = None,
+                    skip: npt.NDArray[np.bool_] | None = None) -> int:
     """Move every data page of every region into staging; returns pages moved.
 
     Batches run on ``workers`` threads (default: one per CPU; the copies and punches are
@@ -270,7 +289,10 @@ def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
     memory, in staging, or in both with the same bytes (the guest's copy wins); a failed copy
     leaves its batch in the guest (nothing marked or punched), and the staging copy is freed
     again. ``file_current`` (the swap file's bitmap) keeps hugetlbfs zero pages that have a
-    copy elsewhere unpunched (see _punch_spans).
+    copy elsewhere unpunched (see _punch_spans). ``skip`` (one slot per page, 4 KiB regions)
+    names pages that are punched but not copied: their current copy is already in the swap
+    file (dirty tracking's clean pages, see :mod:`.kept_file`); the batches still cover them,
+    so they are punched in the same few calls, on the same threads, as the rest.
     The first error is raised once every started batch has finished.
 
     **Safety**: every process that maps guest memory must be frozen and every uffd registered
@@ -291,6 +313,8 @@ def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
             continue
         for batch in plan_batches(data_extents(region.memfd, region.size), region.size,
                                   batch_bytes):
+            if skip is not None:
+                batch.copies = _without(batch.copies, region, skip)
             jobs.append((region, batch))
     if not jobs:
         return 0

@@ -79,22 +79,27 @@ ExistsFn = Callable[[int, int], bool]
 
 def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
              focus: int = 0, page_size: int = PAGE_SIZE,
-             exists: ExistsFn | None = None) -> FillOutcome:
+             exists: ExistsFn | None = None, write_protect: bool = False) -> FillOutcome:
     """COPY ``pages`` pages from ``src`` (this process) to ``dst`` (the uffd owner's memory).
 
     ``page_size`` is the guest's page: on hugetlbfs memory the kernel fills (and reports
     partial progress and EEXIST in) whole huge pages only, so the run is counted in them.
 
     ``focus`` is the index of the page someone waits for (the faulting page), for
-    :attr:`FillOutcome.focus_existed`. Never raises for the kernel's answers: errors land in
-    :attr:`FillOutcome.error` so that the caller can first account for the pages already
-    settled.
+    :attr:`FillOutcome.focus_existed`. ``write_protect`` maps the filled pages write-protected
+    (COPY_MODE_WP: dirty tracking, see :mod:`.dirty`). Never raises for the kernel's answers:
+    errors land in :attr:`FillOutcome.error` so that the caller can first account for the pages
+    already settled.
     """
     out = FillOutcome()
     while out.done < pages:
         offset = out.done * page_size
         try:
-            uffd.copy(dst + offset, (pages - out.done) * page_size, src + offset, wake)
+            if write_protect:
+                uffd.copy(dst + offset, (pages - out.done) * page_size, src + offset, wake,
+                          True)
+            else:
+                uffd.copy(dst + offset, (pages - out.done) * page_size, src + offset, wake)
         except PartialFillError as err:
             n = err.bytes_done // page_size
             out.done += n
@@ -119,6 +124,12 @@ def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
         out.filled += pages - out.done
         out.done = pages
     return out
+
+
+def fills_protected(uffd: Userfaultfd) -> bool:
+    """Whether fills through ``uffd`` are write-protected (its ranges are registered
+    MISSING | WP for dirty tracking; a stand-in without the attribute: no)."""
+    return bool(getattr(uffd, "write_protect_fills", False))
 
 
 #: Runs at least this long (in bytes, and of two pages or more) are filled by two threads: a
@@ -203,7 +214,7 @@ class RunFiller:
             address, release = mapped
             try:
                 return copy_run(uffd, dst, address, count, wake=wake, focus=focus, page_size=ps,
-                                exists=self._exists)
+                                exists=self._exists, write_protect=fills_protected(uffd))
             finally:
                 release()
         buf = self._view[at * ps:(at + count) * ps]
@@ -212,7 +223,8 @@ class RunFiller:
         except OSError as err:
             return FillOutcome(error=err)
         return copy_run(uffd, dst, self._address + at * ps, count, wake=wake,
-                        focus=focus, page_size=ps, exists=self._exists)
+                        focus=focus, page_size=ps, exists=self._exists,
+                        write_protect=fills_protected(uffd))
 
     def _pool_submit(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -52,9 +52,11 @@ from types import TracebackType
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from vmmswap.dataplane import discard_log, move
 from vmmswap.dataplane.crash_points import crash_point
+from vmmswap.dataplane.dirty import TrackingStats
 from vmmswap.dataplane.guest_memory import (
     RegionSpec,
     check_aligned,
@@ -62,8 +64,16 @@ from vmmswap.dataplane.guest_memory import (
     resident_bytes,
     validate_regions,
 )
+from vmmswap.dataplane.kept_file import KeptFile
 from vmmswap.dataplane.metrics import SwapMetrics
-from vmmswap.dataplane.page_fill import Bounce, MapFn, RunFiller, settled_block
+from vmmswap.dataplane.page_fill import (
+    Bounce,
+    FillOutcome,
+    MapFn,
+    RunFiller,
+    fills_protected,
+    settled_block,
+)
 from vmmswap.dataplane.page_state import Journal, JournalOp, PageState, PageStateError
 from vmmswap.dataplane.page_store import Region
 from vmmswap.dataplane.present_list import PresentList
@@ -126,7 +136,8 @@ class PageHandler:
                  *, readahead: bool = True,
                  max_readahead_bytes: int | None = None,
                  workers: int | None = None, fill_threads: bool = True,
-                 state: PageState | None = None, owns_state: bool = False) -> None:
+                 state: PageState | None = None, owns_state: bool = False,
+                 tracking: bool = False) -> None:
         self.regions = tuple(sorted(regions, key=lambda r: r.host_addr))
         sizes = {r.page_size for r in self.regions} | {staging.page_size, swap_file.page_size}
         if len(sizes) != 1:
@@ -160,6 +171,14 @@ class PageHandler:
         self._owns_state = owns_state
         self._journal = state.journal if state is not None else None
         self._writer = SwapOutWriter(staging, swap_file, journal=self._journal)
+        if tracking and ps != PAGE_SIZE:
+            raise ValueError("dirty tracking works on 4 KiB pages only (not on hugetlbfs)")
+        #: Dirty tracking (None: off): pages back from their file slot and not written since.
+        #: Fills through a uffd registered MISSING | WP are write-protected (the monitor sets
+        #: ``write_protect_fills`` on it), and only those make pages clean.
+        self.clean: KeptFile | None = KeptFile(self.regions, swap_file) if tracking else None
+        #: Pages release_clean made file pages again, for the next move to punch uncopied.
+        self._released: npt.NDArray[np.bool_] | None = None
         self._reset_counters()
         self._closed = False
 
@@ -169,7 +188,8 @@ class PageHandler:
                swap_file: SwapFile | None = None, readahead: bool = True,
                max_readahead_bytes: int | None = None,
                workers: int | None = None, fill_threads: bool = True,
-               state: PageState | None = None, staging_fd: int | None = None) -> PageHandler:
+               state: PageState | None = None, staging_fd: int | None = None,
+               tracking: bool = False) -> PageHandler:
         """A handler for ``regions`` (each a spec and the memfd the VMM maps there).
 
         Unless ``swap_file`` is given, creates a nameless swap file in ``swap_dir`` (default:
@@ -179,7 +199,9 @@ class PageHandler:
         (:func:`~vmmswap.dataplane.staging.create_staging_memfd`) are where the page state and
         the staged pages live, so that a successor can :meth:`resume`; both are reset (a fresh
         enable: the swap file is truncated too) and stay the caller's. Without them the
-        handler makes private ones. The memfds stay the caller's. Invalid regions (unaligned
+        handler makes private ones. The memfds stay the caller's. ``tracking`` turns dirty
+        tracking on (every region registered MISSING | WP on uffds with
+        :data:`~vmmswap.dataplane.dirty.DIRTY_TRACKING_FEATURES`). Invalid regions (unaligned
         -- to the huge page, on hugetlbfs --, overlapping -- the error names both ranges --,
         larger than their memfd, or of mixed page sizes) raise ValueError and nothing is
         created; a ``state`` for other regions raises PageStateError.
@@ -187,13 +209,14 @@ class PageHandler:
         return cls._build(regions, swap_dir, swap_file=swap_file, readahead=readahead,
                           max_readahead_bytes=max_readahead_bytes, workers=workers,
                           fill_threads=fill_threads, state=state, staging_fd=staging_fd,
-                          fresh=True)
+                          fresh=True, tracking=tracking)
 
     @classmethod
     def resume(cls, regions: Sequence[tuple[RegionSpec, int]], *,
                swap_file: SwapFile | int, state: PageState, staging_fd: int,
                readahead: bool = True, max_readahead_bytes: int | None = None,
-               workers: int | None = None, fill_threads: bool = True) -> PageHandler:
+               workers: int | None = None, fill_threads: bool = True,
+               tracking: bool = False) -> PageHandler:
         """The successor of a dead handler over the same regions, swap file, state and staging.
 
         Nothing is reset: the arrays are the mapping of ``state``. The step the journal names
@@ -203,21 +226,23 @@ class PageHandler:
         was: faults, REMOVE, trim, swap-out, swap-in. ``swap_file`` is a
         :class:`SwapFile` not yet sized, or the swap file's descriptor (kept open, not owned);
         either way the file's content is kept. Cost: a mapping and the journal, plus a scan of
-        only the discard log's written pages -- never of every page.
+        only the discard log's written pages -- never of every page. With ``tracking`` the
+        successor fills write-protected again but knows no clean page (they were the dead
+        handler's): the next enable copies them, nothing is taken on trust.
         """
         if isinstance(swap_file, int):
             swap_file = SwapFile(swap_file, None, owns_fd=False)
         return cls._build(regions, None, swap_file=swap_file, readahead=readahead,
                           max_readahead_bytes=max_readahead_bytes, workers=workers,
                           fill_threads=fill_threads, state=state, staging_fd=staging_fd,
-                          fresh=False)
+                          fresh=False, tracking=tracking)
 
     @classmethod
     def _build(cls, regions: Sequence[tuple[RegionSpec, int]],
                swap_dir: str | os.PathLike[str] | None, *,
                swap_file: SwapFile | None, readahead: bool, max_readahead_bytes: int | None,
                workers: int | None, fill_threads: bool, state: PageState | None,
-               staging_fd: int | None, fresh: bool) -> PageHandler:
+               staging_fd: int | None, fresh: bool, tracking: bool) -> PageHandler:
         if not regions:
             raise ValueError("the page handler needs at least one region")
         if max_readahead_bytes is not None and (
@@ -270,7 +295,8 @@ class PageHandler:
             state.next_generation()
             handler = cls(built, staging, swap_file, readahead=readahead,
                           max_readahead_bytes=max_readahead_bytes, workers=workers,
-                          fill_threads=fill_threads, state=state, owns_state=owns_state)
+                          fill_threads=fill_threads, state=state, owns_state=owns_state,
+                          tracking=tracking)
         except BaseException:
             for undo in reversed(cleanup):
                 undo()
@@ -403,9 +429,14 @@ class PageHandler:
         self._reset_counters()
         self.epoch += 1
         self._writer.reset()
+        if self.clean is not None and self.clean.bits.any():
+            # release_clean was not called (or failed): a kept page is moved like any other.
+            self.clean.take(None)
+        released, self._released = self._released, None
         moved = move.move_to_staging(
             [move.MoveRegion(r.memfd, r.size, r.base_page, r.page_size) for r in self.regions],
-            self.staging, workers=self._workers, file_current=self.swap_file.current)
+            self.staging, workers=self._workers, file_current=self.swap_file.current,
+            skip=released)
         # A staged page is newer than any file copy (it came from the guest): never let both
         # claim the page. Normally there is nothing to clear.
         stale = self.swap_file.current.subtract(self.staging.present)
@@ -466,6 +497,8 @@ class PageHandler:
         for part in parts:
             if part.out.done:
                 clear(first + part.offset, first + part.offset + part.out.done)
+                if source == "file" and self.clean is not None and fills_protected(uffd):
+                    self.clean.note_filled(first + part.offset, part.out)
             filled += part.out.filled
         if source == "staging":
             self._from_staging += filled
@@ -560,6 +593,8 @@ class PageHandler:
             journal.record(JournalOp.REMOVE, start=first, end=last)
         crash_point("remove.journaled")
         self.swap_file.free_range(first, last)
+        if self.clean is not None:
+            self.clean.forget(first, last)
         crash_point("remove.file_freed")
         self.staging.clear_range(first, last)
         crash_point("remove.staging_cleared")
@@ -630,6 +665,36 @@ class PageHandler:
         """A resumable swap-in of every staged and swapped page (see :class:`SwapInContext`)."""
         self.check_open()
         return SwapInContext(self)
+
+    # --- dirty tracking (see vmmswap.dataplane.dirty and .kept_file) ---------------------------
+    def note_file_filled(self, uffd: Userfaultfd, first: int, out: FillOutcome) -> None:
+        """A fill from the file through ``uffd`` settled ``out.done`` pages at ``first``:
+        clean, if the fill was write-protected."""
+        if self.clean is not None and fills_protected(uffd):
+            self.clean.note_filled(first, out)
+
+    def release_clean(self, written: npt.NDArray[np.bool_] | None) -> int:
+        """Clean pages no process wrote become file pages again, without a copy (see
+        :meth:`KeptFile.release <vmmswap.dataplane.kept_file.KeptFile.release>`); the next
+        :meth:`move_to_staging` punches them with the rest. Returns how many."""
+        self.check_open()
+        if self.clean is None:
+            return 0
+        self._released = self.clean.release(written)
+        return self.clean.released_pages
+
+    def forget_clean(self, why: str) -> None:
+        """Trust no clean page any more (a device process left: its writes are unknown)."""
+        if self.clean is not None:
+            self.clean.forget_all(why)
+
+    def limit_kept(self, max_bytes: int) -> int:
+        """Keep at most ``max_bytes`` of file for clean pages (after a swap-in)."""
+        self.check_open()
+        return 0 if self.clean is None else self.clean.limit(max_bytes)
+
+    def tracking_stats(self) -> TrackingStats:
+        return TrackingStats() if self.clean is None else self.clean.stats()
 
     # --- helpers for the contexts ---------------------------------------------------------------
     def check_open(self) -> None:

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vmmswap.dataplane.guest_memory import RegionSpec
-from vmmswap.dataplane.page_fill import Bounce, MapFn, RunFiller
+from vmmswap.dataplane.page_fill import Bounce, FillOutcome, MapFn, RunFiller
 from vmmswap.dataplane.page_state import Journal
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.uffd.pagesize import PAGE_SIZE
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 __all__ = ["PageStore", "Region"]
 
@@ -89,6 +90,10 @@ class PageStore(Protocol):
 
     def region_of_page(self, page: int) -> Region:
         """The region holding page index ``page``."""
+
+    def note_file_filled(self, uffd: Userfaultfd, first: int, out: FillOutcome) -> None:
+        """A fill from the swap file through ``uffd`` settled ``out.done`` pages at
+        ``first``."""
 
     def note_swapped_in(self, pages: int) -> None:
         """Count pages brought back by swap-in."""

@@ -309,6 +309,16 @@ class SwapFile:
         self._used_count -= int(slots.size)
         self._free_hint = min(self._free_hint, int(slots.min()))
 
+    def cut(self, slots: int) -> None:
+        """Shorten the file to ``slots`` slots. Every slot at or past it must be free."""
+        if slots < self._file_end:
+            if self._used.count(slots, self._file_end):
+                raise ValueError(f"cut: slots at or past {slots} are still in use")
+            os.ftruncate(self._fd, slots * self.page_size)
+            self._file_end = slots
+            self._end_cell[0] = slots
+            self._free_hint = min(self._free_hint, slots)
+
     # --- allocation -----------------------------------------------------------------------------
     def _allocate(self, count: int) -> npt.NDArray[np.int64]:
         """``count`` free slots, lowest first (tentative: nothing is marked used yet)."""

@@ -19,7 +19,8 @@ ahead of the copy. crosvm also mlocks that window through a mapping of the file;
 reads the file with ``preadv`` and maps nothing, so there is nothing to lock: a prefetched page
 reclaimed before use is simply read again. ``close`` therefore only ends the context.
 After a run is copied its page cache is dropped (the data now lives in the guest); the disk copy
-and the slot stay, so a later trim can still find clean pages.
+and the slot stay, so a later trim can still find clean pages, and with dirty tracking the
+next enable releases the pages nobody wrote without copying them (:mod:`.dirty`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from typing import Final
 
 from vmmswap.dataplane.crash_points import crash_point
-from vmmswap.dataplane.page_fill import MapFn, ReadFn, settled_block
+from vmmswap.dataplane.page_fill import FillOutcome, MapFn, ReadFn, settled_block
 from vmmswap.dataplane.page_store import PageStore
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.uffd.errors import MappingChangingError, ProcessGoneError
@@ -37,6 +38,8 @@ from vmmswap.uffd.userfaultfd import Userfaultfd
 
 DEFAULT_PREFETCH_BYTES: Final = 16 * 1024 * 1024
 MAX_SWAP_IN_BYTES: Final = 2 * 1024 * 1024
+#: ``filled(first, outcome)``: a part of a run settled (see PageStore.note_file_filled).
+FilledFn = Callable[[int, FillOutcome], None]
 #: Runs gathered into one step: fragmented memory still moves a chunk per step.
 _MAX_RUNS_PER_STEP: Final = 64
 
@@ -136,14 +139,17 @@ class SwapInContext:
 
         n, self._file_cursor = self._copy_next_runs(
             uffd, swap_file.current, self._file_cursor, max_pages, swap_file.read_pages, settle,
-            self._handler.file_mapper)
+            self._handler.file_mapper,
+            lambda first, out: self._handler.note_file_filled(uffd, first, out))
         return n
 
     def _copy_next_runs(self, uffd: Userfaultfd, present: PresentList, cursor: int,
                         max_pages: int, read: ReadFn, settle: Callable[[int, int], None],
-                        mapper: MapFn | None = None) -> tuple[int, int]:
+                        mapper: MapFn | None = None,
+                        filled: FilledFn | None = None) -> tuple[int, int]:
         """Copy the next runs of ``present`` (up to ``max_pages`` pages) at or after ``cursor``;
-        returns (pages settled, new cursor)."""
+        returns (pages settled, new cursor). ``filled`` hears of every part settled (dirty
+        tracking: pages from the file are clean)."""
         handler = self._handler
         runs: list[tuple[int, int, int]] = []
         pos, budget = cursor, max_pages
@@ -168,6 +174,8 @@ class SwapInContext:
             for part in parts:
                 if part.out.done:
                     settle(first + part.offset, first + part.offset + part.out.done)
+                    if filled is not None:
+                        filled(first + part.offset, part.out)
                     done += part.out.done
                 if part.out.error is not None:
                     errors.append(part.out.error)
@@ -182,14 +190,15 @@ class SwapInContext:
             if count > 1 and not isinstance(errors[0], MappingChangingError | ProcessGoneError):
                 # The run may cross a VMA boundary of the VMM's mapping (a COPY must stay in
                 # one VMA): try ever shorter pieces of it.
-                n = self._shrinking_fill(uffd, dst, first, count // 2, read, settle, mapper)
+                n = self._shrinking_fill(uffd, dst, first, count // 2, read, settle, mapper,
+                                         filled)
                 return n, first + n
             raise errors[0]
         return done, (pos if new_cursor < 0 else new_cursor)
 
     def _shrinking_fill(self, uffd: Userfaultfd, dst: int, first: int, count: int,
                         read: ReadFn, settle: Callable[[int, int], None],
-                        mapper: MapFn | None = None) -> int:
+                        mapper: MapFn | None = None, filled: FilledFn | None = None) -> int:
         """Fill the first ``count`` pages of a run, halving ``count`` while the kernel refuses;
         returns the pages settled (raises when even one page fails)."""
         while True:
@@ -199,6 +208,8 @@ class SwapInContext:
             for part in parts:
                 if part.out.done:
                     settle(first + part.offset, first + part.offset + part.out.done)
+                    if filled is not None:
+                        filled(first + part.offset, part.out)
             if hi:
                 return hi
             error = next(p.out.error for p in parts if p.out.error is not None)

@@ -55,6 +55,7 @@ from vmmswap.uffd.events import (
     parse_event,
     parse_events,
 )
+from vmmswap.uffd.fdinfo import enabled_features
 
 Buffer = bytes | bytearray | memoryview | ctypes.Array[ctypes.c_char]
 _BUFFER_TYPES: Final = (bytes, bytearray, memoryview, ctypes.Array)
@@ -228,6 +229,9 @@ class Userfaultfd:
         #: What UFFDIO_API reported: every feature the kernel supports, and the fd-level ioctls.
         self.supported_features = supported
         self.api_ioctls = api_ioctls
+        #: Whoever registers this descriptor's ranges MISSING | WP sets it: fills through it
+        #: are then write-protected (COPY_MODE_WP), which a MISSING-only range refuses.
+        self.write_protect_fills = False
 
     # --- creation -------------------------------------------------------------------------------
     @classmethod
@@ -281,11 +285,15 @@ class Userfaultfd:
         return KernelSupport(features, ioctls)
 
     @classmethod
-    def from_raw_descriptor(cls, fd: int, features: Feature = NO_FEATURES) -> Userfaultfd:
+    def from_raw_descriptor(cls, fd: int, features: Feature | None = NO_FEATURES
+                            ) -> Userfaultfd:
         """Wrap an initialised uffd received from elsewhere (SCM_RIGHTS, a FORK event); owns it.
 
-        ``features`` records what the creator enabled (the descriptor cannot be asked).
+        ``features`` records what the creator enabled; None asks the kernel (the fdinfo, see
+        :mod:`.fdinfo`), which the caller needs when its choices depend on them.
         """
+        if features is None:
+            features = enabled_features(fd)
         return cls(fd, Feature(int(features)))
 
     def try_clone(self) -> Userfaultfd:

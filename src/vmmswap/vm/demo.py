@@ -52,6 +52,8 @@ class DemoPlan:
     hot: int  # touched between enable and trim: faults served from staging
     retouch: int  # touched after out: faults served from the file (and zero pages)
     rewrite: int  # rewritten after out, with a second seed
+    #: Rewritten between cycles (seed 3 + cycle), right after ``rewrite``: about a tenth.
+    cycle_rewrite: int = 0
 
     @classmethod
     def for_fill(cls, fill: int, retouch: int | None = None) -> DemoPlan:
@@ -63,9 +65,11 @@ class DemoPlan:
         hot = chunks(fill // 16)
         rewrite = chunks(fill // 32)
         retouch = chunks(retouch if retouch is not None else fill // 4)
-        if retouch > fill - hot or hot + rewrite + zero > fill:
+        cycle_rewrite = chunks(fill // 10)
+        if retouch > fill - hot or hot + rewrite + cycle_rewrite + zero > fill:
             raise ValueError(f"fill of {fill // MIB} MiB is too small for this plan")
-        return cls(fill=fill, zero=zero, hot=hot, retouch=retouch, rewrite=rewrite)
+        return cls(fill=fill, zero=zero, hot=hot, retouch=retouch, rewrite=rewrite,
+                   cycle_rewrite=cycle_rewrite)
 
     @property
     def pattern_end(self) -> int:
@@ -79,6 +83,10 @@ class DemoPlan:
     @property
     def rewrite_start(self) -> int:
         return self.hot
+
+    @property
+    def cycle_rewrite_start(self) -> int:
+        return self.hot + self.rewrite
 
 
 @dataclass
@@ -106,6 +114,11 @@ class DemoResult:
     retouch_max_bucket_us: float | None = None
     retouch_seconds: float | None = None
     hot_p50_us: float | None = None
+    #: "wp-async" when dirty tracking ran, else "off" (and why).
+    dirty_tracking: str = "off"
+    #: One entry per swap cycle: pages moved / released without a copy / written, and the
+    #: enable's time and VM-frozen time.
+    cycles: list[dict[str, Any]] = field(default_factory=list)
     checksum_chunks: int = 0
     checksum_mismatches: int = 0
     pattern_mismatches: int = 0
@@ -135,6 +148,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="back guest memory with 2 MiB hugetlbfs pages (as root, the "
                              "kernel's pool is grown for the run and restored afterwards)")
     parser.add_argument("--kvm-device", default=DEFAULT_KVM_PATH, help=argparse.SUPPRESS)
+    parser.add_argument("--cycles", type=int, default=1, choices=range(1, 6), metavar="N",
+                        help="swap cycles (enable .. disable); from the second on, the guest "
+                        "first rewrites a tenth of its data (default 1)")
+    parser.add_argument("--no-dirty-tracking", action="store_true",
+                        help="copy every page at every enable (no WP_ASYNC dirty tracking)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds to wait for any one swap state (default 300)")
@@ -160,6 +178,8 @@ class Demo:
         self.kvm: Kvm | None = None
         self.ctl: Any = None
         self.baseline: list[int] = []
+        #: The seed of the range rewritten between cycles (1: not rewritten).
+        self.cycle_seed = 1
 
     # --- output -----------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -185,7 +205,8 @@ class Demo:
         swap_dir = args.swap_dir or tempfile.gettempdir()
         try:
             self.ctl = launch_controller(self.vm.memory, swap_dir,
-                                         readahead=not args.no_readahead)
+                                         readahead=not args.no_readahead,
+                                         dirty_tracking=not args.no_dirty_tracking)
             self.result.swap = "available"
             self._seen(self.ctl.status())
         except SwapUnavailableError as exc:
@@ -207,10 +228,25 @@ class Demo:
                 f"{len(self.baseline)} checksums")
 
     def enable(self) -> str:
+        start = time.monotonic()
         status = self.ctl.enable()
-        self.result.pages_moved = status_transition_pages(self.ctl.status())
+        seconds = time.monotonic() - start
+        moved = status_transition_pages(self.ctl.status())
+        tracking = status.dirty_tracking
+        self.result.dirty_tracking = tracking.mode + (f" ({tracking.reason})"
+                                                      if tracking.reason else "")
+        self.result.cycles.append({"cycle": len(self.result.cycles) + 1, "pages_moved": moved,
+                                   "pages_released": tracking.released_pages,
+                                   "pages_dirty": tracking.dirty_pages,
+                                   "enable_seconds": round(seconds, 4),
+                                   "frozen_seconds": status.frozen_seconds})
+        if self.result.pages_moved is None:
+            self.result.pages_moved = moved
         self._seen(status)
-        return f"{self.result.pages_moved} pages moved to staging"
+        released = (f", {tracking.released_pages} released without a copy"
+                    if len(self.result.cycles) > 1 else "")
+        return (f"{moved} pages moved to staging{released}; VM frozen "
+                f"{status.frozen_seconds * 1000:.1f} ms")
 
     def hot(self) -> OpReport:
         assert self.vm is not None
@@ -228,8 +264,19 @@ class Demo:
     def swap_out(self) -> str:
         self.ctl.swap_out()
         status = self._wait({"Active"})
-        self.result.pages_written = status_transition_pages(status)
-        return f"{self.result.pages_written} pages written to the swap file"
+        written = status_transition_pages(status)
+        if self.result.pages_written is None:
+            self.result.pages_written = written
+        self.result.cycles[-1]["pages_written"] = written
+        return f"{written} pages written to the swap file"
+
+    def rewrite_between_cycles(self) -> str:
+        assert self.vm is not None
+        plan = self.plan
+        seed = 2 + len(self.result.cycles)
+        self.vm.workload.fill(plan.cycle_rewrite_start, plan.cycle_rewrite, seed=seed)
+        self.cycle_seed = seed
+        return f"{plan.cycle_rewrite // MIB} MiB rewritten by the guest (seed {seed})"
 
     def retouch(self) -> OpReport:
         assert self.vm is not None
@@ -262,10 +309,13 @@ class Demo:
         w, plan = self.vm.workload, self.plan
         sums = w.checksum(0, plan.fill, CHUNK).checksums
         expected = list(self.baseline)
-        # The rewritten chunks now hold seed 2: their expected sums come from the host model.
-        for offset in range(plan.rewrite_start, plan.rewrite_start + plan.rewrite, CHUNK):
-            addr = self.vm.layout.span(offset, CHUNK)[0][0]
-            expected[offset // CHUNK] = abi.checksum(addr, abi.pattern(addr, CHUNK, 2))
+        # Rewritten chunks hold another seed now: their expected sums come from the host model.
+        for start, length, seed in self.model():
+            if seed < 2:
+                continue
+            for offset in range(start, start + length, CHUNK):
+                addr = self.vm.layout.span(offset, CHUNK)[0][0]
+                expected[offset // CHUNK] = abi.checksum(addr, abi.pattern(addr, CHUNK, seed))
         bad_sums = sum(1 for a, b in zip(sums, expected, strict=True) if a != b)
         bad = 0
         for offset, length, seed in self.model():
@@ -281,9 +331,10 @@ class Demo:
     def model(self) -> list[tuple[int, int, int]]:
         """``(offset, length, seed)`` of everything the guest should hold now."""
         plan = self.plan
-        rw_end = plan.rewrite_start + plan.rewrite
+        cycle_end = plan.cycle_rewrite_start + plan.cycle_rewrite
         return [(0, plan.rewrite_start, 1), (plan.rewrite_start, plan.rewrite, 2),
-                (rw_end, plan.pattern_end - rw_end, 1), (plan.pattern_end, plan.zero, 0)]
+                (plan.cycle_rewrite_start, plan.cycle_rewrite, self.cycle_seed),
+                (cycle_end, plan.pattern_end - cycle_end, 1), (plan.pattern_end, plan.zero, 0)]
 
     def _seen(self, status: Any) -> None:
         name = state_name(status)
@@ -325,6 +376,12 @@ class Demo:
             if swap:
                 c.run("status", self.status, str)
                 c.run("disable", self.disable, str)
+                for _ in range(2, args.cycles + 1):
+                    c.run("rewrite", self.rewrite_between_cycles, str)
+                    c.run("enable", self.enable, str)
+                    c.run("trim", self.trim, str)
+                    c.run("out", self.swap_out, str)
+                    c.run("disable", self.disable, str)
             c.run("verify", self.verify, str)
             if self.ctl is None:
                 self.result.verdict = "FAIL"
@@ -392,10 +449,17 @@ def format_table(result: DemoResult) -> str:
         ("readahead pages", fig(m.get("readahead_pages"))),
         ("faults avoided by readahead", fig(m.get("faults_avoided"))),
         ("pages swapped in (disable)", fig(result.pages_swapped_in)),
+        ("dirty tracking", result.dirty_tracking),
         ("guest first-touch latency p50 (re-touch)", fig(result.retouch_p50_us, "us", "{:.1f}")),
         ("guest first-touch latency p99 (re-touch)", fig(result.retouch_p99_us, "us", "{:.1f}")),
         ("guest re-touch time", fig(result.retouch_seconds, "s", "{:.3f}")),
     ]
+    for c in result.cycles:
+        rows.append((f"cycle {c['cycle']}: moved / released / written",
+                     f"{c['pages_moved']:,} / {c['pages_released']:,} / "
+                     f"{c.get('pages_written', 0):,} pages"))
+        rows.append((f"cycle {c['cycle']}: enable / VM frozen",
+                     f"{c['enable_seconds'] * 1000:.1f} / {c['frozen_seconds'] * 1000:.1f} ms"))
     rows += [(f"time: {p['phase']}", f"{p['seconds']:.2f} s") for p in result.phases]
     rows.append(("checksums verified", f"{result.checksum_chunks - result.checksum_mismatches}"
                                        f"/{result.checksum_chunks}"))

@@ -34,7 +34,7 @@ class SwapTimeoutError(TimeoutError):
 
 
 def launch_controller(memory: GuestMemory, swap_dir: str | os.PathLike[str], *,
-                      readahead: bool = True) -> Any:
+                      readahead: bool = True, dirty_tracking: bool = False) -> Any:
     """``SwapController.launch`` for ``memory``; SwapUnavailableError if it cannot run.
 
     The controller must be launched before any vCPU runs, like crosvm does right after creating
@@ -45,7 +45,8 @@ def launch_controller(memory: GuestMemory, swap_dir: str | os.PathLike[str], *,
         controller = module.SwapController
     except (ImportError, AttributeError) as exc:
         raise SwapUnavailableError(f"vmmswap.control.controller is not usable: {exc}") from exc
-    return controller.launch(memory, swap_dir, readahead=readahead)
+    return controller.launch(memory, swap_dir, readahead=readahead,
+                             dirty_tracking=dirty_tracking)
 
 
 def state_name(status: Any) -> str:

@@ -1,0 +1,256 @@
+"""Dirty tracking across swap cycles on the test VMM: cycle 2 writes only what changed, and
+every page of every cycle comes back with the content last written (through the VMM's threads
+and through a device process)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from control_helpers import MIB, Model, TestVmm
+
+from vmmswap.dataplane.dirty import probe_tracking
+from vmmswap.uffd.pagesize import PAGE_SIZE
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not probe_tracking().available,
+                                 reason=f"no dirty tracking here: {probe_tracking().reason}")]
+
+KIB = 1024
+
+
+@pytest.fixture
+def handler_env() -> dict[str, str]:
+    """The data plane's PageHandler only: the fake handler keeps no pages to track."""
+    return {}
+
+
+def _status(result: dict[str, Any]) -> dict[str, Any]:
+    status: dict[str, Any] = result["status"]
+    return status
+
+
+def _cycle_one(make_vmm: Callable[..., TestVmm], swap_dir: Path,
+               **launch: Any) -> tuple[TestVmm, Model]:
+    vmm = make_vmm()
+    vmm.launch(swap_dir, dirty_tracking=True, **launch)
+    model = Model(vmm)
+    model.write(0, 0, 3 * MIB, seed=1)
+    model.write(1, 0, 1 * MIB, seed=2)
+    vmm.ok("enable")
+    vmm.ok("out")
+    status = _status(vmm.ok("disable"))
+    assert status["state"] == "Ready"
+    model.verify()  # every page back, and (since disable filled them) not written since
+    return vmm, model
+
+
+def test_second_cycle_writes_only_what_changed(make_vmm: Callable[..., TestVmm],
+                                              swap_dir: Path) -> None:
+    vmm, model = _cycle_one(make_vmm, swap_dir)
+    data_pages = model.written_pages()
+    status = _status(vmm.ok("status"))
+    tracking = status["dirty_tracking"]
+    assert tracking["mode"] == "wp-async"
+    assert tracking["kept_pages"] == data_pages
+    # The guest rewrites 64 KiB in each of two places; another 256 KiB is read only.
+    model.write(0, 512 * KIB, 64 * KIB, seed=3)
+    model.write(1, 128 * KIB, 64 * KIB, seed=4)
+    model.verify()
+    # Reading never-written pages made them resident (shmem fills a hole it is read at):
+    # they were never in the file, so they move to staging as before.
+    resident = _status(vmm.ok("status"))["metrics"]["resident_pages"]
+    status = _status(vmm.ok("enable"))
+    tracking = status["dirty_tracking"]
+    rewritten = 2 * 64 * KIB // PAGE_SIZE
+    assert tracking["dirty_pages"] == rewritten
+    assert tracking["released_pages"] == data_pages - rewritten
+    assert status["metrics"]["staging_pages"] == resident - (data_pages - rewritten)
+    assert status["metrics"]["swap_pages"] == data_pages - rewritten
+    assert status["metrics"]["resident_pages"] == 0
+    status = _status(vmm.ok("trim"))  # the zero pages go; the rewritten ones stay
+    assert status["metrics"]["staging_pages"] == rewritten
+    status = _status(vmm.ok("out"))
+    assert status["metrics"]["staging_pages"] == 0
+    assert status["metrics"]["swap_pages"] == data_pages
+    model.verify()
+    vmm.ok("disable")
+    model.verify()
+
+
+def test_device_writes_are_dirty(make_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
+    """A page written only through a device process's mapping is found written."""
+    vmm, model = _cycle_one(make_vmm, swap_dir)
+    pid = vmm.ok("fork_device", checks=[[0, 0, 3 * MIB, 1]],
+                 writes=[[0, 1 * MIB, 128 * KIB, 5]])["pid"]
+    assert vmm.ok("wait_device", pid=pid)["exit_code"] == 0
+    for page in range(1 * MIB // PAGE_SIZE, (1 * MIB + 128 * KIB) // PAGE_SIZE):
+        model.seeds[0][page] = 5
+    # The device has exited: its writes can no longer be scanned, so nothing is trusted.
+    status = _status(vmm.ok("status"))
+    assert status["dirty_tracking"]["kept_pages"] == 0
+    resident = status["metrics"]["resident_pages"]
+    status = _status(vmm.ok("enable"))
+    assert status["dirty_tracking"]["released_pages"] == 0
+    assert status["metrics"]["staging_pages"] == resident
+    model.verify()
+    vmm.ok("out")
+    vmm.ok("disable")
+    model.verify()
+
+
+def test_live_device_writes_are_dirty(make_vmm: Callable[..., TestVmm], swap_dir: Path,
+                                      tmp_path: Path) -> None:
+    """A device process that lives through the cycles is scanned at every enable: what it
+    wrote between the cycles is copied, what nobody wrote is released."""
+    vmm = make_vmm()
+    vmm.launch(swap_dir, dirty_tracking=True)
+    model = Model(vmm)
+    model.write(0, 0, 3 * MIB, seed=1)
+    go, linger = tmp_path / "go", tmp_path / "exit"
+    pid = vmm.ok("fork_device", checks=[[0, 0, 3 * MIB, 1]],
+                 writes=[[0, 1 * MIB, 128 * KIB, 5]], wait_path=str(go),
+                 linger_path=str(linger))["pid"]
+    deadline = time.monotonic() + 30
+    while _status(vmm.ok("status"))["devices"] != 1:  # scanned from the first enable on
+        assert time.monotonic() < deadline, "the device never registered"
+        time.sleep(0.01)
+    vmm.ok("enable")
+    vmm.ok("out")
+    vmm.ok("disable")
+    data_pages = model.written_pages()
+    assert _status(vmm.ok("status"))["dirty_tracking"]["kept_pages"] == data_pages
+    go.touch()  # the device checks every page, then writes 128 KiB
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "exit.ready").exists():
+        assert time.monotonic() < deadline, "the device never wrote"
+        time.sleep(0.01)
+    for page in range(1 * MIB // PAGE_SIZE, (1 * MIB + 128 * KIB) // PAGE_SIZE):
+        model.seeds[0][page] = 5
+    status = _status(vmm.ok("enable"))
+    tracking = status["dirty_tracking"]
+    assert tracking["dirty_pages"] == 128 * KIB // PAGE_SIZE
+    assert tracking["released_pages"] == data_pages - 128 * KIB // PAGE_SIZE
+    model.verify()
+    linger.touch()
+    assert vmm.ok("wait_device", pid=pid)["exit_code"] == 0
+    vmm.ok("out")
+    vmm.ok("disable")
+    model.verify()
+
+
+def test_drop_file_forgets_the_copies(make_vmm: Callable[..., TestVmm],
+                                      swap_dir: Path) -> None:
+    vmm, model = _cycle_one(make_vmm, swap_dir)
+    status = _status(vmm.ok("disable", drop_file=True))
+    assert status["dirty_tracking"]["kept_pages"] == 0
+    resident = status["metrics"]["resident_pages"]
+    status = _status(vmm.ok("enable"))
+    assert status["dirty_tracking"]["released_pages"] == 0
+    assert status["metrics"]["staging_pages"] == resident
+    model.verify()
+
+
+def test_keep_limit_cuts_the_file(make_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
+    vmm, model = _cycle_one(make_vmm, swap_dir, keep_file_bytes=1 * MIB)
+    status = _status(vmm.ok("status"))
+    assert status["dirty_tracking"]["kept_pages"] == 1 * MIB // PAGE_SIZE
+    status = _status(vmm.ok("enable"))
+    assert status["dirty_tracking"]["released_pages"] == 1 * MIB // PAGE_SIZE
+    model.verify()
+    vmm.ok("out")
+    vmm.ok("disable")
+    model.verify()
+
+
+def test_tracking_off_by_default(make_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
+    vmm = make_vmm()
+    vmm.launch(swap_dir)
+    status = _status(vmm.ok("status"))
+    assert status["dirty_tracking"]["mode"] == "off"
+    assert status["dirty_tracking"]["reason"]
+
+
+INJECT = {"VMMSWAP_TEST_HANDLER_FACTORY": "control_inject:factory", "INJECT_BASE": ""}
+
+
+def test_negative_control_a_skipped_written_page_is_caught(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path) -> None:
+    """The checks above can fail: a scan answer with one written page left out releases that
+    page's stale file copy, and the content check after it sees the old data."""
+    vmm = make_vmm(**INJECT, INJECT_SKIP_WRITTEN="1")
+    vmm.launch(swap_dir, dirty_tracking=True)
+    model = Model(vmm)
+    model.write(0, 0, 1 * MIB, seed=1)
+    vmm.ok("enable")
+    vmm.ok("out")
+    vmm.ok("disable")
+    model.write(0, 0, 64 * KIB, seed=2)
+    status = _status(vmm.ok("enable"))
+    assert status["dirty_tracking"]["dirty_pages"] == 64 * KIB // PAGE_SIZE - 1
+    got = vmm.ok("verify", region=0, offset=0, length=64 * KIB, seed=2)
+    assert got["mismatched_pages"] == 1, got
+
+
+def test_monitor_restart_forgets_the_kept_file(make_vmm: Callable[..., TestVmm],
+                                               swap_dir: Path) -> None:
+    """A successor knows no clean page: a kill in Ready drops the kept file (everything is in
+    guest memory then), and the next enable copies every page as without tracking."""
+    vmm, model = _cycle_one(make_vmm, swap_dir)
+    assert _status(vmm.ok("status"))["dirty_tracking"]["kept_pages"] == model.written_pages()
+    old = vmm.monitor_pid
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while vmm.ok("restarts")["monitor_pid"] == old:
+        assert time.monotonic() < deadline, "no successor"
+        time.sleep(0.05)
+    status = _status(vmm.ok("status"))
+    assert status["state"] == "Ready"
+    assert status["dirty_tracking"]["kept_pages"] == 0
+    model.write(0, 0, 64 * KIB, seed=3)
+    model.verify()
+    resident = _status(vmm.ok("status"))["metrics"]["resident_pages"]
+    status = _status(vmm.ok("enable"))
+    assert status["metrics"]["staging_pages"] == resident
+    vmm.ok("out")
+    vmm.ok("disable")
+    model.verify()
+    assert _status(vmm.ok("status"))["dirty_tracking"]["kept_pages"] > 0  # tracking goes on
+
+
+def test_a_device_without_write_protection_is_served_and_trusted_for_nothing(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path, tmp_path: Path) -> None:
+    """A device uffd made without the WP features is registered MISSING only: its faults are
+    filled without write protection (a protected fill would be refused there), and since its
+    writes cannot be seen, the next enable releases nothing."""
+    vmm = make_vmm()
+    vmm.launch(swap_dir, dirty_tracking=True)
+    model = Model(vmm)
+    model.write(0, 0, 2 * MIB, seed=1)
+    vmm.ok("enable")
+    vmm.ok("out")
+    go, linger = tmp_path / "go", tmp_path / "exit"
+    pid = vmm.ok("fork_device", checks=[[0, 0, 2 * MIB, 1]], writes=[], wait_path=str(go),
+                 linger_path=str(linger), plain_uffd=True)["pid"]
+    deadline = time.monotonic() + 30
+    while _status(vmm.ok("status"))["devices"] != 1:
+        assert time.monotonic() < deadline, "the device never registered"
+        time.sleep(0.01)
+    go.touch()  # it reads every page: faults served through its uffd, from the swap file
+    while not (tmp_path / "exit.ready").exists():
+        assert time.monotonic() < deadline, "the device never read its pages"
+        time.sleep(0.01)
+    vmm.ok("disable")
+    status = _status(vmm.ok("enable"))
+    assert status["dirty_tracking"]["released_pages"] == 0
+    model.verify()
+    linger.touch()
+    assert vmm.ok("wait_device", pid=pid)["exit_code"] == 0
+    vmm.ok("out")
+    vmm.ok("disable")
+    model.verify()
