@@ -9,14 +9,20 @@ load a handler like this: the controller starts this file only when a test passe
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
-from vmmswap.control import monitor
+from vmmswap.control import monitor, monitor_tracking
+from vmmswap.dataplane.dirty import TrackingSupport
 
 
 def run(argv: list[str]) -> int:
     module, _, name = argv[0].partition(":")
     factory = getattr(importlib.import_module(module), name)
+    if os.environ.get("INJECT_NO_TRACKING") == "1":
+        # A kernel without WP_ASYNC / PAGEMAP_SCAN, as its feature report would say.
+        monitor_tracking.probe_tracking = lambda: TrackingSupport(
+            False, "the kernel lacks the uffd features (injected)")
     return monitor.main(argv[1:], handler_factory=factory)
 
 

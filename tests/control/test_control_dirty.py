@@ -254,3 +254,26 @@ def test_a_device_without_write_protection_is_served_and_trusted_for_nothing(
     vmm.ok("out")
     vmm.ok("disable")
     model.verify()
+
+
+def test_without_the_kernels_support_it_is_todays_behaviour(make_vmm: Callable[..., TestVmm],
+                                                           swap_dir: Path) -> None:
+    """Asked for on a kernel that cannot (as its feature report says): the status says off and
+    why, and every cycle copies and writes everything, as without tracking."""
+    vmm = make_vmm(**INJECT, INJECT_NO_TRACKING="1")
+    vmm.launch(swap_dir, dirty_tracking=True)
+    model = Model(vmm)
+    model.write(0, 0, 1 * MIB, seed=1)
+    status = _status(vmm.ok("status"))
+    assert status["dirty_tracking"]["mode"] == "off"
+    assert "injected" in status["dirty_tracking"]["reason"]
+    for _ in range(2):
+        resident = _status(vmm.ok("status"))["metrics"]["resident_pages"]
+        status = _status(vmm.ok("enable"))
+        assert status["metrics"]["staging_pages"] == resident
+        assert status["dirty_tracking"]["released_pages"] == 0
+        status = _status(vmm.ok("out"))
+        assert status["metrics"]["swap_pages"] == resident
+        status = _status(vmm.ok("disable"))
+        assert status["dirty_tracking"]["kept_pages"] == 0
+        model.verify()

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from huge_settings import HugeSettings
 from vmmswap.dataplane.dirty import DIRTY_TRACKING_FEATURES, probe_tracking, scan_process
 from vmmswap.dataplane.guest_memory import RegionSpec
 from vmmswap.dataplane.page_store import Region
@@ -32,27 +33,42 @@ pytestmark = [pytest.mark.timeout(30),
                                  reason=f"no dirty tracking: {probe_tracking().reason}")]
 
 N = 16
+HUGE = 2 << 20
+MFD_HUGE_2MB = 21 << 26
 _madvise = ctypes.CDLL(None, use_errno=True).madvise
 
 
 class Two:
-    """One memfd, filled through the file, mapped twice (``a`` and ``b``), both registered
-    MISSING | WP on one async-WP uffd."""
+    """One memfd, filled, mapped twice (``a`` and ``b``), both registered MISSING | WP on one
+    async-WP uffd; ``huge``: a 2 MiB hugetlbfs memfd (filled through ``a`` before the
+    registration: hugetlbfs has no write(2))."""
 
-    def __init__(self, wp_features: bool = True) -> None:
-        self.fd = os.memfd_create("dirty kernel test", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, N * PAGE_SIZE)
-        for i in range(N):
-            os.pwrite(self.fd, bytes([i + 1]) * PAGE_SIZE, i * PAGE_SIZE)
-        self.maps = [mmap.mmap(self.fd, N * PAGE_SIZE) for _ in range(2)]
+    def __init__(self, wp_features: bool = True, huge: bool = False) -> None:
+        self.ps = ps = HUGE if huge else PAGE_SIZE
+        flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB | MFD_HUGE_2MB if huge else 0)
+        self.fd = os.memfd_create("dirty kernel test", flags)
+        os.ftruncate(self.fd, N * ps)
+        self.maps = [mmap.mmap(self.fd, N * ps) for _ in range(2)]
         self.a, self.b = (np.frombuffer(m, dtype=np.uint8).ctypes.data for m in self.maps)
-        features = Feature.MISSING_SHMEM | (DIRTY_TRACKING_FEATURES if wp_features else 0)
+        for i in range(N):
+            ctypes.memset(self.a + i * ps, i + 1, ps)
+        features = (Feature.MISSING_HUGETLBFS if huge else Feature.MISSING_SHMEM) | (
+            DIRTY_TRACKING_FEATURES if wp_features else 0)
         self.uffd = Userfaultfd.new(features)
         mode = RegisterMode.MISSING | (RegisterMode.WP if wp_features else 0)
         for base in (self.a, self.b):
-            self.uffd.register(base, N * PAGE_SIZE, mode)
+            self.uffd.register(base, N * ps, mode)
         self.pagemap = Pagemap.open()
         self.out = Pagemap.regions(N)
+
+    def regions(self, base: int) -> list[Region]:
+        return [Region(RegionSpec(0, base, N * self.ps), self.fd, 0, self.ps)]
+
+    def scan(self, base: int) -> list[int]:
+        """scan_process over the mapping at ``base``: the pages it counts as written."""
+        written = np.zeros(N, dtype=np.bool_)
+        assert scan_process(self.pagemap, self.regions(base), written, self.uffd.write_protect)
+        return np.flatnonzero(written).tolist()
 
     def written(self, base: int) -> set[int]:
         """Pages of the mapping at ``base`` that PAGEMAP_SCAN reports written."""
@@ -67,10 +83,10 @@ class Two:
             self.uffd.write_protect(base, N * PAGE_SIZE)
 
     def poke(self, base: int, page: int) -> None:
-        ctypes.memmove(base + page * PAGE_SIZE, b"w", 1)  # releases the GIL
+        ctypes.memmove(base + page * self.ps, b"w", 1)  # releases the GIL
 
     def peek(self, base: int, page: int) -> None:
-        ctypes.string_at(base + page * PAGE_SIZE, 1)
+        ctypes.string_at(base + page * self.ps, 1)
 
     def close(self) -> None:
         self.pagemap.close()
@@ -167,3 +183,36 @@ def test_scan_of_an_unmapped_range_is_not_trusted(two: Two) -> None:
     spare.close()  # nothing is mapped at base now
     regions = [Region(RegionSpec(0, base, N * PAGE_SIZE), two.fd, 0)]
     assert not scan_process(two.pagemap, regions, np.zeros(N, dtype=np.bool_))
+
+
+@pytest.fixture
+def huge(huge_settings: HugeSettings) -> Iterator[Two]:
+    huge_settings.reserve_hugetlb(N)
+    t = Two(huge=True)
+    yield t
+    t.close()
+
+
+def test_hugetlb_writes_are_seen_per_mapping_and_whole(huge: Two) -> None:
+    """On hugetlbfs a never-touched (empty) entry reads as not written; scan_process counts it
+    written and protects the region, after which only real writes show, a huge page whole."""
+    assert huge.scan(huge.b) == list(range(N))  # b never touched: empty entries
+    assert huge.scan(huge.a) == list(range(N))  # a touched by the fill: written
+    assert huge.scan(huge.a) == [] and huge.scan(huge.b) == []
+    huge.peek(huge.b, 1)
+    huge.poke(huge.b, 2)
+    ctypes.memmove(huge.a + 5 * HUGE + 12345, b"w", 1)  # anywhere in the huge page
+    assert huge.scan(huge.a) == [5]
+    assert huge.scan(huge.b) == [2]
+
+
+def test_hugetlb_a_zapped_written_entry_still_counts_as_written(huge: Two) -> None:
+    huge.scan(huge.a)
+    huge.poke(huge.a, 3)
+    assert _madvise(ctypes.c_void_p(huge.a + 3 * HUGE), HUGE, 4) == 0  # DONTNEED
+    assert huge.scan(huge.a) == [3]  # empty now: counted written, not lost
+
+
+def test_hugetlb_scan_needs_a_way_to_protect(huge: Two) -> None:
+    with pytest.raises(ValueError, match="needs protect"):
+        scan_process(huge.pagemap, huge.regions(huge.a), np.zeros(N, dtype=np.bool_))

@@ -7,6 +7,7 @@ to the memfd (SEEK_DATA) and to the file's current bits.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from huge_settings import HugeSettings
 from vmmswap.dataplane import move
 from vmmswap.dataplane.guest_memory import RegionSpec, data_ranges
 from vmmswap.dataplane.kept_file import KeptFile
@@ -142,3 +144,40 @@ def test_the_move_punches_released_pages_without_copying_them(guest: Guest) -> N
         assert guest.swap.current_pages == N - 3
     finally:
         staging.close()
+
+
+def test_hugetlb_released_pages_are_punched_and_a_zero_one_leaves_the_file(
+        huge_settings: HugeSettings, tmp_path: Path) -> None:
+    """On hugetlbfs SEEK_DATA cannot tell a hole: the move reads each released huge page, and
+    one that reads as zeros (here: punched by the VMM behind the handler's back) stops being
+    current in the file, so its old copy is never served; the others are punched unstaged."""
+    n, huge = 6, 2 << 20
+    huge_settings.reserve_hugetlb(2 * n)
+    memfd = os.memfd_create("kept huge", os.MFD_CLOEXEC | os.MFD_HUGETLB | (21 << 26))
+    os.ftruncate(memfd, n * huge)
+    data = np.repeat(np.arange(1, n + 1, dtype=np.uint8), huge)
+    with mmap.mmap(memfd, n * huge) as m:
+        m[:] = data.tobytes()
+    swap = SwapFile.create(tmp_path, n, page_size=huge)
+    staging = StagingMemory(n, page_size=huge)
+    try:
+        swap.write_pages(np.arange(n, dtype=np.int64), memoryview(data))
+        swap.clear_current(0, n)
+        kept = KeptFile([Region(RegionSpec(0, 0x40000000, n * huge), memfd, 0, huge)], swap)
+        kept.note_filled(0, FillOutcome(done=n, filled=n))
+        libc.fallocate(memfd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE,
+                       4 * huge, huge)
+        written = np.zeros(n, dtype=np.bool_)
+        written[1] = True
+        released = kept.release(written)
+        moved = move.move_to_staging([move.MoveRegion(memfd, n * huge, 0, huge)], staging,
+                                     file_current=swap.current, skip=released)
+        assert moved == 1 and np.flatnonzero(staging.present.bools(0, n)).tolist() == [1]
+        assert np.flatnonzero(swap.current.bools(0, n)).tolist() == [0, 2, 3, 5]
+        page = bytearray(huge)
+        for p in range(n):
+            assert os.preadv(memfd, [page], p * huge) == huge and not any(page[:4096])
+    finally:
+        staging.close()
+        swap.close()
+        os.close(memfd)

@@ -144,10 +144,23 @@ class HostCommands:
                 del os.environ[key]
 
     def host_command(self) -> None:
-        """One random command (or a pause) of the host."""
-        action = self.rng.choices(("enable", "trim", "out", "disable", "status", "pause"),
-                                  (5, 3, 4, 3, 1, 2))[0]
+        """One random command (or a pause) of the host; with dirty tracking also a whole
+        cycle's turn (disable to Ready, the guest writes, enable), where kept pages are
+        released -- or, written in the pause, must not be."""
+        action = self.rng.choices(("enable", "trim", "out", "disable", "status", "pause",
+                                   "cycle"), (5, 3, 4, 3, 1, 2, 3 if self.tracking else 0))[0]
         getattr(self, f"do_{action}")()
+
+    def do_cycle(self) -> None:
+        before = self.state()
+        self.stats.commands += 1
+        status = self.controller().disable(wait=True, timeout=TIMEOUT)
+        if status.state is not S.READY:
+            raise Failure(f"disable in {before} (a cycle's turn) ended in {status.state}")
+        time.sleep(self.rng.choice((0.0, 0.01, 0.05)))
+        self.note(f"cycle's turn from {before}: Ready, kept "
+                  f"{status.dirty_tracking.kept_pages} pages")
+        self.do_enable()
 
     def controller(self) -> SwapController:
         assert self.ctl is not None

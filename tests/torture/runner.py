@@ -67,6 +67,21 @@ class Summary:
                 f"{self.total('guest_pages_checked')}")
 
 
+def _thread_state(pid: int, tid: int) -> str:
+    """A thread's state letter, wait channel and the top of its kernel stack (root only)."""
+    base = f"/proc/{pid}/task/{tid}"
+    state = chan = ""
+    with contextlib.suppress(OSError, IndexError), open(f"{base}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    with contextlib.suppress(OSError), open(f"{base}/wchan") as f:
+        chan = f.read().strip()
+    stack = ""
+    with contextlib.suppress(OSError), open(f"{base}/stack") as f:
+        frames = [line.split()[-1].split("+")[0] for line in f.read().splitlines()[:4]]
+        stack = "<".join(frames)
+    return f"{state}:{chan or '-'}" + (f"[{stack}]" if stack else "")
+
+
 @contextlib.contextmanager
 def small_tmpfs() -> Iterator[str | None]:
     """A 1 MiB tmpfs (the full disk), or None where mounting is not allowed."""
@@ -155,8 +170,7 @@ class VmmProcess:
             chans = []
             with contextlib.suppress(OSError):
                 for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
-                    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/wchan") as f:
-                        chans.append(f.read().strip() or "running")
+                    chans.append(_thread_state(pid, int(tid)))
             with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as f:
                 parts.append(f"{f.read().strip()}[{pid}]: {', '.join(chans)}")
         for pid in pids:  # the VMM and its monitors print their Python stacks (faulthandler)

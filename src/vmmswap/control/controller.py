@@ -55,6 +55,7 @@ from vmmswap.control.monitor_launch import (
     registered_ranges,
     start_monitor,
 )
+from vmmswap.control.monitor_process import MonitorProcess
 from vmmswap.control.monitor_watch import MonitorWatch
 from vmmswap.control.protocol import (
     Command,
@@ -105,7 +106,7 @@ class SwapController:
     """
 
     def __init__(self, memory: GuestMemory, uffd: Userfaultfd, kept: KeptDescriptors,
-                 sock: socket.socket, process: subprocess.Popen[bytes],
+                 sock: socket.socket, process: MonitorProcess,
                  control_socket: str | None, *, readahead: bool = True,
                  on_monitor_died: DeathCallback | None = _log_death,
                  on_monitor_restarted: RestartCallback | None = _log_restart,
@@ -278,7 +279,7 @@ class SwapController:
         return MonitorRestart(len(self._deaths), dead_pid, code, process.pid, seconds, message)
 
     def _start_successor(self, init: InitRequest, spare: Spare | None,
-                         ) -> tuple[subprocess.Popen[bytes], socket.socket, socket.socket]:
+                         ) -> tuple[MonitorProcess, socket.socket, socket.socket]:
         """Start (or wake the spare as) the successor and wait until it serves; its process,
         its socket and the VMM's end of its keeper socket."""
         if spare is None:
@@ -352,7 +353,7 @@ class SwapController:
         uffd: Userfaultfd | None = None
         ours, theirs = seqpacket_pair()
         keeper_ours, keeper_theirs = seqpacket_pair()
-        process: subprocess.Popen[bytes] | None = None
+        process: MonitorProcess | None = None
         try:
             uffd = Userfaultfd.new(swap_features())
             if control_socket is not None:

@@ -160,8 +160,7 @@ class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
         self.memfds = memfds
         #: Each region's page (2 MiB on hugetlbfs), asked of the kernel once.
         self.page_sizes = [memfd_page_size(fd) for fd in memfds]
-        self.tracking, self.tracking_reason = tracking_mode(init.dirty_tracking,
-                                                            self.page_sizes)
+        self.tracking, self.tracking_reason = tracking_mode(init.dirty_tracking)
         self.keep_limit_bytes = init.keep_file_bytes
         self.factory = factory
         self.epoll = select.epoll()
@@ -559,6 +558,11 @@ def main(argv: Sequence[str] | None = None,
     parser.add_argument("--spare", action="store_true",
                         help="started ahead of need: wait for the init without a timeout")
     args = parser.parse_args(argv)
+    # posix_spawn (see monitor_process.py) passes every descriptor the VMM did not mark
+    # close-on-exec: keep only the standard ones and the control socket.
+    if args.control_fd > 2:
+        os.closerange(3, args.control_fd)
+        os.closerange(args.control_fd + 1, os.sysconf("SC_OPEN_MAX"))
     # SIGUSR1 prints every thread's Python stack to stderr (the VMM's): how a monitor that
     # spins or waits where it should not is diagnosed in the field, without stopping it.
     faulthandler.register(signal.SIGUSR1, all_threads=True)

@@ -36,6 +36,7 @@ from vmmswap.control.errors import (
     describe_exit,
     raise_for,
 )
+from vmmswap.control.monitor_process import MonitorProcess
 from vmmswap.control.protocol import (
     InitRequest,
     decode_response,
@@ -125,8 +126,13 @@ def registered_ranges(ranges: Iterable[tuple[int, int]]) -> bool:
 
 
 def start_monitor(theirs: socket.socket, command: Sequence[str] | None = None,
-                  spare: bool = False) -> subprocess.Popen[bytes]:
-    """``command`` (default :data:`MONITOR_COMMAND`) with ``--control-fd N --vmm-pid P``."""
+                  spare: bool = False) -> MonitorProcess:
+    """``command`` (default :data:`MONITOR_COMMAND`) with ``--control-fd N --vmm-pid P``.
+
+    Spawned, not Popen'ed (see :mod:`.monitor_process`: a device forked meanwhile must not be
+    able to hold the start up). stdout is the VMM's (maybe a protocol pipe), so the monitor
+    gets /dev/null there and logs to stderr; its own session keeps a Ctrl-C meant for the VMM
+    from killing the fault server."""
     fd = theirs.fileno()
     if command is None:
         command = MONITOR_COMMAND
@@ -135,18 +141,13 @@ def start_monitor(theirs: socket.socket, command: Sequence[str] | None = None,
     env = dict(os.environ)
     # The monitor must import this very package, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC_ROOT, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen(
-        [*command, "--control-fd", str(fd), "--vmm-pid", str(os.getpid()),
-         *(("--spare",) if spare else ())],
-        # stdout is the VMM's (maybe a protocol pipe): the monitor only ever logs to stderr.
-        pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
-        close_fds=True,
-        # Its own session: a Ctrl-C meant for the VMM must not kill the fault server.
-        start_new_session=True,
-    )
+    target = 3 if fd != 3 else 4
+    return MonitorProcess.spawn(
+        [*command, "--control-fd", str(target), "--vmm-pid", str(os.getpid()),
+         *(("--spare",) if spare else ())], env, pass_fd=fd, target_fd=target)
 
 
-def reap(process: subprocess.Popen[bytes], wait: float = 5.0) -> None:
+def reap(process: MonitorProcess, wait: float = 5.0) -> None:
     try:
         process.wait(timeout=wait)
     except subprocess.TimeoutExpired:
@@ -158,7 +159,7 @@ def reap(process: subprocess.Popen[bytes], wait: float = 5.0) -> None:
 class Spare:
     """A monitor started ahead of need, waiting (imports done) for a successor's init."""
 
-    process: subprocess.Popen[bytes]
+    process: MonitorProcess
     sock: socket.socket
 
     @classmethod
@@ -312,7 +313,7 @@ def _close_all(fds: Iterable[int]) -> None:
 LAUNCH_TIMEOUT: Final = 60.0
 
 
-def handshake(sock: socket.socket, process: subprocess.Popen[bytes], init: InitRequest,
+def handshake(sock: socket.socket, process: MonitorProcess, init: InitRequest,
                fds: Sequence[int], *, resume: bool) -> None:
     """Send ``init`` and wait until the monitor says it is Ready (or serving, for a
     successor). SuccessorDiedError if a successor died before answering."""

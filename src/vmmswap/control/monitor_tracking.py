@@ -20,7 +20,6 @@ import numpy.typing as npt
 from vmmswap.control.monitor_state import tracks
 from vmmswap.dataplane.dirty import TrackingMode, TrackingStats, probe_tracking, scan_process
 from vmmswap.uffd.pagemap_scan import Pagemap
-from vmmswap.uffd.pagesize import PAGE_SIZE
 
 if TYPE_CHECKING:
     from vmmswap.control.monitor_faults import UffdEntry, UffdSet
@@ -33,12 +32,10 @@ _log = logging.getLogger(__name__)
 UNLIMITED: Final = -1
 
 
-def tracking_mode(asked: bool, page_sizes: list[int]) -> tuple[bool, str]:
+def tracking_mode(asked: bool) -> tuple[bool, str]:
     """Whether to track, and if not, why (for the status)."""
     if not asked:
         return False, "not asked for (dirty_tracking is off)"
-    if any(ps != PAGE_SIZE for ps in page_sizes):
-        return False, "guest memory on hugetlbfs: tracking works on 4 KiB pages only"
     support = probe_tracking()
     if not support.available:
         return False, support.reason
@@ -80,7 +77,7 @@ class DirtyTracking:
         try:
             if entry.pagemap is None:
                 entry.pagemap = Pagemap.open(entry.pid)
-            if scan_process(entry.pagemap, regions, written):
+            if scan_process(entry.pagemap, regions, written, entry.uffd.write_protect):
                 return True
             _log.warning("pid %d's scan did not cover guest memory: every page counts as "
                          "written", entry.pid)

@@ -27,6 +27,7 @@ from vmmswap.dataplane.page_store import Region
 from vmmswap.dataplane.present_list import PresentList, runs_of
 from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.kernel import libc
+from vmmswap.uffd.pagesize import PAGE_SIZE
 
 __all__ = ["KeptFile"]
 
@@ -91,7 +92,10 @@ class KeptFile:
 
         ``written`` (one slot per page) is the union of every mapping process's scan; None
         means it could not be had, and every page counts as written. A clean page must still
-        be resident: a hole there means the VMM punched it itself, and its slot is stale.
+        be resident: a hole there means the VMM punched it itself, and its slot is stale. (On
+        hugetlbfs, where SEEK_DATA cannot tell, the move reads each released page and takes
+        one that reads as zeros out of the file again: a hole and a page of zeros both read
+        back as zeros.)
         Returns the released pages as one bool slot per page (None: none), for the move to
         staging to punch without copying them (``move_to_staging(skip=...)``), or the caller
         punches them with :meth:`punch`.
@@ -120,7 +124,10 @@ class KeptFile:
             self._punch(first, end)
 
     def _resident(self, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-        """Which of ``pages`` (ascending) hold data in their memfd (SEEK_DATA)."""
+        """Which of ``pages`` (ascending) hold data in their memfd (SEEK_DATA; every page on
+        hugetlbfs, where the move checks instead)."""
+        if self.page_size != PAGE_SIZE:
+            return np.ones(pages.size, dtype=np.bool_)
         resident = np.zeros(pages.size, dtype=np.bool_)
         for region in self.regions:
             lo, hi = (int(i) for i in np.searchsorted(pages, [region.base_page,

@@ -143,10 +143,24 @@ class _Marker:
     """Marks staged pages present from the worker threads (a bitmap word may be shared by
     two regions' batches, and a word update is a read and a write)."""
 
-    def __init__(self, staging: StagingMemory, file_current: PresentList | None) -> None:
+    def __init__(self, staging: StagingMemory, file_current: PresentList | None,
+                 skip: npt.NDArray[np.bool_] | None = None) -> None:
         self.staging = staging
         self.file_current = file_current
+        self.skip = skip
         self.lock = threading.Lock()
+
+    def skipped(self, page: int) -> bool:
+        """A page to punch without staging: its current copy is in the file (dirty
+        tracking's released pages)."""
+        return self.skip is not None and bool(self.skip[page])
+
+    def zero_released(self, page: int) -> None:
+        """A released hugetlbfs page read as zeros (a hole the VMM punched, or zeros): the
+        zeros are its content, so its file copy is current no more; then it is punched."""
+        with self.lock:
+            if self.file_current is not None:
+                self.file_current.clear_range(page, page + 1)
 
     def mark(self, region: MoveRegion, copies: list[tuple[int, int]]) -> None:
         with self.lock:
@@ -177,7 +191,8 @@ def _punch_spans(region: MoveRegion, batch: MoveBatch, marker: _Marker) -> list[
     staged = {off for start, end in batch.copies for off in range(start, end, ps)}
     spans: list[tuple[int, int]] = []
     for off in range(batch.remove_start, batch.remove_end, ps):
-        if off not in staged and marker.held_elsewhere(region.page_of(off)):
+        page = region.page_of(off)
+        if off not in staged and not marker.skipped(page) and marker.held_elsewhere(page):
             continue
         if spans and spans[-1][1] == off:
             spans[-1] = (spans[-1][0], off + ps)
@@ -191,7 +206,8 @@ def _run_batch(staging: StagingMemory, region: MoveRegion, batch: MoveBatch,
     if buffers is not None:
         # hugetlbfs: the batch's copies are the non-zero huge pages, found as they are read.
         stage_span(staging, region.memfd, region.base_page, batch.remove_start,
-                   batch.remove_end, buffers, batch.copies)
+                   batch.remove_end, buffers, batch.copies, marker.skipped,
+                   marker.zero_released)
     else:
         for start, end in batch.copies:
             staging.copy_in(region.memfd, start, region.page_of(start), end - start)
@@ -292,7 +308,8 @@ def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
     copy elsewhere unpunched (see _punch_spans). ``skip`` (one slot per page, 4 KiB regions)
     names pages that are punched but not copied: their current copy is already in the swap
     file (dirty tracking's clean pages, see :mod:`.kept_file`); the batches still cover them,
-    so they are punched in the same few calls, on the same threads, as the rest.
+    so they are punched in the same few calls, on the same threads, as the rest (on hugetlbfs
+    a skipped page is read first, and one that reads as zeros leaves the file too).
     The first error is raised once every started batch has finished.
 
     **Safety**: every process that maps guest memory must be frozen and every uffd registered
@@ -322,7 +339,8 @@ def move_to_staging(regions: Sequence[MoveRegion], staging: StagingMemory, *,
     huge_sizes = {r.page_size for r, _ in jobs if r.hugetlb}
     buffers = {ps: HugeBuffers(workers, ps) for ps in huge_sizes}
     try:
-        return _run_jobs(jobs, staging, workers, buffers, _Marker(staging, file_current))
+        return _run_jobs(jobs, staging, workers, buffers,
+                         _Marker(staging, file_current, skip))
     finally:
         for buf in buffers.values():
             buf.close()

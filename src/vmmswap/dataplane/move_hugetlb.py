@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import queue
+from collections.abc import Callable
 
 import numpy as np
 
@@ -82,18 +83,27 @@ def is_zero(buf: memoryview) -> bool:
 
 
 def stage_span(staging: StagingMemory, memfd: int, base_page: int, start: int, end: int,
-               buffers: HugeBuffers, copies: list[tuple[int, int]]) -> None:
+               buffers: HugeBuffers, copies: list[tuple[int, int]],
+               skipped: Callable[[int], bool] | None = None,
+               zero_skipped: Callable[[int], None] | None = None) -> None:
     """Copy the non-zero huge pages of ``[start, end)`` (bytes of the region) to staging.
 
     Each staged page's byte range is appended to ``copies`` as soon as it is in staging, so
-    a failure half-way leaves ``copies`` naming exactly what staging holds.
+    a failure half-way leaves ``copies`` naming exactly what staging holds. Pages
+    ``skipped(page)`` names are not staged (their copy is elsewhere); one of them that reads
+    as zeros is reported to ``zero_skipped`` (its zeros are its content now).
     """
     ps = buffers.page_size
     buf = buffers.take()
     try:
         view = buf.view[:ps]
         for offset in range(start, end, ps):
+            page = base_page + offset // ps
             _read_page(memfd, offset, view)
+            if skipped is not None and skipped(page):
+                if zero_skipped is not None and is_zero(view):
+                    zero_skipped(page)
+                continue
             if is_zero(view):
                 continue
             staging.write(base_page + offset // ps, view)

@@ -171,8 +171,6 @@ class PageHandler:
         self._owns_state = owns_state
         self._journal = state.journal if state is not None else None
         self._writer = SwapOutWriter(staging, swap_file, journal=self._journal)
-        if tracking and ps != PAGE_SIZE:
-            raise ValueError("dirty tracking works on 4 KiB pages only (not on hugetlbfs)")
         #: Dirty tracking (None: off): pages back from their file slot and not written since.
         #: Fills through a uffd registered MISSING | WP are write-protected (the monitor sets
         #: ``write_protect_fills`` on it), and only those make pages clean.

@@ -189,12 +189,23 @@ class WrittenScan:
     """
 
     def __init__(self, pagemap: Pagemap, start: int, dirty: npt.NDArray[np.bool_], *,
-                 reprotect: bool, regions: int = DEFAULT_REGIONS) -> None:
+                 reprotect: bool, regions: int = DEFAULT_REGIONS,
+                 page_size: int = PAGE_SIZE, require: int = PageCategory.WRITTEN,
+                 inverted: int = 0) -> None:
         if dirty.dtype != np.bool_ or dirty.ndim != 1:
             raise ValueError("dirty must be a one-dimensional bool array, one slot per page")
+        if page_size < PAGE_SIZE or page_size % PAGE_SIZE or start % page_size:
+            raise ValueError(f"page size {page_size} is not a multiple of {PAGE_SIZE} that "
+                             f"{start:#x} is aligned to")
         self.pagemap = pagemap
         self.start = start
-        self.end = start + len(dirty) * PAGE_SIZE
+        #: Bytes per slot of ``dirty``: 2 MiB for hugetlbfs memory, written and protected whole.
+        self.page_size = page_size
+        self.end = start + len(dirty) * page_size
+        #: What a page must have to be marked (after ``inverted`` flips bits): written, by
+        #: default; ``require=PRESENT|SWAPPED, inverted=PRESENT|SWAPPED`` marks empty entries.
+        self.require = require
+        self.inverted = inverted
         self.cursor = start
         self.dirty = dirty
         self.reprotect = reprotect
@@ -210,13 +221,15 @@ class WrittenScan:
         if self.done:
             return 0
         result = self.pagemap.scan(self.cursor, self.end, self._out,
-                                   require=PageCategory.WRITTEN, report=PageCategory.WRITTEN,
-                                   write_protect=self.reprotect, max_pages=max_pages)
+                                   require=self.require, inverted=self.inverted,
+                                   report=self.require, write_protect=self.reprotect,
+                                   max_pages=max_pages)
         found = 0
+        ps = self.page_size
         for start, end in zip(result.regions["start"].tolist(), result.regions["end"].tolist(),
                               strict=True):
-            first = (start - self.start) // PAGE_SIZE
-            last = (end - self.start) // PAGE_SIZE
+            first = (start - self.start) // ps
+            last = (end - self.start + ps - 1) // ps  # a part of a huge page is all of it
             self.dirty[first:last] = True
             found += last - first
         if result.walk_end <= self.cursor and not result.complete:
