@@ -27,12 +27,15 @@ does not find is an error (ENOMEM, retried later) instead of a skip.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
+
+import numpy as np
 
 from vmmswap.uffd.errors import PageExistsError, PartialFillError
 from vmmswap.uffd.memory import Mapping
@@ -124,6 +127,26 @@ def copy_run(uffd: Userfaultfd, dst: int, src: int, pages: int, *, wake: bool,
         out.filled += pages - out.done
         out.done = pages
     return out
+
+
+def huge_page_exists(memfd: int, offset: int, page_size: int, src: int) -> bool:
+    """After COPY said EEXIST for the huge page at ``offset`` of ``memfd``: is it there?
+
+    On hugetlbfs the kernel also says EEXIST when it could not allocate the page (see the
+    module docstring), so look: read the page through the memfd (a hole reads as zeros,
+    nothing is allocated). Data there means the page exists -- the guest's version wins.
+    Zeros there exist harmlessly only if our copy at ``src`` (this process) is zeros too (a
+    hole then faults to the same zeros); otherwise the page is taken as missing and the fill
+    fails, keeping our copy: a real page the guest zeroed whole since a racing fill would only
+    keep its fault retried, never lose data.
+    """
+    page = bytearray(page_size)
+    if os.preadv(memfd, [page], offset) != page_size:
+        return False
+    if np.frombuffer(page, dtype=np.uint64).any():
+        return True
+    ours = np.ctypeslib.as_array((ctypes.c_uint64 * (page_size // 8)).from_address(src))
+    return not ours.any()
 
 
 def fills_protected(uffd: Userfaultfd) -> bool:

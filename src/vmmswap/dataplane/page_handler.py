@@ -43,7 +43,6 @@ The monitor is single-threaded and calls one method at a time; the handler holds
 from __future__ import annotations
 
 import bisect
-import ctypes
 import logging
 import os
 import tempfile
@@ -72,12 +71,14 @@ from vmmswap.dataplane.page_fill import (
     MapFn,
     RunFiller,
     fills_protected,
+    huge_page_exists,
     settled_block,
 )
-from vmmswap.dataplane.page_state import Journal, JournalOp, PageState, PageStateError
+from vmmswap.dataplane.page_state import Journal, JournalOp, PageState
 from vmmswap.dataplane.page_store import Region
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.dataplane.readahead import UP, Readahead
+from vmmswap.dataplane.recovery import finish_journal
 from vmmswap.dataplane.staging import StagingMemory, create_staging_memfd
 from vmmswap.dataplane.swap_file import MAX_PAGES, SwapFile
 from vmmswap.dataplane.swap_in import SwapInContext
@@ -327,26 +328,10 @@ class PageHandler:
 
     # --- lookup ---------------------------------------------------------------------------------
     def _huge_page_exists(self, dst: int, src: int) -> bool:
-        """After COPY said EEXIST for the huge page at VMM address ``dst``: is it there?
-
-        On hugetlbfs the kernel also says EEXIST when it could not allocate the page (see
-        :mod:`.page_fill`), so look: read the page through the memfd (a hole reads as zeros,
-        nothing is allocated). Data there means the page exists -- the guest's version wins.
-        Zeros there exist harmlessly only if our copy at ``src`` is zeros too (a hole then
-        faults to the same zeros); otherwise the page is taken as missing and the fill fails,
-        keeping our copy: a real page the guest zeroed whole since a racing fill would only
-        keep its fault retried, never lose data.
-        """
+        """After COPY said EEXIST for the huge page at VMM address ``dst`` (see
+        :func:`~vmmswap.dataplane.page_fill.huge_page_exists`)."""
         region = self.region_at(dst)
-        ps = region.page_size
-        page = bytearray(ps)
-        got = os.preadv(region.memfd, [page], dst - region.host_addr)
-        if got != ps:
-            return False
-        if np.frombuffer(page, dtype=np.uint64).any():
-            return True
-        ours = np.ctypeslib.as_array((ctypes.c_uint64 * (ps // 8)).from_address(src))
-        return not ours.any()
+        return huge_page_exists(region.memfd, dst - region.host_addr, region.page_size, src)
 
     def region_at(self, addr: int) -> Region:
         """The region holding VMM address ``addr``; InvalidAddressError if none does."""
@@ -605,37 +590,11 @@ class PageHandler:
     def recover(self) -> None:
         """Finish or undo the step the journal names, then apply announced discards.
 
-        Called by :meth:`resume`. Every rule here follows from the write order of each step
-        (DESIGN.md, "Crash consistency"): a swap-out's slots are used exactly when their page
-        names them, and pages whose file copy became current leave staging (the two copies are
-        identical); a trim's freed slots are freed and its zero pages leave staging; a REMOVE
-        is done again whole. Cost: the journal (at most JOURNAL_CAPACITY pages) and the
-        discard log's written pages.
+        Called by :meth:`resume`; the journal's rules are in :mod:`.recovery`. Cost: the
+        journal (at most JOURNAL_CAPACITY pages) and the discard log's written pages.
         """
         assert self.state is not None and self._journal is not None
-        journal = self._journal
-        op, n = journal.op, journal.count
-        pages = journal.pages[:n].astype(np.int64)
-        slots = journal.slots[:n].astype(np.int64)
-        if op == JournalOp.SWAP_OUT:
-            released = self.swap_file.reconcile_slots(pages, slots)
-            done = pages[self.swap_file.current.test(pages) & self.staging.present.test(pages)]
-            self.staging.clear_pages(done)
-            _log.info("resumed a swap-out step: %d of %d pages were committed, %d slots "
-                      "released", done.size, n, released)
-        elif op == JournalOp.FREE_SLOTS:
-            self.swap_file.free_pages(pages)
-            self.swap_file.reconcile_slots(pages, slots)
-            self.staging.clear_pages(pages[self.staging.present.test(pages)])
-            _log.info("resumed a trim step: %d zero pages", n)
-        elif op == JournalOp.REMOVE:
-            first, last = journal.range
-            self.swap_file.free_range(first, last)
-            self.staging.clear_range(first, last)
-            _log.info("resumed a REMOVE of pages [%d, %d)", first, last)
-        elif op != JournalOp.NONE:
-            raise PageStateError(f"the page state's journal names an unknown step {op}")
-        journal.clear()
+        finish_journal(self._journal, self.swap_file, self.staging)
         pending = discard_log.pending_runs(self.state)
         for first, last in pending:
             self._drop_pages(first, last)
