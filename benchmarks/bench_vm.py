@@ -5,7 +5,12 @@ One command, three configurations measured in the same run, each on a fresh micr
 * floor      -- swap never enabled: the guest re-reads a resident working set;
 * readahead  -- fill, enable, out, then the guest re-reads the working set (faults served from
                 the swap file with readahead);
-* no-readahead -- the same with readahead off (one page per fault).
+* no-readahead -- the same with readahead off (one page per fault);
+* random, random-no-readahead -- fill, enable, out, then the guest touches ``--random-pages``
+                single pages at random offsets of the working set, one command each (a guest
+                resuming from idle: every touch is a fault served by the monitor, which has been
+                idle in between, so each pays the cross-CPU wake-up the adaptive spin is for).
+                Only the latencies count here (the host's command per page dominates the time).
 
 The guest times the whole pass and the first touch of every page with the TSC, so the figures are
 what the guest observes, not host-side estimates. Each configuration runs ``--repeat`` times and
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -34,6 +40,7 @@ from vmmswap.vm.swap_session import (
 )
 
 MIB = 1 << 20
+PAGE = 4096
 
 
 @dataclass
@@ -47,12 +54,31 @@ class Pass:
     metrics: dict[str, int] = field(default_factory=dict)
 
 
-def one_pass(config: str, working_set: int, vcpus: int, swap_dir: str) -> Pass:
+def _random_touch(w: Any, working_set: int, count: int, seed: int) -> Any:
+    """Touch ``count`` distinct random pages one command at a time; the merged report."""
+    rng = random.Random(seed)
+    pages = rng.sample(range(working_set // PAGE), min(count, working_set // PAGE))
+    merged: Any = None
+    for page in pages:
+        report = w.read(page * PAGE, PAGE, vcpus=[0])
+        if merged is None:
+            merged = report
+        else:
+            assert merged.latency is not None and report.latency is not None
+            merged.latency.merge(report.latency)
+            merged.guest_s += report.guest_s
+            merged.wall_s += report.wall_s
+    return merged
+
+
+def one_pass(config: str, working_set: int, vcpus: int, swap_dir: str,
+             random_pages: int = 2000, seed: int = 0) -> Pass:
     memory = working_set + 64 * MIB
     with MicroVM(memory, vcpus=vcpus, regions=2, program=build_guest()) as vm:
         ctl: Any = None
         if config != "floor":
-            ctl = launch_controller(vm.memory, swap_dir, readahead=config == "readahead")
+            ctl = launch_controller(vm.memory, swap_dir,
+                                    readahead=config in ("readahead", "random"))
         try:
             vm.start()
             w = vm.workload
@@ -62,7 +88,10 @@ def one_pass(config: str, working_set: int, vcpus: int, swap_dir: str) -> Pass:
                 ctl.enable()
                 ctl.swap_out()
                 wait_for_state(ctl.status, {"Active"}, timeout=600)
-            report = w.read(0, working_set)
+            if config.startswith("random"):
+                report = _random_touch(w, working_set, random_pages, seed)
+            else:
+                report = w.read(0, working_set)
             if ctl is not None:
                 metrics = metrics_dict(ctl.status())
                 ctl.disable()
@@ -87,21 +116,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="vCPUs; the re-touch is split across them (default 2)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--swap-dir", default=None)
+    parser.add_argument("--random-pages", type=int, default=2000,
+                        help="pages touched one at a time by the random configs (default 2000)")
+    parser.add_argument("--configs", default="floor,readahead,no-readahead,random,"
+                        "random-no-readahead", help="comma-separated configurations to run")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     working_set = args.working_set * MIB
     results: dict[str, list[Pass]] = {}
     with tempfile.TemporaryDirectory(dir=args.swap_dir) as swap_dir:
-        for config in ("floor", "readahead", "no-readahead"):
+        for config in args.configs.split(","):
             runs: list[Pass] = []
             for i in range(args.repeat):
                 try:
-                    runs.append(one_pass(config, working_set, args.vcpus, swap_dir))
+                    runs.append(one_pass(config, working_set, args.vcpus, swap_dir,
+                                         args.random_pages, seed=i))
                 except SwapUnavailableError as exc:
                     print(f"{config}: skipped, {exc}", flush=True)
                     break
                 p = runs[-1]
-                print(f"{config:>13} run {i + 1}: guest {p.guest_s * 1e3:9.1f} ms  "
+                print(f"{config:>19} run {i + 1}: guest {p.guest_s * 1e3:9.1f} ms  "
                       f"p50 {p.p50_us:8.2f} us  p99 {p.p99_us:8.2f} us", flush=True)
             if runs:
                 results[config] = runs
@@ -112,15 +146,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nre-touch of a {args.working_set} MiB working set after `out`, {args.vcpus} vCPUs "
           f"(median of {args.repeat}; guest TSC timing)")
-    print(f"{'config':>13} | {'guest time':>10} | {'vs floor':>9} | {'p50':>9} | {'p99':>9} | "
+    print(f"{'config':>19} | {'guest time':>10} | {'vs floor':>9} | {'p50':>9} | {'p99':>9} | "
           f"{'p99.9':>9} | {'from file':>9} | {'readahead':>9}")
     summary: dict[str, Any] = {}
     for config, runs in results.items():
         p = median(config)
-        ratio = p.guest_s / median("floor").guest_s if "floor" in results else float("nan")
+        ratio = (p.guest_s / median("floor").guest_s
+                 if "floor" in results and not config.startswith("random") else float("nan"))
         summary[config] = {**asdict(p), "ratio_vs_floor": ratio,
                            "all_guest_s": [r.guest_s for r in runs]}
-        print(f"{config:>13} | {p.guest_s * 1e3:8.1f}ms | {ratio:8.1f}x | {p.p50_us:7.1f}us | "
+        print(f"{config:>19} | {p.guest_s * 1e3:8.1f}ms | {ratio:8.1f}x | {p.p50_us:7.1f}us | "
               f"{p.p99_us:7.1f}us | {p.p999_us:7.1f}us | "
               f"{p.metrics.get('copied_from_file_pages', 0):>9} | "
               f"{p.metrics.get('readahead_pages', 0):>9}")

@@ -178,10 +178,17 @@ def factory(setup: HandlerSetup) -> Any:
 
 
 def _fail_pwrite(handler: Any, at: int) -> None:
-    """Make the ``at``-th swap-file write of ``handler`` tear: half written, then EIO."""
+    """Make the ``at``-th swap-file write of ``handler`` tear: half written, then EIO. Both
+    write paths count: from a buffer (``_pwrite_all``) and straight from the staging mapping
+    (``_pwritev_all``)."""
     swap_file = handler.swap_file
     real = swap_file._pwrite_all
+    real_v = swap_file._pwritev_all
     calls = 0
+
+    def tear(offset: int, half: int) -> None:
+        raise OSError(errno.EIO, f"injected I/O error: swap file write {at} torn at "
+                                 f"{offset + half:#x}")
 
     def torn(data: memoryview, offset: int) -> None:
         nonlocal calls
@@ -192,7 +199,26 @@ def _fail_pwrite(handler: Any, at: int) -> None:
         half = (data.nbytes // 2) & ~0xFFF
         if half:
             real(data[:half], offset)
-        raise OSError(errno.EIO, f"injected I/O error: swap file write {at} torn at "
-                                 f"{offset + half:#x}")
+        tear(offset, half)
+
+    def torn_v(iov: list[memoryview], offset: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls != at:
+            real_v(iov, offset)
+            return
+        total = sum(v.nbytes for v in iov)
+        half = (total // 2) & ~0xFFF
+        kept: list[memoryview] = []
+        left = half
+        for v in iov:
+            if left <= 0:
+                break
+            kept.append(v[:left])
+            left -= min(left, v.nbytes)
+        if kept:
+            real_v(kept, offset)
+        tear(offset, half)
 
     swap_file._pwrite_all = torn
+    swap_file._pwritev_all = torn_v

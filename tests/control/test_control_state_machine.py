@@ -360,3 +360,49 @@ def test_time_is_reported_while_in_progress() -> None:
     machine.swap_out()
     now[0] += 1.5
     assert machine.status().state_transition.time_ms == 1500
+
+
+class PreparingHandler(Handler):
+    """A handler with the optional pre-freeze hooks; records when they run."""
+
+    def __init__(self, hooks: Hooks, fail_prepare: bool = False) -> None:
+        super().__init__()
+        self.hooks = hooks
+        self.fail_prepare = fail_prepare
+
+    def prepare_move(self, between: Any = None) -> None:
+        self.hooks.log.append("prepare (frozen)" if self.hooks.frozen else "prepare")
+        if between is not None:
+            between()
+        if self.fail_prepare:
+            raise OSError(errno.ENOMEM, "no memory to prepare")
+
+    def release_prepared(self) -> None:
+        self.hooks.log.append("release")
+
+
+@pytest.mark.parametrize("fail_prepare", [False, True])
+def test_enable_prepares_before_the_freeze(machine: StateMachine, hooks: Hooks,
+                                           fail_prepare: bool) -> None:
+    """The handler prepares while the VMM runs; a failing preparation is only a lost
+    speed-up (the move still runs); a failed freeze releases what was prepared."""
+    handler = PreparingHandler(hooks, fail_prepare)
+    hooks.create_handler = lambda: handler  # type: ignore[method-assign]
+    status = machine.enable()
+    assert status.state is SwapState.PENDING and status.state_transition.pages == 10
+    assert hooks.log == ["prepare", "freeze", "register", "thaw"]
+    hooks.log.clear()
+    hooks.freeze_error = OSError(errno.ESRCH, "cannot stop the VMM")
+    with pytest.raises(CommandError):
+        machine.enable()
+    assert hooks.log == ["prepare", "release"]
+    assert machine.state is SwapState.PENDING
+
+
+def test_prepare_serves_faults_between_steps(machine: StateMachine, hooks: Hooks) -> None:
+    """A monitor offering ``serve_pending`` has it called during the preparation."""
+    handler = PreparingHandler(hooks)
+    hooks.create_handler = lambda: handler  # type: ignore[method-assign]
+    hooks.serve_pending = lambda: hooks.log.append("serve")  # type: ignore[attr-defined]
+    machine.enable()
+    assert hooks.log == ["prepare", "serve", "freeze", "register", "thaw"]

@@ -105,9 +105,15 @@ def _child(cfg: dict[str, Any], fds: list[int], sock: socket.socket) -> None:
                                  readahead=bool(cfg.get("readahead", True)),
                                  workers=int(cfg.get("workers", 2)))
     crash_points.set_hook(hook)
+    if cfg.get("map_staging"):
+        handler.staging.view()  # as after a prepared enable: swap-out writes from the mapping
     op = cfg["op"]
     step = int(cfg.get("step_pages", 4))
     if op == "move":
+        # As the monitor's enable does: staging prepared first (a kill there leaves only
+        # populated pages with clear bits, a successor's sweep frees them).
+        if cfg.get("prepare", True):
+            handler.prepare_move()
         handler.move_to_staging()
     elif op == "out":
         while handler.swap_out(step * PAGE_SIZE) > 0:

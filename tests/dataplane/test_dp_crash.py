@@ -224,7 +224,9 @@ class Trial:
                   ) -> tuple[Outcome, bool, dict[str, Any] | None]:
         outcome = Outcome()
         stop_r, stop_w = os.pipe()
-        cfg = {"op": "serve" if op.startswith("serve_") else op, "kill_at": kill_at,
+        # out_direct: swap-out from the staging mapping (pwritev, no bounce buffer).
+        child_op = "serve" if op.startswith("serve_") else "out" if op == "out_direct" else op
+        cfg = {"op": child_op, "map_staging": op == "out_direct", "kill_at": kill_at,
                "workers": workers, "wrong_order": wrong_order,
                "regions": [[s.guest_addr, s.host_addr, s.size] for s in self.specs],
                "readahead": self.rng.random() < 0.7, "step_pages": self.rng.choice([1, 3, 8])}
@@ -365,7 +367,7 @@ def _trial(agent: Vmm, forks: ForkServer, tmp_path: Path, op: str, seed: int, ki
         trial.close()
 
 
-OPS = ["move", "out", "trim", "swapin", "serve_faults", "serve_remove", "mixed"]
+OPS = ["move", "out", "trim", "swapin", "serve_faults", "serve_remove", "mixed", "out_direct"]
 
 
 #: Injected kill points per operation (spread evenly over the points it passes).

@@ -122,6 +122,18 @@ class _Transition:
         return SwapStateTransition(self.pages, int(elapsed * 1000))
 
 
+def _call_optional(handler: PageHandlerLike, name: str, what: str, **kwargs: Any) -> None:
+    """Call a handler's optional speed-up hook (``prepare_move``, ``release_prepared``):
+    handlers without it, and any failure of it, leave the enable as it was without it."""
+    hook = getattr(handler, name, None)
+    if hook is None:
+        return
+    try:
+        hook(**kwargs)
+    except Exception as err:
+        _log.warning("enable: %s failed (the move does without): %s", what, err)
+
+
 class StateMachine:
     """One VM's swap state. Every method runs on the monitor's single thread."""
 
@@ -189,13 +201,22 @@ class StateMachine:
                                    f"cannot set up the page handler: {err}") from err
             created = True
         handler = self.handler
+        # Everything that can happen while the VMM runs happens before the freeze.
+        # The monitor may offer ``serve_pending`` (serve waiting faults): then faults are served
+        # between the preparation's steps instead of waiting for all of it.
+        serve = getattr(self._hooks, "serve_pending", None)
+        _call_optional(handler, "prepare_move", "preparing staging before the freeze",
+                       **({"between": serve} if serve is not None else {}))
         move_started = False
         frozen_at: float | None = None
+        asked = time.monotonic()
         try:
             with self._hooks.freeze():
                 frozen_at = self._clock()
+                frozen = time.monotonic()
                 if created:
                     self._hooks.register_all()
+                registered = time.monotonic()
                 # Only now, with every writer stopped, is the old work dropped: a failed freeze
                 # must leave the state as it was.
                 self._abort_background()
@@ -217,6 +238,11 @@ class StateMachine:
                     raise CommandError(ErrorKind.FAILED, self.error or "") from err
                 self.transition.end()
                 self.error = None
+                moved = time.monotonic()
+            _log.info("enable: %d pages moved; VMM frozen at most %.3f s (stopping it %.3f s, "
+                      "registering %.3f s, moving %.3f s, thawing %.3f s)",
+                      self.transition.pages, time.monotonic() - asked, frozen - asked,
+                      registered - frozen, moved - registered, time.monotonic() - moved)
         except CommandError:
             self._note_thawed(frozen_at)
             self._enable_over()
@@ -229,6 +255,7 @@ class StateMachine:
                 self._enable_over()
                 raise CommandError(ErrorKind.FAILED, self.error or "") from err
             # Freezing or registering failed: nothing was moved.
+            _call_optional(handler, "release_prepared", "freeing prepared staging")
             if created:
                 self._discard_handler()
             self._enable_over()

@@ -14,9 +14,10 @@ between them on the monitor's command (:meth:`PageHandler.move_to_staging`, ``sw
   (:class:`~vmmswap.dataplane.page_fill.RunFiller`), since the faulting guest leaves the second CPU
   idle.
 * **No mapping per page.** Staging and the swap file are read with ``preadv`` into one bounce
-  buffer this process populated once, and COPY reads from there. Nothing maps staging, the swap
-  file or guest memory, so no page table of the monitor changes per page (on this project's
-  nested-virtualisation CI host a page-table update costs more than copying the page). Staging
+  buffer this process populated once, and COPY reads from there. Serving a fault maps nothing,
+  so no page table of the monitor changes per page (on this project's nested-virtualisation CI
+  host a page-table update costs more than copying the page); the one mapping of staging is
+  populated by an enable before the freeze (:meth:`PageHandler.prepare_move`). Staging
   memory that pages leave is freed in batches by a helper thread (:mod:`vmmswap.dataplane.staging`).
 * **Page state in bits.** 4.25 bytes per guest page in total (crosvm: about 9).
 
@@ -53,7 +54,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from vmmswap.dataplane import discard_log, move
+from vmmswap.dataplane import discard_log, move, move_prepare
 from vmmswap.dataplane.crash_points import crash_point
 from vmmswap.dataplane.dirty import TrackingStats
 from vmmswap.dataplane.guest_memory import (
@@ -167,6 +168,9 @@ class PageHandler:
         self._workers = workers
         #: Incremented by every move to staging: resumable contexts restart their scans.
         self.epoch = 0
+        #: Staging pages were populated for the next move (prepare_move): the move frees
+        #: the ones it did not fill.
+        self._prepared = False
         #: Where the page state lives (None: private arrays, no successor can resume).
         self.state = state
         self._owns_state = owns_state
@@ -398,6 +402,30 @@ class PageHandler:
         )
 
     # --- enable ---------------------------------------------------------------------------------
+    def prepare_move(self, budget: int | None = None,
+                     between: Callable[[], object] | None = None) -> move_prepare.Prepared:
+        """Before the VMM is frozen for :meth:`move_to_staging`: allocate and map the staging
+        pages the resident guest pages will move to (:mod:`vmmswap.dataplane.move_prepare`),
+        so the frozen move only copies and punches. Optional, and changes no page's place;
+        :meth:`release_prepared` undoes it if no move follows. ``between`` runs after every
+        step of ~20 ms (the monitor serves faults there; they may call this handler).
+        """
+        self.check_open()
+        prepared = move_prepare.prepare_staging(
+            [move_prepare.PrepareRegion(r.memfd, r.size, r.base_page, r.page_size)
+             for r in self.regions], self.staging, budget=budget, between=between,
+            skip=None if self.clean is None else self.clean.bits)
+        self._prepared = self._prepared or prepared.prepared_pages > 0
+        crash_point("move.prepared")
+        return prepared
+
+    def release_prepared(self) -> None:
+        """Free (soon, on the reclaimer thread) staging pages prepared for a move that will
+        not happen."""
+        if self._prepared and not self.staging.closed:
+            self._prepared = False
+            self.staging.sweep_leftovers()
+
     def move_to_staging(self) -> int:
         """Move every resident guest page to staging; returns the pages moved.
 
@@ -416,10 +444,16 @@ class PageHandler:
             # release_clean was not called (or failed): a kept page is moved like any other.
             self.clean.take(None)
         released, self._released = self._released, None
-        moved = move.move_to_staging(
-            [move.MoveRegion(r.memfd, r.size, r.base_page, r.page_size) for r in self.regions],
-            self.staging, workers=self._workers, file_current=self.swap_file.current,
-            skip=released)
+        try:
+            moved = move.move_to_staging(
+                [move.MoveRegion(r.memfd, r.size, r.base_page, r.page_size)
+                 for r in self.regions],
+                self.staging, workers=self._workers, file_current=self.swap_file.current,
+                skip=released)
+        finally:
+            # Prepared pages the move did not fill (their guest page was discarded meanwhile,
+            # or released without a copy by dirty tracking).
+            self.release_prepared()
         # A staged page is newer than any file copy (it came from the guest): never let both
         # claim the page. Normally there is nothing to clear.
         stale = self.swap_file.current.subtract(self.staging.present)

@@ -4,8 +4,18 @@ A memfd rather than anonymous memory so the pages count as shmem, as crosvm does
 37f8a7da5), and so every transfer is file I/O: pages come in from the guest memfd with
 ``copy_file_range`` (kernel to kernel, no page table of this process involved), leave with
 ``preadv`` into a buffer the handler already populated, and are freed with a hole punch.
-Nothing maps staging, so nothing ever pays a page-table update per staging page -- which is the
-dominant cost of memory operations on nested-virtualisation hosts like the CI machine.
+Faults never map staging, so serving one never pays a page-table update per staging page --
+the dominant cost of memory operations on nested-virtualisation hosts like the CI machine.
+
+**The one mapping** (:meth:`StagingMemory.populate`, :meth:`StagingMemory.view`): an enable
+allocates and maps the staging pages it is about to fill *before* the VMM is frozen
+(MADV_POPULATE_WRITE on a MAP_SHARED mapping of the memfd), and the frozen move then reads
+guest memory straight into them (``preadv``: a page-cache copy at memcpy speed, against
+``copy_file_range``'s splice into pages the kernel must allocate and zero inside the freeze).
+Swap-out writes the file straight from the same mapping (no bounce copy). Only present pages
+and pages about to be filled are ever touched through it, so it never allocates a page
+nobody asked for except those :meth:`populate` allocates on purpose, which hold zeros, have
+their bits clear, and are freed again like any other leftover (:meth:`sweep_leftovers`).
 
 Which pages staging holds is a bitmap (:class:`~vmmswap.dataplane.present_list.PresentList`); pages
 are
@@ -30,6 +40,7 @@ from vmmswap.dataplane.guest_memory import data_ranges
 from vmmswap.dataplane.page_state import PageState, PageStateError
 from vmmswap.dataplane.present_list import Indices, PresentList, runs_of
 from vmmswap.kernel import libc
+from vmmswap.uffd.memory import Mapping
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 
@@ -206,6 +217,8 @@ class StagingMemory:
             raise
         self.present = PresentList(num_pages)
         self._reclaimer = _Reclaimer(self._fd, page_size)
+        self._map: Mapping | None = None
+        self._view: memoryview | None = None
 
     @classmethod
     def over(cls, fd: int, state: PageState, *, fresh: bool,
@@ -231,6 +244,8 @@ class StagingMemory:
         self._owns_fd = owns_fd
         self.present = PresentList.over(state.staging_present, state.num_pages)
         self._reclaimer = _Reclaimer(fd, state.page_size)
+        self._map = None
+        self._view = None
         if not fresh:
             self._reclaimer.add_sweep(self._leaked_ranges)
         return self
@@ -261,6 +276,7 @@ class StagingMemory:
         """Close the memfd (the kernel frees every staged page). Idempotent."""
         if self._fd >= 0:
             self._reclaimer.close()
+            self._unmap()
             fd, self._fd = self._fd, -1
             if self._owns_fd:
                 os.close(fd)
@@ -286,6 +302,63 @@ class StagingMemory:
         """Bytes of page state."""
         return self.present.nbytes
 
+    # --- the mapping -----------------------------------------------------------------------------
+    @property
+    def mapped(self) -> bool:
+        return self._view is not None
+
+    def view(self) -> memoryview:
+        """The whole memfd as bytes of this process, mapped MAP_SHARED on first use.
+
+        **Safety**: touch only present pages, or pages about to be written whole: reading a
+        hole through the mapping allocates a page. Only system calls (``preadv`` into it,
+        ``pwritev`` from it) should touch it, with the GIL released; it is never registered
+        with userfaultfd, so those calls never fault into the handler.
+        """
+        if self._view is None:
+            length = self.num_pages * self.page_size
+            self._map = Mapping.map_fd(self.fileno(), length)
+            self._view = memoryview(self._map.as_ctypes()).cast("B")
+        return self._view
+
+    def page_view(self, start: int, end: int) -> memoryview:
+        """Pages ``[start, end)`` of :meth:`view`."""
+        self.present.check_range(start, max(end, start + 1))
+        return self.view()[start * self.page_size:end * self.page_size]
+
+    def unmap(self) -> None:
+        """Drop the mapping (until the next :meth:`populate`): moves copy with
+        ``copy_file_range`` and swap-out reads through a buffer again, as with a staging
+        nobody prepared (the benchmark compares both)."""
+        self._unmap()
+
+    def _unmap(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def populate(self, start: int, end: int) -> None:
+        """Allocate and map pages ``[start, end)`` now (zeros where the memfd has a hole, data
+        kept where it has data), so a later write into them costs neither an allocation nor a
+        page fault. Their bits are not touched: until a move fills and marks them they are
+        leftovers, which :meth:`sweep_leftovers` (or a successor's sweep) frees.
+        """
+        if end <= start:
+            return
+        self.present.check_range(start, end)
+        self.view()
+        assert self._map is not None
+        self._map.madvise(libc.MADV_POPULATE_WRITE, start * self.page_size,
+                          (end - start) * self.page_size)
+
+    def sweep_leftovers(self) -> None:
+        """Free, on the reclaimer thread, every page the memfd holds whose bit is clear
+        (pages :meth:`populate` allocated that no move filled)."""
+        self._reclaimer.add_sweep(self._leaked_ranges)
+
     # --- data -----------------------------------------------------------------------------------
     def copy_in(self, src_fd: int, src_offset: int, page: int, length: int) -> None:
         """Copy ``length`` bytes of ``src_fd`` at ``src_offset`` to staging page ``page``.
@@ -299,6 +372,20 @@ class StagingMemory:
         """
         self.present.check_range(page, page + 1)
         dst = page * self.page_size
+        if self._view is not None:
+            # Mapped (the enable populated staging before the freeze): a page-cache read into
+            # pages that already exist. A hole in the source would read as zeros without
+            # allocating anything (the caller asks only for data extents anyway).
+            self.present.check_range(page, page + max(1, length // self.page_size))
+            view = self._view[dst:dst + length]
+            done = 0
+            while done < length:
+                n = os.preadv(src_fd, [view[done:]], src_offset + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"copy to staging stopped at {src_offset + done:#x}: "
+                                  "the guest memfd is shorter than its region")
+                done += n
+            return
         done = 0
         while done < length:
             n = os.copy_file_range(src_fd, self._fd, length - done, src_offset + done, dst + done)

@@ -48,6 +48,11 @@ MAX_PAGES: Final = (1 << 32) - 2
 
 #: Pages handed to one ``posix_fadvise`` when prefetching or dropping the cache.
 _ADVISE_MAX_RUNS: Final = 256
+#: Buffers per ``pwritev`` (the system's limit, asked of libc).
+_IOV_MAX: Final = max(1, os.sysconf("SC_IOV_MAX"))
+#: ``gather(first, count)``: the memory of ``pages[first:first + count]`` of a write, as
+#: buffers to write back to back.
+Gather = Callable[[int, int], list[memoryview]]
 
 
 class SwapFile:
@@ -364,8 +369,12 @@ class SwapFile:
         return slots
 
     def write_planned(self, pages: Indices, slots: npt.NDArray[np.int64],
-                      data: memoryview) -> None:
+                      data: memoryview | Gather) -> None:
         """Write ``pages`` to their planned ``slots`` and commit (see :meth:`write_pages`).
+
+        ``data``: the pages back to back, or a :data:`Gather` naming where each run of them
+        is (swap-out writes straight from the staging mapping, one ``pwritev`` per run of
+        consecutive slots).
 
         Commit order (crash consistency): the high-water mark first (a successor never
         allocates a slot below it as fresh), the data, the slots' used bits, the pages'
@@ -377,7 +386,10 @@ class SwapFile:
         if top > self._file_end:
             self._end_cell[0] = top
         for first, count, slot in _segments(slots):
-            self._pwrite_all(data[first * ps:(first + count) * ps], slot * ps)
+            if isinstance(data, memoryview):
+                self._pwrite_all(data[first * ps:(first + count) * ps], slot * ps)
+            else:
+                self._pwritev_all(data(first, count), slot * ps)
         crash_point("out.written")
         existing = self._slots[pages].astype(np.int64) - 1
         need = existing != slots
@@ -401,6 +413,19 @@ class SwapFile:
             if written <= 0:
                 raise OSError(errno.EIO, f"swap file write at {offset + done:#x} wrote nothing")
             done += written
+
+    def _pwritev_all(self, iov: list[memoryview], offset: int) -> None:
+        at = 0  # index of the first view not written whole
+        while at < len(iov):
+            written = os.pwritev(self._fd, iov[at:at + _IOV_MAX], offset)
+            if written <= 0:
+                raise OSError(errno.EIO, f"swap file write at {offset:#x} wrote nothing")
+            offset += written
+            while at < len(iov) and written >= iov[at].nbytes:
+                written -= iov[at].nbytes
+                at += 1
+            if written:
+                iov[at] = iov[at][written:]
 
     def read_pages(self, start: int, end: int, buf: memoryview) -> None:
         """Read the slots of ``[start, end)`` (every page must have one) into ``buf``.

@@ -15,6 +15,10 @@ monitor serves faults (and REMOVE events, and maybe a new ``enable``) in between
 
 A page present in staging never changes while it stays present (nothing writes a present
 staging page), so those two checks are enough.
+
+When staging is mapped (an enable prepared it, :mod:`vmmswap.dataplane.move_prepare`), a chunk
+is instead written straight from the mapping with ``pwritev``: nothing is read into a buffer,
+so there is nothing to read ahead either, and the file write is the whole cost.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from vmmswap.dataplane.page_fill import Bounce
 from vmmswap.dataplane.page_state import JOURNAL_CAPACITY, Journal, JournalOp
 from vmmswap.dataplane.present_list import Indices, runs_of
 from vmmswap.dataplane.staging import StagingMemory
-from vmmswap.dataplane.swap_file import SwapFile
+from vmmswap.dataplane.swap_file import Gather, SwapFile
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 #: crosvm's MAX_SWAP_CHUNK_SIZE.
@@ -130,15 +134,14 @@ class SwapOutWriter:
             raise ValueError(f"swap out needs at least one page, got max_bytes={max_bytes}")
         max_pages = max(1, min(max_bytes, self._chunk_bytes) // self._page_size)
         present = self._staging.present
+        if self._staging.mapped:
+            return self._step_direct(max_pages)
         taken = self._take_ahead(epoch, max_pages)
         if taken is not None:
             pages, buffer = taken
         else:
-            pages, self._cursor = present.collect(self._cursor, None, max_pages)
-            if pages.size == 0 and self._cursor:
-                pages, self._cursor = present.collect(0, None, max_pages)
+            pages = self._next_pages(max_pages)
             if pages.size == 0:
-                self._cursor = 0
                 return 0
             buffer = 0
             self._read(pages, buffer)
@@ -154,14 +157,44 @@ class SwapOutWriter:
                 self._ahead = _ReadAhead(self._pool.submit(self._read, following, other),
                                          following, other, epoch)
                 self._cursor = cursor
+        nbytes = int(pages.size) * self._page_size
+        return self._commit(pages, self._buffer(buffer).view[:nbytes])
+
+    def _next_pages(self, max_pages: int) -> Indices:
+        """Up to ``max_pages`` present staging pages from the cursor on, wrapping around once;
+        empty (and the cursor back at 0) when staging holds none."""
+        present = self._staging.present
+        pages, self._cursor = present.collect(self._cursor, None, max_pages)
+        if pages.size == 0 and self._cursor:
+            pages, self._cursor = present.collect(0, None, max_pages)
+        if pages.size == 0:
+            self._cursor = 0
+        return pages
+
+    def _step_direct(self, max_pages: int) -> int:
+        """A chunk written straight from the staging mapping (``pwritev`` per run of slots):
+        no bounce copy, no read-ahead thread. A page present now stays present and unchanged
+        for the whole call (only this thread clears bits; nothing writes a present page)."""
+        self._drop_ahead()
+        pages = self._next_pages(max_pages)
+        if pages.size == 0:
+            return 0
+        staging = self._staging
+
+        def gather(first: int, count: int) -> list[memoryview]:
+            return [staging.page_view(a, b) for a, b in runs_of(pages[first:first + count])]
+
+        return self._commit(pages, gather)
+
+    def _commit(self, pages: Indices, data: memoryview | Gather) -> int:
+        """Journal, write and commit ``pages``, then let staging go (see the module doc)."""
         journal = self._journal
         try:
-            nbytes = int(pages.size) * self._page_size
             slots = self._file.plan_slots(pages)
             if journal is not None:
                 journal.record(JournalOp.SWAP_OUT, pages, slots)
             crash_point("out.journaled")
-            self._file.write_planned(pages, slots, self._buffer(buffer).view[:nbytes])
+            self._file.write_planned(pages, slots, data)
         except OSError:
             # Nothing committed. Forget the read-ahead and retry these pages next time.
             if journal is not None:
