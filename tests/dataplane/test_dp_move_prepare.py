@@ -14,7 +14,6 @@ import pytest
 from dataplane.conftest import Rig, RigFactory
 from vmmswap.dataplane import move_prepare
 from vmmswap.dataplane.guest_memory import data_ranges
-from vmmswap.dataplane.present_list import PresentList
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 pytestmark = pytest.mark.timeout(120)
@@ -112,20 +111,3 @@ def test_faults_served_between_preparation_steps(make_rig: RigFactory,
     rig.check(rig.addr(0, 2), 7, 1)
     assert rig.digests(rig.addr(0, 3), 61) == rig.expected(6, 64)[3:]
 
-
-def test_prepare_skips_pages_it_is_told_to(make_rig: RigFactory) -> None:
-    """Dirty tracking's clean pages get no staging page: the move will most likely release
-    them without a copy (and one found written is copied into a page the move allocates)."""
-    rig = make_rig([(0, 32 * P)])
-    rig.write(rig.addr(0, 0), seed=6, pages=32)
-    skip = PresentList(32)
-    skip.set_range(8, 24)
-    prepared = move_prepare.prepare_staging(
-        [move_prepare.PrepareRegion(r.memfd, r.size, r.base_page, r.page_size)
-         for r in rig.handler.regions], rig.handler.staging, budget=1 << 30, skip=skip)
-    assert (prepared.resident_pages, prepared.prepared_pages) == (32, 16)
-    assert prepared.limited is None
-    assert _leftovers(rig) == [*range(8), *range(24, 32)]
-    assert rig.enable() == 32  # nothing was released: every page is copied, prepared or not
-    assert _leftovers(rig) == []
-    rig.check(rig.addr(0, 0), 6, 32)

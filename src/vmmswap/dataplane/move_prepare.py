@@ -30,10 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-import numpy as np
-
 from vmmswap.dataplane.guest_memory import data_ranges
-from vmmswap.dataplane.present_list import PresentList, runs_of
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
@@ -107,8 +104,7 @@ def memory_budget() -> int:
 
 def prepare_staging(regions: Sequence[PrepareRegion], staging: StagingMemory, *,
                     budget: int | None = None,
-                    between: Callable[[], object] | None = None,
-                    skip: PresentList | None = None) -> Prepared:
+                    between: Callable[[], object] | None = None) -> Prepared:
     """Populate the staging pages that the guest's resident pages will move to.
 
     Runs while the VMM runs; changes no page's place (see the module docstring). Errors are
@@ -116,9 +112,7 @@ def prepare_staging(regions: Sequence[PrepareRegion], staging: StagingMemory, *,
     only ever a speed-up. ``between`` is called after every step (at most ``_STEP_PAGES``
     pages, ~20 ms): the monitor serves waiting faults there. Anything it does to staging is
     safe: a punch it causes may hit a populated page (only the speed-up is lost), and the move
-    flushes every pending punch before its first copy. ``skip`` names pages not worth a
-    staging page (dirty tracking's clean pages, which the move will most likely release
-    without a copy; one found written is copied into a page the move allocates).
+    flushes every pending punch before its first copy.
     """
     if budget is None:
         budget = memory_budget()
@@ -137,47 +131,27 @@ def prepare_staging(regions: Sequence[PrepareRegion], staging: StagingMemory, *,
             out.limited = f"sizing the resident set: {err}"
             _log.warning("preparing staging: %s", out.limited)
             break
-        for extent_start, extent_end in extents:
-            first = region.base_page + extent_start // ps
-            last = region.base_page + (extent_end + ps - 1) // ps
+        for start, end in extents:
+            first = region.base_page + start // ps
+            last = region.base_page + (end + ps - 1) // ps
             out.resident_pages += last - first
-            if skip is None:
-                _populate(staging, first, last, out, between, left)
-                left = budget // staging.page_size - out.prepared_pages
-                continue
-            wanted = np.flatnonzero(~skip.bools(first, last))
-            for a, b in runs_of(wanted):
-                _populate(staging, first + a, first + b, out, between, left)
-                left = budget // staging.page_size - out.prepared_pages
-        if out.limited is not None:
-            break
-    if out.limited is None and out.prepared_pages < out.resident_pages - _skipped(skip):
+            pos = first
+            while pos < last and left > 0 and out.limited is None:
+                stop = min(last, pos + _STEP_PAGES, pos + left)
+                try:
+                    staging.populate(pos, stop)
+                except OSError as err:
+                    out.limited = f"populating staging: {err}"
+                    _log.warning("preparing staging stopped early: %s", err)
+                    break
+                out.prepared_pages += stop - pos
+                left -= stop - pos
+                pos = stop
+                if between is not None:
+                    between()
+    if out.limited is None and out.prepared_pages < out.resident_pages:
         out.limited = f"memory budget ({budget} bytes)"
     _log.info("staging prepared for %d of %d resident pages in %.3f s%s", out.prepared_pages,
               out.resident_pages, time.monotonic() - began,
               f" (limited by {out.limited})" if out.limited else "")
     return out
-
-
-def _skipped(skip: PresentList | None) -> int:
-    return 0 if skip is None else skip.count()
-
-
-def _populate(staging: StagingMemory, first: int, last: int, out: Prepared,
-              between: Callable[[], object] | None, left: int) -> None:
-    """Populate staging pages [first, last) in steps, within ``left`` pages of budget; an
-    error ends the preparation (``out.limited``)."""
-    pos = first
-    while pos < last and left > 0 and out.limited is None:
-        stop = min(last, pos + _STEP_PAGES, pos + left)
-        try:
-            staging.populate(pos, stop)
-        except OSError as err:
-            out.limited = f"populating staging: {err}"
-            _log.warning("preparing staging stopped early: %s", err)
-            return
-        out.prepared_pages += stop - pos
-        left -= stop - pos
-        pos = stop
-        if between is not None:
-            between()

@@ -413,8 +413,7 @@ class PageHandler:
         self.check_open()
         prepared = move_prepare.prepare_staging(
             [move_prepare.PrepareRegion(r.memfd, r.size, r.base_page, r.page_size)
-             for r in self.regions], self.staging, budget=budget, between=between,
-            skip=None if self.clean is None else self.clean.bits)
+             for r in self.regions], self.staging, budget=budget, between=between)
         self._prepared = self._prepared or prepared.prepared_pages > 0
         crash_point("move.prepared")
         return prepared
