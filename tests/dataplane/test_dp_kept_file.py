@@ -21,6 +21,7 @@ from vmmswap.dataplane.guest_memory import RegionSpec, data_ranges
 from vmmswap.dataplane.kept_file import KeptFile
 from vmmswap.dataplane.page_fill import FillOutcome
 from vmmswap.dataplane.page_store import Region
+from vmmswap.dataplane.present_list import runs_of
 from vmmswap.dataplane.staging import StagingMemory
 from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.kernel import libc
@@ -65,10 +66,13 @@ def _written(*pages: int) -> np.ndarray:
 
 
 def _release(guest: Guest, written: np.ndarray | None) -> int:
-    """release, then the punch a move to staging would do; the pages released."""
+    """release, then the punch of the released pages a move to staging would make (without
+    staging the rest); the pages released."""
     released = guest.kept.release(written)
     if released is not None:
-        guest.kept.punch(released)
+        for first, end in runs_of(np.flatnonzero(released)):
+            libc.fallocate(guest.memfd, libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE,
+                           first * PAGE_SIZE, (end - first) * PAGE_SIZE)
     return guest.kept.released_pages
 
 

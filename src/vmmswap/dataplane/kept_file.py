@@ -24,9 +24,8 @@ from vmmswap.dataplane.dirty import TrackingMode, TrackingStats
 from vmmswap.dataplane.guest_memory import data_ranges
 from vmmswap.dataplane.page_fill import FillOutcome
 from vmmswap.dataplane.page_store import Region
-from vmmswap.dataplane.present_list import PresentList, runs_of
+from vmmswap.dataplane.present_list import PresentList
 from vmmswap.dataplane.swap_file import SwapFile
-from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 __all__ = ["KeptFile"]
@@ -97,8 +96,7 @@ class KeptFile:
         one that reads as zeros out of the file again: a hole and a page of zeros both read
         back as zeros.)
         Returns the released pages as one bool slot per page (None: none), for the move to
-        staging to punch without copying them (``move_to_staging(skip=...)``), or the caller
-        punches them with :meth:`punch`.
+        staging to punch without copying them (``move_to_staging(skip=...)``).
 
         **Safety**: every process mapping guest memory is frozen (as for the move to staging)
         until they are punched, and the slots become current *before* guest memory is
@@ -118,11 +116,6 @@ class KeptFile:
         released[pages] = True
         return released
 
-    def punch(self, released: npt.NDArray[np.bool_]) -> None:
-        """Punch the released pages out of guest memory (when no move follows)."""
-        for first, end in runs_of(np.flatnonzero(released)):
-            self._punch(first, end)
-
     def _resident(self, pages: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Which of ``pages`` (ascending) hold data in their memfd (SEEK_DATA; every page on
         hugetlbfs, where the move checks instead)."""
@@ -139,15 +132,6 @@ class KeptFile:
                 a, b = (int(i) for i in np.searchsorted(offsets, [start, end]))
                 resident[lo + a:lo + b] = True
         return resident
-
-    def _punch(self, first: int, end: int) -> None:
-        for region in self.regions:
-            lo, hi = max(first, region.base_page), min(end, region.end_page)
-            if lo < hi:
-                libc.fallocate(region.memfd,
-                               libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE,
-                               (lo - region.base_page) * self.page_size,
-                               (hi - lo) * self.page_size)
 
     # --- the file's size ------------------------------------------------------------------------
     def limit(self, max_bytes: int) -> int:

@@ -513,8 +513,8 @@ class PageHandler:
         for part in parts:
             if part.out.done:
                 clear(first + part.offset, first + part.offset + part.out.done)
-                if source == "file" and self.clean is not None and fills_protected(uffd):
-                    self.clean.note_filled(first + part.offset, part.out)
+                if source == "file":
+                    self.note_file_filled(uffd, first + part.offset, part.out)
             filled += part.out.filled
         if source == "staging":
             self._from_staging += filled
