@@ -209,14 +209,13 @@ class StateMachine:
                        **({"between": serve} if serve is not None else {}))
         move_started = False
         frozen_at: float | None = None
-        asked = time.monotonic()
+        asked = self._clock()
         try:
             with self._hooks.freeze():
                 frozen_at = self._clock()
-                frozen = time.monotonic()
                 if created:
                     self._hooks.register_all()
-                registered = time.monotonic()
+                registered = self._clock()
                 # Only now, with every writer stopped, is the old work dropped: a failed freeze
                 # must leave the state as it was.
                 self._abort_background()
@@ -238,11 +237,13 @@ class StateMachine:
                     raise CommandError(ErrorKind.FAILED, self.error or "") from err
                 self.transition.end()
                 self.error = None
-                moved = time.monotonic()
-            _log.info("enable: %d pages moved; VMM frozen at most %.3f s (stopping it %.3f s, "
+                moved = self._clock()
+            self._note_thawed(frozen_at)
+            _log.info("enable: %d pages moved; VMM frozen %.3f s (stopping it took %.3f s, "
                       "registering %.3f s, moving %.3f s, thawing %.3f s)",
-                      self.transition.pages, time.monotonic() - asked, frozen - asked,
-                      registered - frozen, moved - registered, time.monotonic() - moved)
+                      self.transition.pages, self.frozen_seconds, frozen_at - asked,
+                      registered - frozen_at, moved - registered,
+                      frozen_at + self.frozen_seconds - moved)
         except CommandError:
             self._note_thawed(frozen_at)
             self._enable_over()
@@ -260,7 +261,6 @@ class StateMachine:
                 self._discard_handler()
             self._enable_over()
             raise CommandError(ErrorKind.FAILED, f"enable failed: {err}") from err
-        self._note_thawed(frozen_at)
         self._enable_over()
         return self.status()
 

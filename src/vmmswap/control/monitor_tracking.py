@@ -93,7 +93,7 @@ class DirtyTracking:
 
     def kept(self) -> None:
         handler = self.machine.handler
-        if tracks(handler) and self.keep_limit_bytes >= 0:
+        if tracks(handler) and self.keep_limit_bytes != UNLIMITED:
             dropped = handler.limit_kept(self.keep_limit_bytes)
             if dropped:
                 _log.info("kept file limited to %d bytes: %d pages lost their copy",
