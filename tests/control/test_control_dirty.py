@@ -35,6 +35,14 @@ def _status(result: dict[str, Any]) -> dict[str, Any]:
     return status
 
 
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def _cycle_one(make_vmm: Callable[..., TestVmm], swap_dir: Path,
                **launch: Any) -> tuple[TestVmm, Model]:
     vmm = make_vmm()
@@ -116,20 +124,16 @@ def test_live_device_writes_are_dirty(make_vmm: Callable[..., TestVmm], swap_dir
     pid = vmm.ok("fork_device", checks=[[0, 0, 3 * MIB, 1]],
                  writes=[[0, 1 * MIB, 128 * KIB, 5]], wait_path=str(go),
                  linger_path=str(linger))["pid"]
-    deadline = time.monotonic() + 30
-    while _status(vmm.ok("status"))["devices"] != 1:  # scanned from the first enable on
-        assert time.monotonic() < deadline, "the device never registered"
-        time.sleep(0.01)
+    # Registered before the first enable, so that it is scanned from then on.
+    _wait_for(lambda: _status(vmm.ok("status"))["devices"] == 1,
+              "the device never registered")
     vmm.ok("enable")
     vmm.ok("out")
     vmm.ok("disable")
     data_pages = model.written_pages()
     assert _status(vmm.ok("status"))["dirty_tracking"]["kept_pages"] == data_pages
     go.touch()  # the device checks every page, then writes 128 KiB
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "exit.ready").exists():
-        assert time.monotonic() < deadline, "the device never wrote"
-        time.sleep(0.01)
+    _wait_for((tmp_path / "exit.ready").exists, "the device never wrote")
     for page in range(1 * MIB // PAGE_SIZE, (1 * MIB + 128 * KIB) // PAGE_SIZE):
         model.seeds[0][page] = 5
     status = _status(vmm.ok("enable"))
@@ -205,10 +209,7 @@ def test_monitor_restart_forgets_the_kept_file(make_vmm: Callable[..., TestVmm],
     assert _status(vmm.ok("status"))["dirty_tracking"]["kept_pages"] == model.written_pages()
     old = vmm.monitor_pid
     os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while vmm.ok("restarts")["monitor_pid"] == old:
-        assert time.monotonic() < deadline, "no successor"
-        time.sleep(0.05)
+    _wait_for(lambda: vmm.ok("restarts")["monitor_pid"] != old, "no successor")
     status = _status(vmm.ok("status"))
     assert status["state"] == "Ready"
     assert status["dirty_tracking"]["kept_pages"] == 0
@@ -237,14 +238,10 @@ def test_a_device_without_write_protection_is_served_and_trusted_for_nothing(
     go, linger = tmp_path / "go", tmp_path / "exit"
     pid = vmm.ok("fork_device", checks=[[0, 0, 2 * MIB, 1]], writes=[], wait_path=str(go),
                  linger_path=str(linger), plain_uffd=True)["pid"]
-    deadline = time.monotonic() + 30
-    while _status(vmm.ok("status"))["devices"] != 1:
-        assert time.monotonic() < deadline, "the device never registered"
-        time.sleep(0.01)
+    _wait_for(lambda: _status(vmm.ok("status"))["devices"] == 1,
+              "the device never registered")
     go.touch()  # it reads every page: faults served through its uffd, from the swap file
-    while not (tmp_path / "exit.ready").exists():
-        assert time.monotonic() < deadline, "the device never read its pages"
-        time.sleep(0.01)
+    _wait_for((tmp_path / "exit.ready").exists, "the device never read its pages")
     vmm.ok("disable")
     status = _status(vmm.ok("enable"))
     assert status["dirty_tracking"]["released_pages"] == 0
