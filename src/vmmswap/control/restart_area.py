@@ -129,11 +129,14 @@ class RestartArea:
             raise RestartAreaError(f"the control area does not parse: {err}") from None
 
     def read(self) -> AreaRecord:
-        """The newest intact record; a blank area reads as Ready with nothing running.
-        RestartAreaError when neither slot is intact but the area is not blank."""
+        """The newest intact record; a blank area, or one whose first write was torn, reads
+        as Ready with nothing running. RestartAreaError when neither slot is intact and slot 0
+        is not blank (one writer at a time never leaves that)."""
         records = [r for r in (self._slot(0), self._slot(1)) if r is not None]
         if not records:
-            if self.blank:
+            if not any(self._view[:SLOT_SIZE]):
+                # Slot 0 blank: the area's first write (which goes to slot 1) was cut short,
+                # so, as after any torn write, the record before it stands -- the blank one.
                 return AreaRecord()
             raise RestartAreaError("both slots of the control area are torn")
         newest = max(records, key=lambda r: r.writes)
