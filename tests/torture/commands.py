@@ -221,12 +221,15 @@ class HostCommands:
             raise Failure(f"disable in {before} ended in {status.state}")
 
     def do_trim(self) -> None:
-        self._pending_only("trim", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.PENDING})
+        self._pending_only("trim", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.PENDING},
+                           {S.TRIM_IN_PROGRESS})
 
     def do_out(self) -> None:
-        self._pending_only("out", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.ACTIVE})
+        self._pending_only("out", {S.PENDING, S.TRIM_IN_PROGRESS}, {S.ACTIVE},
+                           {S.SWAP_OUT_IN_PROGRESS})
 
-    def _pending_only(self, name: str, may_accept: set[SwapState], done: set[SwapState]) -> None:
+    def _pending_only(self, name: str, may_accept: set[SwapState], done: set[SwapState],
+                      running: set[SwapState]) -> None:
         ctl = self.controller()
         wait = self.rng.random() < 0.5
         before = self.state()
@@ -256,9 +259,10 @@ class HostCommands:
             raise Failure(f"{name} in {before} failed: {err}") from err
         self.note(f"{name}(wait={wait}) in {before} -> {status.state}")
         # A monitor killed under the command: the controller answers with the successor's
-        # status when the work is running or done, whether or not the dead one got it.
+        # status when the work is running or done, whether or not the dead one got it (an
+        # `out` sent while one runs, its answer lost, is "resumed" in SwapOutInProgress).
         restarted = ctl.restarts != restarts_before
-        if before not in may_accept and not (restarted and status.state in done):
+        if before not in may_accept and not (restarted and status.state in done | running):
             raise Failure(f"{name} accepted in state {before}")
         if wait and status.state not in done:
             raise Failure(f"{name} in {before} ended in {status.state}")
