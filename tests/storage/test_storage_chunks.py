@@ -376,3 +376,32 @@ def test_cache_directory_is_private(tmp_path: Path) -> None:
     os.chmod(open_dir, 0o755)
     with pytest.raises(PermissionError, match="0700"):
         ChunkCache(open_dir, 1 << 20)
+
+
+def test_readahead_span_stops_at_the_first_chunk_to_fetch(store: LocalStore,
+                                                          tmp_path: Path) -> None:
+    """A readahead run never reaches into a chunk a read would have to fetch, except the
+    faulting byte's own chunk; zero and cached chunks on either side stay in it."""
+    memory_file(tmp_path / "mem", 128, seed=13, zero_every=4)   # chunks 3 and 7 are zeros
+    manifest, _ = upload(store, "vm/s", tmp_path / "mem")
+    src = ChunkSource(store, manifest, ChunkCache(tmp_path / "cache", 4 << 20))
+    try:
+        # Nothing cached: the fault's chunk only, wherever the run starts and ends.
+        assert src.readahead_span(CHUNK - PAGE, 2 * CHUNK, CHUNK - PAGE) == (CHUNK - PAGE, CHUNK)
+        assert src.readahead_span(0, 3 * CHUNK, CHUNK + PAGE) == (CHUNK, 2 * CHUNK)
+        # A zero chunk next door costs nothing: the run goes on through it, and a cached one.
+        assert src.readahead_span(2 * CHUNK, 3 * CHUNK, 2 * CHUNK) == (2 * CHUNK, 4 * CHUNK)
+        src.prefetch(np.array([4 * CHUNK], dtype=np.uint64))
+        assert src.wait_prefetched(10)
+        assert src.readahead_span(2 * CHUNK, 4 * CHUNK, 2 * CHUNK) == (2 * CHUNK, 5 * CHUNK)
+        # A run inside one chunk, and bad focus, come back whole.
+        assert src.readahead_span(PAGE, 2 * PAGE, PAGE) == (PAGE, 3 * PAGE)
+        assert src.readahead_span(0, CHUNK, 5 * CHUNK) == (0, CHUNK)
+        assert src.stats()["chunks_fetched"] == 1   # asking fetched nothing
+    finally:
+        src.close()
+    nocache = ChunkSource(store, manifest, None)
+    try:   # every read fetches anyway: the next chunk comes along ahead of demand
+        assert nocache.readahead_span(0, 3 * CHUNK, 0) == (0, 3 * CHUNK)
+    finally:
+        nocache.close()

@@ -257,7 +257,8 @@ class SnapshotServer:
             self._fill_zero(region, page)
             return
         window, direction = region.readahead.window(page)
-        first, end = self._run(region, page, window, direction)
+        first, end = self._clip_to_source(region, page, *self._run(region, page, window,
+                                                                   direction))
         done = self._fill_file(region, first, end - first, focus=page - first)
         region.readahead.record(first, first + max(done, page - first + 1), window)
         self.stats.pages_on_demand += done
@@ -277,6 +278,21 @@ class SnapshotServer:
         hi = min(region.pages, page + window)
         blocked = np.flatnonzero(region.removed[page + 1:hi] | region.filled[page + 1:hi])
         return page, (page + 1 + int(blocked[0]) if len(blocked) else hi)
+
+    def _clip_to_source(self, region: Region, page: int, first: int, end: int,
+                        ) -> tuple[int, int]:
+        """The run cut to what a chunked source holds without another fetch (its
+        ``readahead_span``; see ChunkSource.readahead_span for why); other sources read any
+        run at one cost, so it stays whole. Whole pages: a huge page overlapping the span
+        stays in it, and the faulting page always does."""
+        span = getattr(self.source, "readahead_span", None)
+        if not callable(span) or end - first <= 1:
+            return first, end
+        lo, hi = span(region.file_offset(first), (end - first) * region.page_size,
+                      region.file_offset(page))
+        origin = region.file_offset(0)
+        return (min(page, max(first, (int(lo) - origin) // region.page_size)),
+                max(page + 1, min(end, -(-(int(hi) - origin) // region.page_size))))
 
     def _read(self, region: Region, first: int, count: int) -> None:
         length = count * region.page_size

@@ -126,6 +126,13 @@ class OverlaySource:
         fn = getattr(self._base, "ready", None)
         return bool(fn(offset, length)) if callable(fn) else True
 
+    def readahead_span(self, offset: int, length: int, focus: int) -> tuple[int, int]:
+        fn = getattr(self._base, "readahead_span", None)
+        if not callable(fn):
+            return offset, offset + length
+        lo, hi = fn(offset, length, focus)
+        return int(lo), int(hi)
+
     def stats(self) -> dict[str, int | str]:
         fn = getattr(self._base, "stats", None)
         return dict(fn()) if callable(fn) else {}

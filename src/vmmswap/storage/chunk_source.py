@@ -178,6 +178,38 @@ class ChunkSource:
                 return False
         return True
 
+    def readahead_span(self, offset: int, length: int, focus: int) -> tuple[int, int]:
+        """The part ``[lo, hi)`` of a readahead run ``[offset, offset + length)`` worth reading
+        with the fault at byte ``focus``: the chunk holding ``focus`` (the fault needs it)
+        and, on either side, the neighbours up to the first one a read would have to fetch.
+
+        Why: a chunk the run merely reaches into costs a whole GET for the few pages of its
+        edge, and a guest touching 4 MiB at a time at random places stops right there -- the
+        bench's working-set runs fetched one such chunk per run (1.28x the working set) and
+        recorded its pages into the working set. A guest that does go on faults in the next
+        chunk and waits for it then instead of now: the same wait. Without a cache every read
+        fetches anyway, so the run is left whole (the next chunk fetched ahead)."""
+        end = min(offset + length, self._size)
+        if self.cache is None or offset >= end or not offset <= focus < end:
+            return offset, end
+        first = int(np.searchsorted(self._starts, offset, side="right")) - 1
+        last = int(np.searchsorted(self._starts, end - 1, side="right")) - 1
+        at = int(np.searchsorted(self._starts, focus, side="right")) - 1
+        cache = self.cache
+
+        def ready(c: int) -> bool:
+            digest = self._digests[c]
+            return digest is None or digest in cache
+
+        lo_c = at
+        while lo_c > first and ready(lo_c - 1):
+            lo_c -= 1
+        hi_c = at
+        while hi_c < last and ready(hi_c + 1):
+            hi_c += 1
+        return (max(offset, int(self._starts[lo_c])),
+                min(end, int(self._starts[hi_c] + self._lengths[hi_c])))
+
     # --- prefetch and status ----------------------------------------------------------------
     def prefetch(self, offsets: npt.NDArray[np.uint64] | npt.NDArray[np.int64]) -> int:
         """Queue the chunks holding these byte offsets (e.g. working-set pages * 4096) for
