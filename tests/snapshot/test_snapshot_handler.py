@@ -27,6 +27,8 @@ from vmmswap.snapshot.handshake import (
     encode_mappings,
     parse_mappings,
 )
+from vmmswap.snapshot.server import SnapshotServer
+from vmmswap.snapshot.source import FileSource
 from vmmswap.snapshot.working_set import load_working_set
 
 HERE = Path(__file__).parent
@@ -183,3 +185,26 @@ def test_encoder_writes_what_a_current_firecracker_sends() -> None:
     with pytest.raises(HandshakeError, match="disagree"):
         parse_mappings(b'[{"base_host_virt_addr":0,"size":4096,"offset":0,"page_size":4096,'
                        b'"page_size_kib":2097152}]')
+
+
+def test_prefetch_runs_from_unsorted_and_repeated_pages() -> None:
+    """The working set's runs need sorted unique pages; a file saved by us is, so the server
+    only checks (np.unique cost the first fault tens of ms), and anything else is sorted."""
+    maps = [RegionMapping(0x10000000, SIZE, 0, 4096), RegionMapping(0x40000000, SIZE, SIZE, 4096)]
+    read, write = os.pipe()   # a source the constructor never reads
+    os.close(write)
+    source = FileSource(read, owned=True)
+
+    class NoUffd:
+        def fileno(self) -> int:
+            return -1
+
+    try:
+        for pages in ([5, 3, 4, 4, 300, 257, 256], [3, 4, 5, 256, 257, 300]):
+            server = SnapshotServer(NoUffd(), maps, source,  # type: ignore[arg-type]
+                                    prefetch=np.array(pages, dtype=np.uint64))
+            got = [(r.mapping.offset, first, count) for r, first, count in server._prefetch]
+            assert got == [(0, 3, 3), (SIZE, 0, 2), (SIZE, 44, 1)], got
+            server.close()
+    finally:
+        source.close()
