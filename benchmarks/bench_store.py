@@ -13,6 +13,9 @@ inside the kernel's copy), timed by the VMM from its handshake:
 * store with a cold cache, on demand (this run records the working set);
 * store with a cold cache and the working set prefetched (chunks fetched in parallel ahead);
 * store with the warm cache, on demand;
+* the floor of the tier: every chunk of the working set GET from the store in parallel by a
+  thread pool of the prefetch's size into memory -- no hash, no cache, no guest -- and the same
+  with each chunk hashed (SHA-256), as the prefetch must;
 * ``vmmswap park`` of a ``--vm-mib`` micro-VM and ``vmmswap resume`` (cold, then warm cache):
   the restore to the guest's first instruction.
 
@@ -31,6 +34,8 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,8 @@ sys.path.insert(0, str(ROOT / "tests" / "storage"))
 import numpy as np  # noqa: E402
 from seaweed import BUCKET, SeaweedServer, weed_binary  # noqa: E402
 
-from vmmswap.storage.manifest import load_manifest  # noqa: E402
+from vmmswap.storage.chunk_source import PREFETCH_WORKERS  # noqa: E402
+from vmmswap.storage.manifest import chunk_hash, load_manifest  # noqa: E402
 from vmmswap.storage.store import open_store  # noqa: E402
 
 FAKE_VMM = ROOT / "tests" / "snapshot" / "fake_firecracker.py"
@@ -111,6 +117,34 @@ def main() -> int:
     return 0
 
 
+def raw_get(url: str, ws_pages: np.ndarray, *, hashed: bool, workers: int) -> float:
+    """Seconds to GET every chunk holding a working-set page, in parallel (the prefetch's
+    thread count, or more) -- the store's own speed, with nothing of vmmswap's tier around it."""
+    store, prefix = open_store(url)
+    manifest = load_manifest(store, prefix)
+    keys = sorted({manifest.chunk_key(d) for r in manifest.regions for i, d in
+                   enumerate(r.chunks) if d is not None and _touches(r, i, manifest, ws_pages)})
+
+    def one(key: str) -> int:
+        data = store.get(key)
+        if hashed:
+            chunk_hash(data)
+        return len(data)
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        total = sum(pool.map(one, keys))
+    seconds = time.monotonic() - t0
+    assert total == len(keys) * manifest.chunk_size, total
+    return seconds
+
+
+def _touches(region: Any, i: int, manifest: Any, ws_pages: np.ndarray) -> bool:
+    start, length = region.chunk_span(i, manifest.chunk_size)
+    lo, hi = np.searchsorted(ws_pages, [start // 4096, (start + length) // 4096])
+    return bool(hi > lo)
+
+
 def run(work: Path, rng: np.random.Generator, size: int, region: int,
         args: argparse.Namespace) -> dict[str, Any]:
     mem = work / "mem"
@@ -157,6 +191,15 @@ def run(work: Path, rng: np.random.Generator, size: int, region: int,
     figures["prefetch_fetched_vs_ws"] = round(prefetched["source_bytes_fetched"] / ws_bytes, 3)
     figures["faults_fewer_with_prefetch"] = round(1 - prefetched["faults"] / cold["faults"], 3)
     figures["store_vs_local_prefetch"] = round(prefetched["seconds"] / local_ws["seconds"], 2)
+    pages = np.load(ws_file)
+    for name, hashed, n in (("raw_get_ms", False, PREFETCH_WORKERS),
+                            ("raw_get_hashed_ms", True, PREFETCH_WORKERS),
+                            ("raw_get_8_threads_ms", False, 8)):
+        figures[name] = round(raw_get(url, pages, hashed=hashed, workers=n) * 1000, 1)
+    figures["raw_get_vs_local_prefetch"] = round(figures["raw_get_ms"] / 1000
+                                                 / local_ws["seconds"], 2)
+    figures["store_prefetch_vs_raw_get"] = round(prefetched["seconds"] * 1000
+                                                 / figures["raw_get_ms"], 2)
 
     # Second snapshots: 10 % of the data's pages rewritten, clustered or scattered.
     st, prefix = open_store(url)

@@ -47,13 +47,15 @@ _log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL: Final = 0.05
 BACKOFF_MAX: Final = 2.0
+#: Threads fetching the working set in the background (demand reads have their own pool).
+PREFETCH_WORKERS: Final = 3
 #: The on-disk chunk cache's default bound.
 DEFAULT_CACHE_BYTES: Final = 1 << 30
 
 
 class ChunkSource:
     def __init__(self, store: ObjectStore, manifest: Manifest, cache: ChunkCache | None, *,
-                 workers: int = 8, prefetch_workers: int = 3,
+                 workers: int = 8, prefetch_workers: int = PREFETCH_WORKERS,
                  backoff_initial: float = BACKOFF_INITIAL, backoff_max: float = BACKOFF_MAX,
                  give_up_after: float | None = None) -> None:
         self.store = store
