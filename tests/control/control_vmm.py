@@ -261,6 +261,32 @@ class Vmm:
         return {"exit_code": os.waitstatus_to_exitcode(status)}
 
 
+    def op_park(self, seeds: list[list[int]], fail: bool = False) -> dict[str, Any]:
+        """Detach the monitor, read guest memory where it lies, compare with ``seeds`` (per
+        region, the pattern seed of each page); ``fail``: raise instead of committing, as a
+        park whose upload failed does."""
+        ctl = self._ctl()
+        with ctl.detached() as memory:
+            image = memory.image
+            got = bytearray(image.size)
+            image.read_into(0, memoryview(got))
+            want = b"".join(pattern(start + page * PAGE_SIZE, PAGE_SIZE, seed)
+                            for (start, _size), region in zip(LAYOUT, seeds, strict=True)
+                            for page, seed in enumerate(region))
+            # The control: the same bytes read from the guest memfds alone (what a reader
+            # that knew nothing of staging and the swap file would park).
+            memfds = b"".join(os.pread(fd, size, 0) for fd, (_start, size)
+                              in zip(self.memory.memfds(), LAYOUT, strict=True))
+            result = {"image": compare(bytes(got), want),
+                      "memfds_only": compare(memfds, want),
+                      "bytes": {"memory": image.counts.memory, "staging": image.counts.staging,
+                                "swap_file": image.counts.swap_file}}
+            if fail:
+                raise RuntimeError("injected: the store went away in the middle of the park")
+            memory.commit()
+        return result
+
+
 def compare(got: bytes, want: bytes) -> dict[str, Any]:
     a = np.frombuffer(got, dtype=np.uint8).reshape(-1, PAGE_SIZE)
     b = np.frombuffer(want, dtype=np.uint8).reshape(-1, PAGE_SIZE)

@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
+from vmmswap.control.controller_park import ParkDetach
 from vmmswap.control.errors import (
     MonitorDiedError,
     MonitorRestartedError,
@@ -95,7 +96,7 @@ def _log_restart(info: MonitorRestart) -> None:
                  info.seconds * 1000, info.count, f": {info.message}" if info.message else "")
 
 
-class SwapController:
+class SwapController(ParkDetach):
     """Handle on a running monitor. Thread-safe: one request at a time over the socketpair.
 
     When the monitor is killed, a helper thread starts a successor with the same descriptors
@@ -131,6 +132,9 @@ class SwapController:
         self._dead = False
         self._death: MonitorDiedError | None = None
         self._owner = os.getpid()
+        #: A park in progress (see controller_park.py), and whether one committed.
+        self._detach = None
+        self._parked = False
         self.control_socket = control_socket
         self._on_monitor_died = on_monitor_died
         self._on_monitor_restarted = on_monitor_restarted
@@ -190,6 +194,10 @@ class SwapController:
         if self._closed:
             return None
         code: int | None = self._process.wait()
+        with self._changed:
+            detach = self._detach
+        if detach is not None:
+            return self._detached_exit(detach, died_at, code)   # a park's detach (or a death)
         if self._closing and code == 0:
             return None  # it exited as asked
         reason = ""
@@ -422,6 +430,9 @@ class SwapController:
             with self._lock:
                 if self._closed:
                     raise SwapError("the swap controller is closed")
+                refusal = self._park_refusal()
+                if refusal is not None:
+                    raise SwapStateError(refusal)
                 if self._dead:
                     raise self._death or self._died(self._process.poll())
                 generation = self._generation
@@ -598,6 +609,9 @@ class SwapController:
             self._close_done.set()
 
     def _close(self) -> None:
+        if self._parked:
+            self._close_parked()
+            return
         died: MonitorDiedError | None = None
         try:
             response = self._request(Request(Command.EXIT))

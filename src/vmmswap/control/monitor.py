@@ -99,6 +99,8 @@ INIT_TIMEOUT: Final = 30.0
 #: Seconds background work may wait while faults keep coming before one chunk runs anyway.
 #: A chunk (2 MiB) costs about a millisecond, so faults lose at most ~10 % of the monitor.
 MAX_WORK_STARVATION: Final = 0.01
+#: States in which the monitor may detach (Command.DETACH): nothing runs, nothing is half done.
+_DETACHABLE: Final = frozenset({SwapState.READY, SwapState.PENDING, SwapState.ACTIVE})
 #: What ``ps`` and /proc/<pid>/comm show, like crosvm's "swap monitor".
 _PROCESS_NAME: Final = ctypes.create_string_buffer(b"swap monitor")
 
@@ -456,11 +458,28 @@ class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
             elif req.command is Command.EXIT:
                 self._request_exit(client)
                 return None
+            elif req.command is Command.DETACH:
+                return self._detach()
             else:
                 return Response.failure(ErrorKind.REQUEST, f"{req.command} is not a request")
         except CommandError as err:
             return Response.failure(err.kind, str(err), self._status())
         return Response(True, f"{req.command}: ok", status=self._status())
+
+    def _detach(self) -> Response:
+        """Answer, then stop at the end of this round and exit 0 with every page left where
+        it is. Only between commands in a settled state: nothing half done for the VMM to
+        read (the journal is clear between steps), and a successor resumes the same state."""
+        state = self.machine.state
+        if state not in _DETACHABLE or self.machine.work_pending:
+            raise CommandError(ErrorKind.STATE, f"cannot detach in state {state}"
+                               f"{' with work pending' if self.machine.work_pending else ''}: "
+                               "only in Ready, Pending or Active (wait for the running "
+                               "command to finish)")
+        self._done = True
+        _log.info("detached in state %s: every page stays where it is for the VMM", state)
+        return Response(True, "detached: the monitor exits, every page where it was",
+                        status=self._status())
 
     def close(self) -> None:
         for client in list(self.clients.values()):

@@ -55,6 +55,10 @@ class Command(enum.StrEnum):
     EXIT = "exit"
     #: The controller passes one end of a new socketpair that a device will use after fork.
     ATTACH = "attach"
+    #: Stop serving and exit *without* swapping anything in: every page stays where it is
+    #: (guest memory, staging, the swap file) in the descriptors the VMM keeps, for the VMM to
+    #: read while it parks the VM (see control/controller_park.py). Only in a settled state.
+    DETACH = "detach"
 
 
 #: Commands a client of the public control socket may send.
