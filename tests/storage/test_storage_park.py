@@ -110,3 +110,40 @@ def test_a_failed_park_keeps_the_snapshot(seaweed: SeaweedServer, s3_env: dict[s
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.splitlines()[-1])["ok"] is True
 
+
+
+def test_park_a_swapped_out_vm_here_resume_there(seaweed: SeaweedServer,
+                                                 s3_env: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    """A VM under vmm-swap parks from staging and the swap file: its memory is swapped out
+    first, and the park reads it where it lies (no page back into RAM); host b resumes it."""
+    url = f"s3://{BUCKET}/park/swapped/now"
+    parked = _host("a", tmp_path, "park", url, "--swapped", "--memory", "64", "--vcpus", "2",
+                   "--swap-dir", str(tmp_path / "a"))
+    assert parked.returncode == 0, parked.stderr
+    up = json.loads(parked.stdout.splitlines()[-1])
+    assert up["state_before"] == "Active" and up["resident_pages_before"] == 0, up
+    assert up["read_from"]["swap_file"] >= 32 << 20, up      # the written half, at least
+    assert up["sent"] > 0 and up["checksums"] > 0
+    resumed = _host("b", tmp_path, "resume", url, "--cache-dir", str(tmp_path / "b" / "c"))
+    assert resumed.returncode == 0, resumed.stderr
+    out = json.loads(resumed.stdout.splitlines()[-1])
+    assert out["ok"] is True, out["check"]
+    assert out["handler"]["source_hash_failures"] == 0
+
+
+def test_a_swapped_park_that_fails_leaves_the_vm_running(tmp_path: Path) -> None:
+    """The store refuses every chunk after the monitor detached (its pool is a file, not a
+    directory): the park is called off, a successor serves the VM where it was -- the guest
+    then verifies every checksum -- and no manifest says there is a snapshot."""
+    store = tmp_path / "store"      # a directory store: the snapshot's keys, its pool "chunks"
+    store.mkdir()
+    (store / "chunks").write_text("not a directory")
+    url = str(store)
+    failed = _host("a", tmp_path, "park", url, "--swapped", "--memory", "64", "--vcpus", "1",
+                   "--regions", "1", "--swap-dir", str(tmp_path / "a"))
+    assert failed.returncode == 1, failed.stdout
+    assert "called off and the VM ran on" in failed.stderr, failed.stderr
+    assert "checksums and 8 pattern fills verified by the guest" in failed.stderr, failed.stderr
+    assert "resumed from state Active" in failed.stderr, failed.stderr   # the successor
+    assert not (store / "manifest.json").exists()

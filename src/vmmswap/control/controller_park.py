@@ -25,17 +25,20 @@ reader refuses a page state whose journal names a step in progress.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from vmmswap.control.errors import SwapError, raise_for
+from vmmswap.control.monitor_launch import KeptDescriptors, MonitorRestart, Spare
+from vmmswap.control.monitor_process import MonitorProcess
+from vmmswap.control.monitor_watch import MonitorWatch
 from vmmswap.control.protocol import Command, ProtocolError, Request, request
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.dataplane.parked_image import ParkedImage
-
-if TYPE_CHECKING:
-    from vmmswap.control.controller import SwapController
+from vmmswap.uffd.userfaultfd import Userfaultfd
 
 __all__ = ["DetachedMemory", "ParkDetach"]
 
@@ -67,11 +70,29 @@ class DetachedMemory:
 
 
 class ParkDetach:
-    """A mixin of :class:`~vmmswap.control.controller.SwapController` (its state is the
-    controller's: ``_detach``, ``_parked``)."""
+    """A mixin of :class:`~vmmswap.control.controller.SwapController`, whose state it uses
+    (declared here; ``_detach`` and ``_parked`` are set up by the controller)."""
 
     _detach: _Detach | None
     _parked: bool
+    _kept: KeptDescriptors
+    _memory: GuestMemory
+    _uffd: Userfaultfd
+    _sock: socket.socket
+    _process: MonitorProcess
+    _watch: MonitorWatch | None
+    _spare: Spare | None
+    _lock: threading.Lock
+    _changed: threading.Condition
+    _closed: bool
+    _closing: bool
+    _dead: bool
+
+    def _restart(self, died_at: float, code: int | None) -> MonitorRestart:
+        raise NotImplementedError
+
+    def _give_up(self, code: int | None, reason: str) -> None:
+        raise NotImplementedError
 
     @contextlib.contextmanager
     def detached(self, timeout: float = DETACH_TIMEOUT) -> Iterator[DetachedMemory]:
@@ -81,15 +102,14 @@ class ParkDetach:
         whole block. SwapStateError when the monitor refuses (a command is running, or swap
         failed); SwapError when this controller cannot park (no watch thread, no page state).
         """
-        ctl: SwapController = self  # type: ignore[assignment]
-        kept = ctl._kept
-        if ctl._watch is None or kept.page_state is None:
+        kept = self._kept
+        if self._watch is None or kept.page_state is None:
             raise SwapError("parking from the data plane needs the monitor restart machinery "
                             "(a restart policy) and a page-state memfd")
         d = _Detach()
-        with ctl._changed:
+        with self._changed:
             refusal = self._park_refusal()
-            if refusal is None and (ctl._closed or ctl._closing or ctl._dead):
+            if refusal is None and (self._closed or self._closing or self._dead):
                 refusal = "the swap controller is closed or its monitor is dead"
             if refusal is not None:
                 raise SwapError(refusal)
@@ -97,11 +117,11 @@ class ParkDetach:
         try:
             self._send_detach(d)
             if not d.exited.wait(timeout):
-                ctl._process.kill()   # it answered but did not leave: it may not serve again
+                self._process.kill()   # it answered but did not leave: it may not serve again
                 if not d.exited.wait(timeout):
                     raise SwapError("the detached monitor did not exit")
             memory = DetachedMemory(ParkedImage(kept.page_state, list(zip(
-                ctl._memory.specs(), ctl._memory.memfds(), strict=True)), kept.staging_fd,
+                self._memory.specs(), self._memory.memfds(), strict=True)), kept.staging_fd,
                 kept.swap_fd))
         except BaseException:
             self._end_detach(d, keep_stopped=False)
@@ -121,16 +141,15 @@ class ParkDetach:
         return None
 
     def _send_detach(self, d: _Detach) -> None:
-        ctl: SwapController = self  # type: ignore[assignment]
         try:
-            with ctl._lock:
-                response = request(ctl._sock, Request(Command.DETACH))
+            with self._lock:
+                response = request(self._sock, Request(Command.DETACH))
         except (ConnectionError, BrokenPipeError, ProtocolError, OSError):
             return   # it died with the request: the watch thread sees it gone (a detach too)
         try:
             raise_for(response)
         except BaseException:
-            with ctl._changed:
+            with self._changed:
                 if not d.exited.is_set():
                     self._detach = None   # refused and still serving: nothing to undo
                     d.finished.set()
@@ -138,10 +157,9 @@ class ParkDetach:
 
     def _end_detach(self, d: _Detach, *, keep_stopped: bool) -> None:
         """Hand the outcome to the watch thread and wait for it: no monitor, or a successor."""
-        ctl: SwapController = self  # type: ignore[assignment]
         if d.finished.is_set():
             return
-        with ctl._changed:
+        with self._changed:
             if not d.exited.is_set():
                 # The monitor never went (refused after all, or too slow): forget the detach;
                 # a later exit is a death like any other.
@@ -160,46 +178,44 @@ class ParkDetach:
     def _detached_exit(self, d: _Detach, died_at: float, code: int | None) -> int | None:
         """From the watch thread (``_monitor_exited``): the monitor is gone. Wait for the park's
         outcome; the successor's pid, or None when the VM stays parked."""
-        ctl: SwapController = self  # type: ignore[assignment]
-        with ctl._changed:
+        with self._changed:
             d.exited.set()
-            ctl._changed.notify_all()
+            self._changed.notify_all()
         d.decided.wait()
         try:
             if d.keep_stopped:
-                if ctl._spare is not None:
-                    ctl._spare.close()
-                    ctl._spare = None
+                if self._spare is not None:
+                    self._spare.close()
+                    self._spare = None
                 return None
             try:
-                info = ctl._restart(died_at, code)
+                info = self._restart(died_at, code)
             except Exception as err:
                 d.error = err
-                ctl._give_up(code, f"the successor after a called-off park could not take "
+                self._give_up(code, f"the successor after a called-off park could not take "
                              f"over: {err}")
                 return None
             return info.pid
         finally:
-            with ctl._changed:
+            with self._changed:
                 self._detach = None
                 d.finished.set()
-                ctl._changed.notify_all()
+                self._changed.notify_all()
 
     def _close_parked(self) -> None:
         """Close a parked controller: no monitor to ask, nothing to swap in (the memory is in
         the store; the VM is being stopped), so the kept descriptors and the uffd just go."""
-        ctl: SwapController = self  # type: ignore[assignment]
-        if ctl._watch is not None:
-            ctl._watch.stop()
-        with ctl._changed:
-            ctl._closed = True
-            ctl._changed.notify_all()
-        with ctl._lock:
-            ctl._sock.close()
+        if self._watch is not None:
+            self._watch.stop()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        with self._lock:
+            self._sock.close()
             with contextlib.suppress(Exception):
-                ctl._process.wait(timeout=5)
-            if ctl._spare is not None:
-                ctl._spare.close()
-                ctl._spare = None
-            ctl._kept.close()
-            ctl._uffd.close()
+                self._process.wait(timeout=5)
+            if self._spare is not None:
+                self._spare.close()
+                self._spare = None
+            self._kept.close()
+            self._uffd.close()

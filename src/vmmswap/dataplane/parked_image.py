@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,19 +48,22 @@ class ParkedImageError(OSError):
 
 @dataclass(slots=True)
 class ReadCounts:
-    """Bytes read from each place (a park reports where its memory came from)."""
+    """Bytes read from each place (a park reports where its memory came from). Uploads read
+    on several threads: one lock."""
 
     memory: int = 0
     staging: int = 0
     swap_file: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, kind: int, nbytes: int) -> None:
-        if kind == _STAGING:
-            self.staging += nbytes
-        elif kind == _FILE:
-            self.swap_file += nbytes
-        else:
-            self.memory += nbytes
+        with self._lock:
+            if kind == _STAGING:
+                self.staging += nbytes
+            elif kind == _FILE:
+                self.swap_file += nbytes
+            else:
+                self.memory += nbytes
 
 
 class ParkedImage:

@@ -27,12 +27,14 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from vmmswap.control.errors import SwapError
 from vmmswap.snapshot.source import FileSource, SourceError
 from vmmswap.storage.manifest import ManifestError, load_file, load_manifest
 from vmmswap.storage.store import StoreError, open_store
 from vmmswap.storage.upload import upload_memory
 from vmmswap.vm.kvm import KvmUnavailableError
 from vmmswap.vm.micro import MIB, MicroVM
+from vmmswap.vm.park_running import park_running
 from vmmswap.vm.restore import (
     RestoredVM,
     RestoreError,
@@ -41,7 +43,8 @@ from vmmswap.vm.restore import (
     stop_handler,
 )
 from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE, SnapshotError, snapshot_micro_vm
-from vmmswap.vm.snapshot_check import prepare_guest
+from vmmswap.vm.snapshot_check import check_guest, prepare_guest
+from vmmswap.vm.swap_session import launch_controller
 from vmmswap.vm.vm_state import VmState, VmStateError, load_state
 from vmmswap.vm.workload import WorkloadError
 
@@ -52,11 +55,12 @@ WORKING_SET_OBJECT: Final = "working_set.npy"
 
 
 class ParkError(RuntimeError):
-    """The upload failed after the VM was stopped; the message names the kept snapshot."""
+    """The park did not complete; the message says where the VM's memory is (a kept snapshot
+    directory, or -- parking from vmm-swap -- the VM itself, which ran on)."""
 
 
 _ERRORS = (ParkError, KvmUnavailableError, SnapshotError, WorkloadError, RestoreError, VmStateError,
-           StoreError, ManifestError, SourceError, OSError, ValueError, ImportError)
+           StoreError, ManifestError, SourceError, SwapError, OSError, ValueError, ImportError)
 
 
 def park_directory(directory: str, url: str, *, working_set: str | None = None,
@@ -103,9 +107,37 @@ def fetch_state(url: str, into: str) -> tuple[VmState, str | None]:
     return state, ws
 
 
+def _park_swapped(args: argparse.Namespace) -> dict[str, Any]:
+    """The built-in guest under vmm-swap, its memory swapped out (enable, out), parked from
+    where it lies (:func:`~vmmswap.vm.park_running.park_running`)."""
+    files = {WORKING_SET_OBJECT: Path(args.working_set).read_bytes()} if args.working_set \
+        else None
+    with MicroVM(args.memory * MIB, vcpus=args.vcpus, regions=args.regions) as vm:
+        ctl = launch_controller(vm.memory, args.swap_dir or tempfile.gettempdir())
+        try:
+            vm.start()
+            guest = prepare_guest(vm.workload, written_fraction=args.written)
+            ctl.enable()
+            ctl.swap_out(wait=True, timeout=args.timeout)
+            try:
+                out = park_running(vm, ctl, args.url, guest=guest, files=files)
+            except _ERRORS as err:
+                check = check_guest(vm.workload, guest)   # served by the successor monitor
+                raise ParkError(f"{err}; the park was called off and the VM ran on where it "
+                                f"was: {check.describe()}") from err
+            out["checksums"] = len(guest["checksums"])
+            return out
+        finally:
+            if vm.machine.running and not vm.machine.stopping:
+                vm.shutdown()
+            ctl.close()   # parked: releases everything; otherwise swaps in and stops
+
+
 def _park(args: argparse.Namespace) -> dict[str, Any]:
     if args.source_dir is not None:
         return park_directory(args.source_dir, args.url, working_set=args.working_set)
+    if args.swapped:
+        return _park_swapped(args)
     work = tempfile.mkdtemp(prefix="vmmswap-park-")
     snapped_ok = False
     try:
@@ -171,6 +203,14 @@ def main(argv: list[str], command: str = "park") -> int:
         parser.add_argument("--vcpus", type=int, default=2)
         parser.add_argument("--regions", type=int, choices=(1, 2), default=2)
         parser.add_argument("--written", type=float, default=0.5, metavar="FRACTION")
+        parser.add_argument("--swapped", action="store_true",
+                            help="run the guest under vmm-swap, swap its memory out, and park "
+                                 "it from staging and the swap file (nothing comes back into "
+                                 "RAM)")
+        parser.add_argument("--swap-dir", metavar="DIR",
+                            help="the swap file's directory with --swapped (default: the temp "
+                                 "dir)")
+        parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     else:
         parser.description = ("Resume a parked VM lazily from the store and have the guest "
                               "verify every checksum.")
@@ -183,6 +223,8 @@ def main(argv: list[str], command: str = "park") -> int:
     args = parser.parse_args(argv)
     if command == "park" and not 0 < args.written <= 1:
         parser.error("--written must be in (0, 1]")
+    if command == "park" and args.swapped and args.source_dir is not None:
+        parser.error("--swapped parks a running guest: it cannot be combined with --from")
     if command == "resume" and args.cache_mib <= 0:
         parser.error("--cache-mib must be positive")
     try:

@@ -22,8 +22,10 @@ which are in memory, and must not be taken under vmm-swap (its pages may be swap
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -79,20 +81,27 @@ class SnapshottableVM(Protocol):
     def vcpus(self) -> int: ...
 
 
+#: Reads the guest byte at a guest-physical address (where a swapped-out guest's program lies).
+OpcodeReader = Callable[[int], int]
 #: ``in %dx, %eax``: the instruction a parked vCPU's RIP must point at.
 _IN_EAX_DX: Final = 0xED
 
 
-def check_parked(state: VcpuState, program_end: int, memory: GuestMemory) -> None:
+def check_parked(state: VcpuState, program_end: int, memory: GuestMemory,
+                 opcode_at: OpcodeReader | None = None) -> None:
     """The vCPU must sit *at* its command port's ``in %dx, %eax``, not yet executed (see the
-    module docstring): RIP in the program, on that opcode (read from the memfd with pread, a
-    kernel copy; the identity map makes RIP a guest-physical address), DX the port."""
+    module docstring): RIP in the program, on that opcode (read by ``opcode_at``, default from
+    the memfd with pread, a kernel copy; the identity map makes RIP a guest-physical address),
+    DX the port."""
     regs = KvmRegs.from_buffer_copy(state.regs)
     port = abi.WORKLOAD_PORT_BASE + state.index * abi.PORT_STRIDE + abi.PORT_CMD
     opcode = -1
     if lay.PROGRAM_ADDR <= regs.rip < program_end:
-        region = memory.region_of(regs.rip)
-        opcode = os.pread(region.memfd, 1, regs.rip - region.guest_addr)[0]
+        if opcode_at is not None:
+            opcode = opcode_at(regs.rip)
+        else:
+            region = memory.region_of(regs.rip)
+            opcode = os.pread(region.memfd, 1, regs.rip - region.guest_addr)[0]
     if (regs.rdx & 0xFFFF) != port or opcode != _IN_EAX_DX:
         raise SnapshotError(f"vCPU {state.index} is not parked at its command port's in "
                             f"(rip {regs.rip:#x}, opcode {opcode:#x}, dx {regs.rdx & 0xFFFF:#x},"
@@ -101,14 +110,13 @@ def check_parked(state: VcpuState, program_end: int, memory: GuestMemory) -> Non
 
 def write_memory_file(memory: GuestMemory, path: Path) -> tuple[list[MemoryRegionState], int]:
     """Copy guest memory into a sparse Firecracker memory file; (regions, data bytes)."""
-    regions: list[MemoryRegionState] = []
+    regions = memory_regions(memory)
     written = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         offset = 0
         buf = bytearray(_CHUNK)
         for region in memory.regions:
-            regions.append(MemoryRegionState(region.guest_addr, region.size, offset))
             for start, end in data_ranges(region.memfd, region.size):
                 for pos in range(start, end, _CHUNK):
                     length = min(_CHUNK, end - pos)
@@ -188,6 +196,69 @@ def write_diff_file(memory: GuestMemory, candidates: list[npt.NDArray[np.bool_]]
     return regions, data
 
 
+@dataclass
+class HeldVcpus:
+    """What :func:`held_vcpus` captured while every vCPU sits at its safe point."""
+
+    vcpus: list[VcpuState]
+    clock: Any
+    chips: Any
+    pit: Any
+    #: ``time.monotonic()`` when the vCPUs were asked to park.
+    started: float
+
+    def check(self, memory: GuestMemory, opcode_at: OpcodeReader | None = None) -> None:
+        """Each vCPU at its command port's ``in`` (see :func:`check_parked`)."""
+        program_end = lay.PROGRAM_ADDR + lay.PROGRAM_MAX_SIZE
+        for state in self.vcpus:
+            check_parked(state, program_end, memory, opcode_at)
+
+    def vm_state(self, vm: SnapshottableVM, regions: list[MemoryRegionState],
+                 guest: dict[str, Any]) -> VmState:
+        return VmState(regions=regions, vcpus=self.vcpus, page_size=vm.memory.page_size,
+                       clock_ns=self.clock, tsc_khz=vm.machine.tsc_khz, irqchips=self.chips,
+                       pit=self.pit, guest=guest)
+
+
+@contextlib.contextmanager
+def held_vcpus(vm: SnapshottableVM) -> Iterator[HeldVcpus]:
+    """Park every vCPU at its safe point and capture its state and the devices'; release them
+    when the block ends. A caller that stops the VM for good requests the machine's stop
+    inside the block: released vCPUs then leave instead of running on."""
+    machine = vm.machine
+    xsave_size = machine.vm.xsave_size()
+    msrs = snapshot_msrs(machine)
+    parks = [vm.device.park(i, lambda i: capture_vcpu(
+        machine.vcpus[i], xsave_size=xsave_size, msrs=msrs, lapic=machine.irqchip))
+        for i in range(vm.vcpus)]
+    started = time.monotonic()
+    try:
+        for park in parks:
+            if not park.parked.wait(max(0.0, started + _PARK_TIMEOUT_S - time.monotonic())):
+                raise SnapshotError(f"vCPUs did not reach their safe point within "
+                                    f"{_PARK_TIMEOUT_S:g} s (a command still running?)")
+            if park.error is not None:
+                raise SnapshotError(f"capturing a vCPU failed: {park.error}") from park.error
+        vcpus = [park.result for park in parks]
+        states = [s for s in vcpus if isinstance(s, VcpuState)]
+        assert len(states) == len(vcpus)
+        clock, chips, pit = capture_devices(machine.vm, irqchip=machine.irqchip,
+                                            pit=machine.pit)
+        yield HeldVcpus(states, clock, chips, pit, started)
+    finally:
+        for park in parks:
+            park.release.set()
+
+
+def memory_regions(memory: GuestMemory) -> list[MemoryRegionState]:
+    """The memory file's regions: ``memory``'s, back to back from offset 0 (Firecracker's)."""
+    regions, offset = [], 0
+    for region in memory.regions:
+        regions.append(MemoryRegionState(region.guest_addr, region.size, offset))
+        offset += region.size
+    return regions
+
+
 def snapshot_micro_vm(vm: SnapshottableVM, directory: str | os.PathLike[str], *,
                       guest: dict[str, Any] | None = None,
                       diff: list[npt.NDArray[np.bool_]] | None = None,
@@ -204,30 +275,12 @@ def snapshot_micro_vm(vm: SnapshottableVM, directory: str | os.PathLike[str], *,
         raise SnapshotError(
             "guest memory is registered with userfaultfd (vmm-swap enabled, or a lazy "
             "restore still serving it): pages not in memory would be read as zeros. Disable "
-            "vmm-swap first, or take a diff snapshot (--diff-snapshot) against the base")
+            "vmm-swap first, park it from the data plane (`vmmswap park --swapped`), or take "
+            "a diff snapshot (--diff-snapshot) against the base")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    machine = vm.machine
-    xsave_size = machine.vm.xsave_size()
-    msrs = snapshot_msrs(machine)
-    parks = [vm.device.park(i, lambda i: capture_vcpu(
-        machine.vcpus[i], xsave_size=xsave_size, msrs=msrs, lapic=machine.irqchip))
-        for i in range(vm.vcpus)]
-    started = time.monotonic()
-    try:
-        for park in parks:
-            if not park.parked.wait(max(0.0, started + _PARK_TIMEOUT_S - time.monotonic())):
-                raise SnapshotError(f"vCPUs did not reach their safe point within "
-                                    f"{_PARK_TIMEOUT_S:g} s (a command still running?)")
-            if park.error is not None:
-                raise SnapshotError(f"capturing a vCPU failed: {park.error}") from park.error
-        vcpus = [park.result for park in parks]
-        program_end = lay.PROGRAM_ADDR + lay.PROGRAM_MAX_SIZE
-        for state in vcpus:
-            assert isinstance(state, VcpuState)
-            check_parked(state, program_end, vm.memory)
-        clock, chips, pit = capture_devices(machine.vm, irqchip=machine.irqchip,
-                                            pit=machine.pit)
+    with held_vcpus(vm) as held:
+        held.check(vm.memory)
         meta = {"kind": GUEST_KIND, **(guest or {})}
         if diff is None:
             memory_path = out / MEMORY_FILE
@@ -240,12 +293,6 @@ def snapshot_micro_vm(vm: SnapshottableVM, directory: str | os.PathLike[str], *,
                                             memory_path, out / DIFF_PAGES_FILE)
             meta["base"] = str(Path(base).resolve())
         state_path = out / STATE_FILE
-        save_state(str(state_path), VmState(
-            regions=regions, vcpus=[s for s in vcpus if isinstance(s, VcpuState)],
-            page_size=vm.memory.page_size, clock_ns=clock, tsc_khz=machine.tsc_khz,
-            irqchips=chips, pit=pit, guest=meta))
-        pause = time.monotonic() - started
-    finally:
-        for park in parks:
-            park.release.set()
+        save_state(str(state_path), held.vm_state(vm, regions, meta))
+        pause = time.monotonic() - held.started
     return SnapshotInfo(state_path, memory_path, vm.memory.size, data, pause)
