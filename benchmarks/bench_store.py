@@ -17,7 +17,8 @@ inside the kernel's copy), timed by the VMM from its handshake:
   thread pool of the prefetch's size into memory -- no hash, no cache, no guest -- and the same
   with each chunk hashed (SHA-256), as the prefetch must;
 * ``vmmswap park`` of a ``--vm-mib`` micro-VM and ``vmmswap resume`` (cold, then warm cache):
-  the restore to the guest's first instruction.
+  the restore to the guest's first instruction; then ``park --swapped`` (the guest under
+  vmm-swap, swapped out, parked from the swap file) and its resume.
 
 Targets (issue 15): resume (handshake to the first page read) <= 50 ms; working-set re-touch
 with prefetch >= 3x faster than on demand, bytes fetched <= 1.2x the working set; store with
@@ -228,6 +229,18 @@ def run(work: Path, rng: np.random.Generator, size: int, region: int,
             figures[f"resume_{name}_first_instruction_ms"] = out.get("first_exit_ms")
             figures[f"resume_{name}_fetched_mib"] = round(
                 out["handler"]["source_bytes_fetched"] / MIB, 1)
+        # The same guest under vmm-swap, swapped out, parked from staging and the swap file.
+        swapped_url = f"s3://{BUCKET}/bench/microvm/swapped"
+        parked = cli("park", swapped_url, "--swapped", "--memory", str(args.vm_mib),
+                     "--swap-dir", str(work))
+        figures["park_swapped_seconds"] = parked["seconds"]
+        figures["park_swapped_paused_seconds"] = parked["paused_seconds"]
+        figures["park_swapped_from_swap_file_mib"] = round(
+            parked["read_from"]["swap_file"] / MIB, 1)
+        figures["park_swapped_from_memory_mib"] = round(parked["read_from"]["memory"] / MIB, 1)
+        out = cli("resume", swapped_url, "--cache-dir", str(work / "vm-cache-2"))
+        figures["resume_swapped_ok"] = out["ok"]
+        figures["resume_swapped_first_instruction_ms"] = out.get("first_exit_ms")
     return figures
 
 

@@ -30,6 +30,7 @@ from vmmswap.control.controller import (
 )
 from vmmswap.control.status import SwapState
 from vmmswap.dataplane.guest_memory import GuestMemory
+from vmmswap.dataplane.parked_image import ParkedImageError
 
 from .actors import Failure
 
@@ -42,6 +43,14 @@ S = SwapState
 #: Where each in-progress state may go on its own while a refused command was answered.
 MAY_BECOME: Final = {S.TRIM_IN_PROGRESS: {S.PENDING}, S.SWAP_OUT_IN_PROGRESS: {S.ACTIVE, S.FAILED},
                      S.SWAP_IN_IN_PROGRESS: {S.READY, S.FAILED}}
+
+
+#: States in which the monitor must accept a detach (monitor.py's _DETACHABLE).
+_DETACHABLE: Final = {S.READY, S.PENDING, S.ACTIVE}
+
+
+class _ParkCalledOffError(Exception):
+    """Raised inside ``detached()`` to call a torture park off after reading."""
 
 
 @dataclass
@@ -66,6 +75,8 @@ class Stats:
     released_pages: int = 0  # clean pages that left guest memory without a copy
     files_dropped: int = 0  # disables with drop_file while tracking
     pages_checked: int = 0
+    parks: int = 0  # parks read (always called off: the VM runs on)
+    parks_refused: int = 0  # detach refused (a command running, or Failed)
     states: list[str] = field(default_factory=list)
 
 
@@ -88,6 +99,13 @@ class HostCommands:
 
     def _run(self) -> None:
         raise NotImplementedError
+
+    def check_parked(self, data: bytes) -> None:
+        """Raise Failure if a park's memory file ``data`` disagrees with the model where the
+        model is sure while the actors run (scenarios that can check set PARK_CHECK)."""
+        raise NotImplementedError
+
+    PARK_CHECK = False
 
     def _teardown(self, error: str | None) -> str | None:
         raise NotImplementedError
@@ -148,8 +166,48 @@ class HostCommands:
         cycle's turn (disable to Ready, the guest writes, enable), where kept pages are
         released -- or, written in the pause, must not be."""
         action = self.rng.choices(("enable", "trim", "out", "disable", "status", "pause",
-                                   "cycle"), (5, 3, 4, 3, 1, 2, 3 if self.tracking else 0))[0]
+                                   "cycle", "park"),
+                                  (5, 3, 4, 3, 1, 2, 3 if self.tracking else 0,
+                                   2 if self.PARK_CHECK else 0))[0]
         getattr(self, f"do_{action}")()
+
+    def do_park(self) -> None:
+        """A park called off after its memory was read: the monitor detaches, the memory file
+        is read where it lies and checked, then a successor must serve on as before."""
+        before = self.state()
+        ctl = self.controller()
+        restarts = ctl.restarts
+        self.stats.commands += 1
+        data = bytearray()
+        try:
+            with ctl.detached() as memory:
+                data = bytearray(memory.image.size)
+                memory.image.read_into(0, memoryview(data))
+                raise _ParkCalledOffError
+        except _ParkCalledOffError:
+            pass
+        except ParkedImageError as err:
+            # A kill cut a step short just before the detach: only the successor (now
+            # serving) may finish it, so nothing was read.
+            self.note(f"park in {before}: {err}")
+            self.stats.parks_refused += 1
+            return
+        except SwapStateError as err:
+            now = self.state()
+            self.note(f"park in {before} refused, now {now}: {err}")
+            if err.status is not None and err.status.state in _DETACHABLE and \
+                    "pending" not in str(err):
+                raise Failure(f"detach refused in {err.status.state}: {err}") from err
+            self.stats.parks_refused += 1
+            return
+        after = self.state()
+        self.note(f"park in {before} read and called off -> {after}")
+        if ctl.restarts <= restarts:
+            raise Failure(f"a called-off park left restarts at {ctl.restarts}")
+        if after is not before and after not in MAY_BECOME.get(before, set()):
+            raise Failure(f"a called-off park changed the state {before} -> {after}")
+        self.stats.parks += 1
+        self.check_parked(bytes(data))
 
     def do_cycle(self) -> None:
         before = self.state()

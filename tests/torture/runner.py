@@ -58,6 +58,8 @@ class Summary:
                 f", dirty tracking in {self.total('tracking')} scenarios (pages released "
                 f"without a copy {self.total('released_pages')}, files dropped "
                 f"{self.total('files_dropped')})"
+                f", parks read and called off {self.total('parks')} (refused "
+                f"{self.total('parks_refused')})"
                 f", devices forked {self.total('devices_forked')} / killed "
                 f"{self.total('devices_killed')} (while faulting "
                 f"{self.total('killed_while_faulting')}), worker ops {self.total('worker_ops')}"

@@ -216,6 +216,22 @@ class Scenario(HostCommands):
         if ctl.status().state is not S.READY:
             raise Failure(f"not Ready after the final disable: {ctl.status()}")
 
+    PARK_CHECK = True
+
+    def check_parked(self, data: bytes) -> None:
+        """The shared pages (written before launch, never again) in a park's memory file."""
+        base = at = 0
+        for _g, size in LAYOUT:
+            n = size // PAGE_SIZE
+            sl = slice(base, base + n)
+            mask = (self.own.owner[sl] == SHARED) & (self.versions[sl] != UNKNOWN)
+            bad = check(data[at:at + size], self.own.gpages[sl], self.versions[sl], mask)
+            if bad is not None:
+                raise Failure(f"host, a park's memory file: {bad.describe()}")
+            self.stats.pages_checked += int(mask.sum())
+            base += n
+            at += size
+
     def verify_all(self, when: str) -> None:
         memory = self.memory
         assert memory is not None

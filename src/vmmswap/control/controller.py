@@ -142,6 +142,9 @@ class SwapController(ParkDetach):
         self._command = monitor_command
         #: time.monotonic() of every death a successor took over from.
         self._deaths: list[float] = []
+        #: Those of them that were called-off parks (a planned restart): not deaths for the
+        #: restart policy.
+        self._planned: set[float] = set()
         self._spare: Spare | None = None
         #: Held while a spare is being started, and to announce an enable: an enable's freeze
         #: must never meet a half-started process (the child of vfork, stopped before its
@@ -196,12 +199,27 @@ class SwapController(ParkDetach):
         code: int | None = self._process.wait()
         with self._changed:
             detach = self._detach
-        if detach is not None:
-            return self._detached_exit(detach, died_at, code)   # a park's detach (or a death)
-        if self._closing and code == 0:
-            return None  # it exited as asked
+        if detach is None:
+            if self._closing and code == 0:
+                return None  # it exited as asked
+            return self._replace_monitor(died_at, code)
+        # A park's detach (or a death while detaching): its outcome decides.
+        if self._detach_outcome(detach):
+            self._detach_finished(detach)
+            return None
+        try:
+            return self._replace_monitor(died_at, code, planned=True)
+        finally:
+            self._detach_finished(detach)
+
+    def _replace_monitor(self, died_at: float, code: int | None, *,
+                         planned: bool = False) -> int | None:
+        """Start a successor within the restart policy (``planned``: the first death is a
+        called-off park's, which the policy does not count); its pid, or None (gave up)."""
         reason = ""
-        while self.policy.allows(self._deaths, time.monotonic()) and not self._closed:
+        first = died_at
+        while self.policy.allows([d for d in self._deaths if d not in self._planned],
+                                 time.monotonic()) and not self._closed:
             try:
                 info = self._restart(died_at, code)
             except SuccessorDiedError as err:
@@ -214,6 +232,8 @@ class SwapController(ParkDetach):
                 reason = f"the successor could not take over: {err}"
                 _log.error("%s", reason)
                 break
+            if planned:
+                self._planned.add(first)
             if self._on_monitor_restarted is not None:
                 try:
                     self._on_monitor_restarted(info)

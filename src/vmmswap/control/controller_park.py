@@ -15,8 +15,9 @@ park's outcome instead of starting a successor at once:
   *parked* -- every later request is refused and ``close`` releases the kept descriptors
   without swapping in (the VM is to be stopped: its memory lives in the store now);
 * the park **failed** (store unreachable, killed upload, a step the dead monitor left half
-  done): a successor resumes from the kept page state exactly as after a death (it counts as a
-  restart), and the VM can run on where it was. The failure is re-raised.
+  done): a successor resumes from the kept page state exactly as after a death (a restart in
+  the status; not a death for the restart policy), and the VM can run on where it was. The
+  failure is re-raised.
 
 A real death while detaching is handled the same way: the monitor is gone either way, and the
 reader refuses a page state whose journal names a step in progress.
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from vmmswap.control.errors import SwapError, raise_for
-from vmmswap.control.monitor_launch import KeptDescriptors, MonitorRestart, Spare
+from vmmswap.control.monitor_launch import KeptDescriptors, Spare
 from vmmswap.control.monitor_process import MonitorProcess
 from vmmswap.control.monitor_watch import MonitorWatch
 from vmmswap.control.protocol import Command, ProtocolError, Request, request
@@ -87,12 +88,9 @@ class ParkDetach:
     _closed: bool
     _closing: bool
     _dead: bool
+    _planned: set[float]
 
-    def _restart(self, died_at: float, code: int | None) -> MonitorRestart:
-        raise NotImplementedError
-
-    def _give_up(self, code: int | None, reason: str) -> None:
-        raise NotImplementedError
+    _death: BaseException | None
 
     @contextlib.contextmanager
     def detached(self, timeout: float = DETACH_TIMEOUT) -> Iterator[DetachedMemory]:
@@ -175,32 +173,26 @@ class ParkDetach:
             raise SwapError(f"no monitor took over after the park was called off: {d.error}; "
                             "the VM must not run") from d.error
 
-    def _detached_exit(self, d: _Detach, died_at: float, code: int | None) -> int | None:
-        """From the watch thread (``_monitor_exited``): the monitor is gone. Wait for the park's
-        outcome; the successor's pid, or None when the VM stays parked."""
+    def _detach_outcome(self, d: _Detach) -> bool:
+        """From the watch thread (``_monitor_exited``): the monitor is gone. Wait for the
+        park's outcome: True when the VM stays parked (no successor)."""
         with self._changed:
             d.exited.set()
             self._changed.notify_all()
         d.decided.wait()
-        try:
-            if d.keep_stopped:
-                if self._spare is not None:
-                    self._spare.close()
-                    self._spare = None
-                return None
-            try:
-                info = self._restart(died_at, code)
-            except Exception as err:
-                d.error = err
-                self._give_up(code, f"the successor after a called-off park could not take "
-                             f"over: {err}")
-                return None
-            return info.pid
-        finally:
-            with self._changed:
-                self._detach = None
-                d.finished.set()
-                self._changed.notify_all()
+        if d.keep_stopped and self._spare is not None:
+            self._spare.close()
+            self._spare = None
+        return d.keep_stopped
+
+    def _detach_finished(self, d: _Detach) -> None:
+        """The successor serves (or none could: the controller gave up, ``d.error``)."""
+        with self._changed:
+            if self._dead and not d.keep_stopped:
+                d.error = self._death
+            self._detach = None
+            d.finished.set()
+            self._changed.notify_all()
 
     def _close_parked(self) -> None:
         """Close a parked controller: no monitor to ask, nothing to swap in (the memory is in
