@@ -138,11 +138,12 @@ class VmmProcess:
         return self.proc.stdout.readline() or None
 
     def run(self, seed: int, corrupt: bool, kind: str = "host",
-            skip_written: bool = False) -> dict[str, Any]:
+            skip_written: bool = False, park_memfds: bool = False) -> dict[str, Any]:
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(json.dumps({"seed": seed, "corrupt": corrupt, "kind": kind,
-                                              "skip_written": skip_written}) + "\n")
+                                              "skip_written": skip_written,
+                                              "park_memfds": park_memfds}) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             return {"seed": seed, "ok": False, "error": f"SEED {seed}: the VMM process died"}
@@ -203,7 +204,7 @@ class VmmProcess:
 
 def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str | None = None,
               progress: bool = False, kvm_seeds: range = range(0),
-              skip_written: bool = False) -> Summary:
+              skip_written: bool = False, park_memfds: bool = False) -> Summary:
     """Run every seed of ``seeds`` (host scenarios) and of ``kvm_seeds`` (the micro-VM
     variant) on ``jobs`` VMM processes; the summary in (kind, seed) order."""
     summary = Summary()
@@ -227,7 +228,7 @@ def run_seeds(seeds: range, jobs: int = 2, corrupt: bool = False, swap_dir: str 
                         return
                     if not vmm.alive():
                         vmm = VmmProcess(big, small, huge)
-                    result = vmm.run(seed, corrupt, kind, skip_written)
+                    result = vmm.run(seed, corrupt, kind, skip_written, park_memfds)
                     result.setdefault("kind", kind)
                     with lock:
                         summary.results.append(result)

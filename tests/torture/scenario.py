@@ -45,6 +45,9 @@ class Options:
     corrupt: bool = False  # negative control: a worker drops a page behind the model's back
     #: Negative control of dirty tracking: the scan at the second enable loses a written page.
     skip_written: bool = False
+    #: Negative control of the park check: the park reads the guest memfds only (what a park
+    #: knowing nothing of staging would store), right after an enable moved every page.
+    park_memfds: bool = False
     huge_pages: bool = False  # the runner reserved hugetlb pages and turned shmem THP on
 
 
@@ -100,7 +103,8 @@ class Scenario(HostCommands):
             self.crash_at = 0
         if kills not in ("both", "host"):
             self.monitor_kills = 0
-        if options.skip_written:  # a restart or a failed out would forget the clean pages
+        if options.skip_written or options.park_memfds:
+            # Scripted: a restart or a failed out would forget the clean pages, or move them.
             self.crash_at = self.eio_at = 0
             self.disk_full = False
         self.versions = self.own.initial.copy()
@@ -142,6 +146,9 @@ class Scenario(HostCommands):
             worker.thread.start()
         if self.options.skip_written:
             self._two_cycles()
+        elif self.options.park_memfds:
+            self.controller().enable()   # every shared page written before launch -> staging
+            self.do_park()
         else:
             for _ in range(self.rng.randint(6, 14)):
                 self.check_workers()

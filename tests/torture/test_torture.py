@@ -36,6 +36,8 @@ def test_torture_scenarios() -> None:
     assert summary.total("guest_pages_checked") > 0 and summary.total("guest_writes") > 0
     if os.environ.get("VMMSWAP_TORTURE_KILLS", "both") != "none" and COUNT >= 40:
         assert summary.total("restarts") > 0, "monitor kills were drawn but none restarted"
+    if COUNT >= 40:
+        assert summary.total("parks") > 0, "no park was drawn"
 
 
 def test_torture_negative_control_detects_a_zero_page() -> None:
@@ -56,4 +58,14 @@ def test_torture_negative_control_detects_a_missed_dirty_page() -> None:
     assert len(summary.failures) == 4, [r["seed"] for r in summary.results if r["ok"]]
     assert all("after the final disable" in str(f["error"])
                and "expected version" in str(f["error"]) for f in summary.failures), _failures(
+        summary.failures)
+
+
+def test_torture_negative_control_detects_a_park_that_misses_staging() -> None:
+    """The park check's negative control: right after an enable, the park stores the guest
+    memfds alone (what a park knowing nothing of staging would); every scenario with a shared
+    page written before launch must fail on a page of the park's memory file."""
+    summary = run_seeds(range(FIRST, FIRST + 4), jobs=2, park_memfds=True)
+    assert len(summary.failures) == 4, [r["seed"] for r in summary.results if r["ok"]]
+    assert all("a park's memory file" in str(f["error"]) for f in summary.failures), _failures(
         summary.failures)

@@ -33,7 +33,8 @@ def main() -> None:
     for line in sys.stdin:
         cmd = json.loads(line)
         options = Options(swap_dir, small, corrupt=bool(cmd.get("corrupt")), huge_pages=huge,
-                          skip_written=bool(cmd.get("skip_written")))
+                          skip_written=bool(cmd.get("skip_written")),
+                          park_memfds=bool(cmd.get("park_memfds")))
         kind = KvmScenario if cmd.get("kind") == "kvm" else Scenario
         result = kind(int(cmd["seed"]), options).run()
         print(json.dumps(result), flush=True)
