@@ -272,10 +272,12 @@ def _parser() -> argparse.ArgumentParser:
                    "page-fault handler) or eagerly and verify the guest's checksums")
     sub.add_parser("store", add_help=False, help="snapshot memory in an object store "
                    "(put, get, info)")
-    sub.add_parser("park", add_help=False, help="snapshot the built-in guest into an object "
-                   "store and remove the local copy")
+    sub.add_parser("park", add_help=False, help="park a running VM (SOCKET URL) or the "
+                   "built-in guest (URL) into an object store")
     sub.add_parser("resume", add_help=False, help="restore a parked VM lazily from the store "
                    "and verify the guest's checksums")
+    sub.add_parser("run", add_help=False, help="run the built-in guest under vmm-swap until "
+                   "it is parked (vmmswap park VMM_SOCKET URL) or stopped")
     return parser
 
 
@@ -323,7 +325,8 @@ _SNAPSHOT_COMMANDS = {"serve-snapshot": "vmmswap.snapshot.serve",
                       "restore": "vmmswap.vm.restore_cli",
                       "store": "vmmswap.storage.commands",
                       "park": "vmmswap.vm.park",
-                      "resume": "vmmswap.vm.park:resume_main"}
+                      "resume": "vmmswap.vm.park:resume_main",
+                      "run": "vmmswap.vm.run_cli"}
 
 
 def _snapshot_command(name: str, argv: list[str]) -> int:

@@ -46,6 +46,7 @@ from vmmswap.vm.snapshot import MEMORY_FILE, STATE_FILE, SnapshotError, snapshot
 from vmmswap.vm.snapshot_check import check_guest, prepare_guest
 from vmmswap.vm.swap_session import launch_controller
 from vmmswap.vm.vm_state import VmState, VmStateError, load_state
+from vmmswap.vm.vmm_socket import VmmSocketError, park_request
 from vmmswap.vm.workload import WorkloadError
 
 #: Names of the small files beside the manifest.
@@ -105,6 +106,21 @@ def fetch_state(url: str, into: str) -> tuple[VmState, str | None]:
         ws = os.path.join(into, WORKING_SET_OBJECT)
         Path(ws).write_bytes(load_file(store, manifest, WORKING_SET_OBJECT))
     return state, ws
+
+
+def _park_socket(path: str, url: str) -> int:
+    """``vmmswap park SOCKET URL``: ask the VMM at ``path`` to park its VM."""
+    try:
+        answer = park_request(path, url)
+    except VmmSocketError as err:
+        print(f"vmmswap park: {err}", file=sys.stderr)
+        return 2
+    if not answer.get("ok"):
+        print(f"vmmswap park: {answer.get('error')}; the VM runs on where it was",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(answer.get("parked")), flush=True)
+    return 0
 
 
 def _park_swapped(args: argparse.Namespace) -> dict[str, Any]:
@@ -190,11 +206,20 @@ def _resume(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str], command: str = "park") -> int:
     parser = argparse.ArgumentParser(prog=f"vmmswap {command}")
-    parser.add_argument("url", metavar="URL",
-                        help="s3://bucket/prefix (AWS_* variables or a profile) or a directory")
     if command == "park":
-        parser.description = ("Snapshot the built-in guest (or upload the snapshot in --from) "
-                              "into an object store, then remove the local copy.")
+        parser.add_argument("where", nargs="+", metavar="[SOCKET] URL",
+                            help="the store: s3://bucket/prefix (AWS_* variables or a profile) "
+                                 "or a directory; with SOCKET first, park the VM whose VMM "
+                                 "listens there (`vmmswap run --vmm-socket`)")
+    else:
+        parser.add_argument("url", metavar="URL",
+                            help="s3://bucket/prefix (AWS_* variables or a profile) or a "
+                                 "directory")
+    if command == "park":
+        parser.description = ("Park a running VM (SOCKET URL: its VMM reads its memory where "
+                              "it lies, swapped out or not, and stops it), or snapshot the "
+                              "built-in guest (or upload the snapshot in --from) into an object "
+                              "store, then remove the local copy.")
         parser.add_argument("--from", dest="source_dir", metavar="DIR",
                             help="park this snapshot directory instead of a fresh guest")
         parser.add_argument("--working-set", metavar="FILE",
@@ -221,6 +246,13 @@ def main(argv: list[str], command: str = "park") -> int:
                             help="do not prefetch the parked working set")
         parser.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS")
     args = parser.parse_args(argv)
+    args.socket = None
+    if command == "park":
+        if len(args.where) > 2:
+            parser.error("give URL, or SOCKET URL")
+        args.socket, args.url = (None, *args.where) if len(args.where) == 1 else args.where
+        if args.socket is not None:
+            return _park_socket(args.socket, args.url)
     if command == "park" and not 0 < args.written <= 1:
         parser.error("--written must be in (0, 1]")
     if command == "park" and args.swapped and args.source_dir is not None:
