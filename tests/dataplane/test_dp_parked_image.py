@@ -111,3 +111,35 @@ def test_missing_bytes_are_an_error_never_zeros(plane) -> None:  # type: ignore[
     state.slots[4] = 3          # slot 2: past the end of the (empty) swap file
     with pytest.raises(ParkedImageError, match="swap file ended"):
         _read(image)
+
+
+def test_huge_pages_are_read_in_4k_pieces(tmp_path: Path) -> None:
+    """A 2 MiB page state (hugetlbfs guests): a page's source is one bit, and a read of a few
+    4 KiB pages inside a huge page takes them at the right offset of staging or the file."""
+    huge = 2 << 20
+    spec = RegionSpec(0, 0x7000_0000_0000, 4 * huge)
+    state = PageState.create([spec], page_size=huge)
+    memfd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    staging = os.memfd_create("staging", os.MFD_CLOEXEC)
+    swap = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(memfd, spec.size)
+        os.ftruncate(staging, state.num_pages * huge)
+        rng = np.random.default_rng(5)
+        blobs = [rng.integers(0, 256, huge, dtype=np.uint8).tobytes() for _ in range(3)]
+        os.pwrite(memfd, blobs[0], 0)                       # huge page 0: resident
+        PresentList.over(state.staging_present, state.num_pages).set_range(1, 2)
+        os.pwrite(staging, blobs[1], 1 * huge)              # huge page 1: staging
+        PresentList.over(state.file_current, state.num_pages).set_range(2, 3)
+        state.slots[2] = 2                                  # huge page 2: file slot 1
+        os.pwrite(swap, blobs[2], 1 * huge)
+        image = ParkedImage(state, [(spec, memfd)], staging, swap)
+        want = blobs[0] + blobs[1] + blobs[2] + bytes(huge)
+        assert _read(image) == want
+        for off, n in ((huge - PAGE, 2 * PAGE), (huge + 5 * PAGE, 3 * PAGE),
+                       (2 * huge + 511 * PAGE, 2 * PAGE), (3 * huge - PAGE, huge)):
+            assert _read(image, off, n) == want[off:off + n], (off, n)
+    finally:
+        for fd in (memfd, staging, swap):
+            os.close(fd)
+        state.close()
