@@ -98,13 +98,17 @@ def test_two_snapshots_share_chunks_and_a_diff_sends_only_new_ones(
     (tmp_path / "mem").write_bytes(data)
     second, s2 = upload(store, "vm/b", tmp_path / "mem", base=first, changed=written,
                         parent="vm/a")
-    assert s2.sent == 3 and s2.reused == s1.sent - 3 + s1.zero_chunks
+    # The three chunks go up as patches over the first snapshot's (test_storage_patches.py).
+    assert s2.sent == 0 and s2.patched == 3 and s2.reused == s1.sent - 3 + s1.zero_chunks
     assert s2.bytes_read == 3 * CHUNK
-    # a full (non-diff) upload of the same memory sends nothing: every chunk is present
+    patches = s2.bytes_sent
+    assert patches < 3 * CHUNK // 2
+    # A full (non-diff) upload of the same memory knows no base: it stores those three whole
+    # (their patches are not theirs to find) and finds every other chunk present.
     third, s3 = upload(store, "vm/c", tmp_path / "mem")
-    assert s3.sent == 0 and third.regions == second.regions
+    assert s3.sent == 3 and third.digests() == second.digests() and third.patched == 0
     pool = sum(size for _, size in store.list("vm/chunks/"))
-    assert pool == first.stored_bytes() + 3 * CHUNK
+    assert pool == first.stored_bytes() + patches + 3 * CHUNK
     src = ChunkSource(store, second, None)
     try:
         assert read_all(src) == bytes(data)

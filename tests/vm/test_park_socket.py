@@ -110,7 +110,7 @@ def test_the_vmm_socket_refuses_another_uid(tmp_path: Path) -> None:
         return {}
 
     # A directory the other uid can reach (pytest's own are 0700).
-    home = Path(tempfile.mkdtemp(prefix="vmmswap-vmm-socket-"))
+    home = Path(tempfile.mkdtemp(prefix="vmmswap-vmm-socket-", dir="/tmp"))
     os.chmod(home, 0o755)
     path = str(home / "vm.sock")
     server = VmmSocket(path, park)

@@ -40,7 +40,8 @@ import numpy.typing as npt
 
 from vmmswap.snapshot.source import SourceError
 from vmmswap.storage.cache import ChunkCache
-from vmmswap.storage.manifest import Manifest, chunk_hash, load_manifest
+from vmmswap.storage.manifest import ChunkPatch, Manifest, chunk_hash, load_manifest
+from vmmswap.storage.patch import PatchError, apply_patch
 from vmmswap.storage.store import ObjectMissing, ObjectStore, open_store
 
 _log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ BACKOFF_MAX: Final = 2.0
 PREFETCH_WORKERS: Final = 3
 #: The on-disk chunk cache's default bound.
 DEFAULT_CACHE_BYTES: Final = 1 << 30
+
+
+class _Mismatch(Exception):  # noqa: N818 -- a kind of answer, caught at once
+    """A fetched object is not what the manifest says (counted, retried, never served)."""
 
 
 class ChunkSource:
@@ -64,10 +69,17 @@ class ChunkSource:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.give_up_after = give_up_after
-        starts, lengths, digests = [], [], []
+        starts: list[int] = []
+        lengths: list[int] = []
+        digests: list[str | None] = []
+        #: Chunk index -> how it is stored as a patch (most chunks are whole: absent).
+        self._patches: dict[int, ChunkPatch] = {}
         for region in manifest.regions:
             for i, digest in enumerate(region.chunks):
                 start, length = region.chunk_span(i, manifest.chunk_size)
+                patch = region.patch_of(i)
+                if patch is not None:
+                    self._patches[len(digests)] = patch
                 starts.append(start)
                 lengths.append(length)
                 digests.append(digest)
@@ -292,12 +304,47 @@ class ChunkSource:
         """The one check between the store and the caller (a test's control overrides it)."""
         return len(data) == length and chunk_hash(data) == digest
 
+    def _get(self, digest: str, length: int) -> bytes:
+        """One GET of the whole chunk ``digest``, verified; _Mismatch if it is not it."""
+        key = self.manifest.chunk_key(digest)
+        data = self.store.get(key)
+        if not self._verified(data, digest, length):
+            raise _Mismatch(f"chunk {digest[:16]}... from {self.store.url}/{key} failed its "
+                            f"hash ({len(data)} bytes, expected {length}): not served")
+        self._count_fetched(len(data))
+        return data
+
+    def _get_patched(self, digest: str, length: int, patch: ChunkPatch) -> bytes:
+        """The chunk rebuilt from its root (the cache's copy, or a GET) and its patch, each
+        verified, and the result verified against the chunk's own hash."""
+        root = bytearray(length)
+        if self.cache is None or not self.cache.read(patch.base, 0, memoryview(root)):
+            root = bytearray(self._get(patch.base, length))
+        key = self.manifest.chunk_key(patch.patch)
+        data = self.store.get(key)
+        if len(data) != patch.nbytes or chunk_hash(data) != patch.patch:
+            raise _Mismatch(f"patch {patch.patch[:16]}... from {self.store.url}/{key} failed "
+                            "its hash: not applied")
+        self._count_fetched(len(data))
+        try:
+            chunk = apply_patch(root, data)
+        except PatchError as err:
+            raise _Mismatch(f"patch {patch.patch[:16]}...: {err}") from None
+        if not self._verified(chunk, digest, length):
+            raise _Mismatch(f"chunk {digest[:16]}... rebuilt from {patch.base[:16]}... and "
+                            f"patch {patch.patch[:16]}... failed its hash: not served")
+        return chunk
+
+    def _count_fetched(self, nbytes: int) -> None:
+        with self._lock:
+            self._counters["bytes_fetched"] += nbytes
+
     def _fetch(self, c: int) -> bytes:
         """GET chunk ``c`` until it arrives whole and verified (or the source gives up)."""
         digest = self._digests[c]
         assert digest is not None
         length = int(self._lengths[c])
-        key = self.manifest.chunk_key(digest)
+        patch = self._patches.get(c)
         delay = self.backoff_initial
         started = time.monotonic()
         while True:
@@ -305,22 +352,20 @@ class ChunkSource:
                 raise SourceError("chunk source is closed")
             problem = "store_errors"
             try:
-                data = self.store.get(key)
+                data = (self._get(digest, length) if patch is None
+                        else self._get_patched(digest, length, patch))
             except ObjectMissing as err:
                 problem, message = "missing", str(err)
+            except _Mismatch as err:
+                problem, message = "hash_failures", str(err)
             except OSError as err:
                 message = str(err)
             else:
-                if self._verified(data, digest, length):
-                    if self.cache is not None:
-                        self.cache.insert(digest, data)
-                    with self._lock:
-                        self._counters["chunks_fetched"] += 1
-                        self._counters["bytes_fetched"] += len(data)
-                    return data
-                problem = "hash_failures"
-                message = (f"chunk {digest[:16]}... from {self.store.url}/{key} failed its "
-                           f"hash ({len(data)} bytes, expected {length}): not served")
+                if self.cache is not None:
+                    self.cache.insert(digest, data)
+                with self._lock:
+                    self._counters["chunks_fetched"] += 1
+                return data
             with self._lock:
                 self._counters[problem] += 1
                 self._counters["retries"] += 1

@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
 from vmmswap.snapshot.source import FileSource, SourceError
 from vmmswap.storage.chunk_source import ChunkSource
 from vmmswap.storage.manifest import (
@@ -59,12 +61,26 @@ def _put(args: argparse.Namespace) -> dict[str, object]:
         raise ValueError(f"--chunk-kib {args.chunk_kib}: a positive multiple of 4")
     if args.workers <= 0:
         raise ValueError("--workers must be positive")
+    if (args.base is None) != (args.changed is None):
+        raise ValueError("a diff needs both --base URL and --changed PAGES.npy")
     source = FileSource.open(args.mem_file)
     try:
         regions = parse_regions(args.regions, source.size)
         store, prefix = open_store(args.url)
+        base = changed = None
+        if args.base is not None:
+            base_store, base_prefix = open_store(args.base)
+            if base_store.url != store.url:
+                raise ValueError("a diff's base must be in the same store")
+            base = load_manifest(store, base_prefix)
+            changed = np.load(args.changed, allow_pickle=False)
+            if changed.dtype != np.bool_ or changed.ndim != 1:
+                raise ValueError(f"{args.changed}: expected a 1-D bool array (one flag per "
+                                 f"4 KiB page written since the base), got {changed.dtype}")
         manifest, stats = upload_memory(store, prefix, source, regions=regions,
-                                        chunk_size=chunk, workers=args.workers)
+                                        chunk_size=chunk, workers=args.workers, base=base,
+                                        changed=changed,
+                                        parent=args.base)
     finally:
         source.close()
     return {"url": args.url, "size": manifest.size, "chunk_size": manifest.chunk_size,
@@ -116,7 +132,8 @@ def _info(args: argparse.Namespace) -> dict[str, object]:
     return {"url": args.url, "size": m.size, "chunk_size": m.chunk_size,
             "regions": [[r.offset, r.size] for r in m.regions], "chunks": len(chunks),
             "zero_chunks": sum(c is None for c in chunks), "distinct_chunks": len(m.digests()),
-            "stored_bytes": m.stored_bytes(), "pool": m.pool, "files": sorted(m.files),
+            "patched_chunks": m.patched, "stored_bytes": m.stored_bytes(), "pool": m.pool,
+            "files": sorted(m.files),
             "parent": m.parent}
 
 
@@ -131,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk-kib", type=int, default=DEFAULT_CHUNK_SIZE // 1024,
                    help=f"chunk size in KiB (default {DEFAULT_CHUNK_SIZE // 1024})")
     p.add_argument("--workers", type=int, default=8, help="uploads in flight (default 8)")
+    p.add_argument("--base", metavar="URL", help="a diff of this snapshot (same store and "
+                   "pool): chunks with no page written are its, changed ones go up as patches")
+    p.add_argument("--changed", metavar="PAGES.npy", help="with --base: a bool per 4 KiB page "
+                   "of MEM_FILE, True where it was written since the base (dirty tracking)")
     p = sub.add_parser("get", help="write a snapshot's memory to a local file")
     p.add_argument("url", metavar="URL")
     p.add_argument("mem_file", metavar="MEM_FILE")

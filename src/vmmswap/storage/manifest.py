@@ -26,9 +26,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from vmmswap.storage.patch import PatchError, parse_page_map, patch_bytes
 from vmmswap.storage.store import ObjectMissing, ObjectStore, join
 
 FORMAT: Final = "vmmswap-chunked-memory/1"
+#: A manifest with patched chunks: a reader of FORMAT alone would look for whole chunks that
+#: were never stored (and wait for ever), so it must refuse these.
+FORMAT_PATCHED: Final = "vmmswap-chunked-memory/2"
 HASH: Final = "sha256"
 MANIFEST: Final = "manifest.json"
 #: Measured on SeaweedFS over loopback (benchmarks/bench_store.py, DESIGN.md "The store tier").
@@ -45,17 +49,35 @@ def chunk_hash(data: bytes | bytearray | memoryview) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunkPatch:
+    """How a chunk is stored when it is a patch (:mod:`.patch`): the patch object ``patch``
+    (its SHA-256, ``nbytes`` long) over the whole chunk ``base``; ``pages`` is the patch's page
+    map (hex, see ``patch.page_map_hex``), which the next diff of this chunk extends."""
+
+    base: str
+    patch: str
+    pages: str
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkedRegion:
-    """``size`` bytes at ``offset`` of the memory file, as chunk hashes (None: all zeros)."""
+    """``size`` bytes at ``offset`` of the memory file, as chunk hashes (None: all zeros).
+    ``patches`` is empty, or one entry per chunk: None where the chunk is stored whole under
+    its hash, else how it is stored as a patch (its hash still names its content)."""
 
     offset: int
     size: int
     chunks: tuple[str | None, ...]
+    patches: tuple[ChunkPatch | None, ...] = ()
 
     def chunk_span(self, index: int, chunk_size: int) -> tuple[int, int]:
         """File offset and length of chunk ``index``."""
         start = index * chunk_size
         return self.offset + start, min(chunk_size, self.size - start)
+
+    def patch_of(self, index: int) -> ChunkPatch | None:
+        return self.patches[index] if self.patches else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,29 +102,48 @@ class Manifest:
         return {c for r in self.regions for c in r.chunks if c is not None}
 
     def stored_bytes(self) -> int:
-        """Bytes of the distinct non-zero chunks this snapshot refers to."""
+        """Bytes of the distinct objects of the pool this snapshot refers to: whole chunks
+        (a patched chunk's root counts as one) and patches."""
         sizes: dict[str, int] = {}
         for region in self.regions:
             for i, digest in enumerate(region.chunks):
-                if digest is not None:
+                patch = region.patch_of(i)
+                if patch is not None:
+                    sizes[patch.base] = region.chunk_span(i, self.chunk_size)[1]
+                    sizes[patch.patch] = patch.nbytes
+                elif digest is not None:
                     sizes[digest] = region.chunk_span(i, self.chunk_size)[1]
         return sum(sizes.values())
 
+    @property
+    def patched(self) -> int:
+        """Chunks stored as patches."""
+        return sum(p is not None for r in self.regions for p in r.patches)
+
     def to_json(self) -> bytes:
+        regions = []
+        for r in self.regions:
+            entry: dict[str, Any] = {"offset": r.offset, "size": r.size, "chunks": list(r.chunks)}
+            patches = {str(i): {"base": p.base, "patch": p.patch, "pages": p.pages,
+                                "bytes": p.nbytes}
+                       for i, p in enumerate(r.patches) if p is not None}
+            if patches:
+                entry["patches"] = patches
+            regions.append(entry)
         doc: dict[str, Any] = {
-            "format": FORMAT, "hash": HASH, "chunk_size": self.chunk_size, "pool": self.pool,
-            "size": self.size, "parent": self.parent, "files": self.files,
-            "regions": [{"offset": r.offset, "size": r.size, "chunks": list(r.chunks)}
-                        for r in self.regions]}
+            "format": FORMAT_PATCHED if self.patched else FORMAT, "hash": HASH,
+            "chunk_size": self.chunk_size, "pool": self.pool, "size": self.size,
+            "parent": self.parent, "files": self.files, "regions": regions}
         return json.dumps(doc, indent=0, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes, where: str = "manifest") -> Manifest:
         try:
             doc = json.loads(data)
-            if doc.get("format") != FORMAT or doc.get("hash") != HASH:
+            if doc.get("format") not in (FORMAT, FORMAT_PATCHED) or doc.get("hash") != HASH:
                 raise ManifestError(f"{where}: format {doc.get('format')!r}/"
                                     f"{doc.get('hash')!r}, expected {FORMAT}/{HASH}")
+            may_patch = doc["format"] == FORMAT_PATCHED
             chunk_size = int(doc["chunk_size"])
             if chunk_size <= 0 or chunk_size % 4096:
                 raise ManifestError(f"{where}: chunk size {chunk_size} is not a positive "
@@ -110,9 +151,12 @@ class Manifest:
             regions = []
             at = 0
             for r in doc["regions"]:
-                region = ChunkedRegion(int(r["offset"]), int(r["size"]),
-                                       tuple(None if c is None else str(c)
-                                             for c in r["chunks"]))
+                chunks = tuple(None if c is None else str(c) for c in r["chunks"])
+                if "patches" in r and not may_patch:
+                    raise ManifestError(f"{where}: patches in a {FORMAT} manifest")
+                region = ChunkedRegion(int(r["offset"]), int(r["size"]), chunks,
+                                       _parse_patches(r.get("patches"), chunks, chunk_size,
+                                                      int(r["size"]), where))
                 if region.offset != at or region.size <= 0:
                     raise ManifestError(f"{where}: regions must be back to back from 0 "
                                         f"(region at {region.offset:#x}, expected {at:#x})")
@@ -140,6 +184,38 @@ class Manifest:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ManifestError(f"{where}: malformed manifest: {err!r}") from None
+
+
+def _is_hex(text: object) -> bool:
+    return isinstance(text, str) and len(text) == _HEX_LEN and not text.strip(
+        "0123456789abcdef")
+
+
+def _parse_patches(doc: Any, chunks: tuple[str | None, ...], chunk_size: int, size: int,
+                   where: str) -> tuple[ChunkPatch | None, ...]:
+    """A region's ``patches`` ({index: {base, patch, pages, bytes}}), checked; () if none."""
+    if doc is None:
+        return ()
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{where}: patches must map chunk indexes to patches")
+    out: list[ChunkPatch | None] = [None] * len(chunks)
+    for key, p in doc.items():
+        i = int(key)
+        if not 0 <= i < len(chunks) or chunks[i] is None:
+            raise ManifestError(f"{where}: a patch for chunk {key}, which is not a stored chunk")
+        if not (_is_hex(p["base"]) and _is_hex(p["patch"])):
+            raise ManifestError(f"{where}: chunk {i}'s patch names bad hashes")
+        length = min(chunk_size, size - i * chunk_size)
+        try:
+            pages = parse_page_map(str(p["pages"]), length // 4096)
+        except PatchError as err:
+            raise ManifestError(f"{where}: chunk {i}'s patch: {err}") from None
+        nbytes = int(p["bytes"])
+        if nbytes != patch_bytes(length, int(pages.sum())):
+            raise ManifestError(f"{where}: chunk {i}'s patch of {int(pages.sum())} pages "
+                                f"cannot be {nbytes} bytes")
+        out[i] = ChunkPatch(p["base"], p["patch"], str(p["pages"]), nbytes)
+    return tuple(out)
 
 
 def _safe_key(key: str) -> bool:

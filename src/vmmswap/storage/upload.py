@@ -32,12 +32,14 @@ import numpy.typing as npt
 from vmmswap.storage.manifest import (
     DEFAULT_CHUNK_SIZE,
     ChunkedRegion,
+    ChunkPatch,
     Manifest,
     chunk_hash,
     default_pool,
     file_key,
     save_manifest,
 )
+from vmmswap.storage.patch import encode_patch, page_map_hex, parse_page_map
 from vmmswap.storage.store import ObjectStore, join
 
 
@@ -50,6 +52,10 @@ class Readable(Protocol):
     def read_into(self, offset: int, view: memoryview) -> None: ...
 
 
+#: One chunk of the manifest: its hash (None: zeros) and, if stored as one, its patch.
+Entry = tuple[str | None, ChunkPatch | None]
+
+
 @dataclass(slots=True)
 class UploadStats:
     chunks: int = 0          # chunks in the manifest, zero ones included
@@ -57,6 +63,7 @@ class UploadStats:
     sent: int = 0            # PUT by this upload
     present: int = 0         # already in the pool (an earlier snapshot, an interrupted upload)
     reused: int = 0          # a diff: not read, the base's hash kept
+    patched: int = 0         # a diff: stored as a patch over the base's whole chunk
     bytes_sent: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
@@ -139,7 +146,7 @@ def upload_memory(store: ObjectStore, prefix: str, source: Readable, *,
     holes = _Holes(source)
     local = threading.local()
 
-    def one(region_index: int, index: int) -> str | None:
+    def one(region_index: int, index: int) -> Entry:
         offset, size = spans[region_index]
         start = index * chunk_size
         length = min(chunk_size, size - start)
@@ -147,11 +154,12 @@ def upload_memory(store: ObjectStore, prefix: str, source: Readable, *,
                 changed, offset + start, length):
             with lock:
                 stats.reused += 1
-            return base.regions[region_index].chunks[index]
+            region = base.regions[region_index]
+            return region.chunks[index], region.patch_of(index)
         if holes.is_hole(offset + start, length):
             with lock:
                 stats.zero_chunks += 1
-            return None
+            return None, None
         buf = getattr(local, "buf", None)
         if buf is None:
             buf = local.buf = bytearray(chunk_size)
@@ -161,7 +169,7 @@ def upload_memory(store: ObjectStore, prefix: str, source: Readable, *,
             with lock:
                 stats.zero_chunks += 1
                 stats.bytes_read += length
-            return None
+            return None, None
         digest = chunk_hash(view)
         with lock:
             stats.bytes_read += length
@@ -169,22 +177,37 @@ def upload_memory(store: ObjectStore, prefix: str, source: Readable, *,
         if known:
             with lock:
                 stats.present += 1
-            return digest
+            return digest, None
+        if base is not None and changed is not None:
+            patch = _as_patch(base.regions[region_index], index, view,
+                              changed[(offset + start) // 4096:(offset + start + length) // 4096])
+            if patch is not None:
+                entry, data = patch
+                with lock:
+                    known = entry.patch in present
+                if not known:
+                    store.put(join(pool, entry.patch), data)
+                with lock:
+                    present.add(entry.patch)
+                    stats.patched += 1
+                    if not known:
+                        stats.bytes_sent += len(data)
+                return digest, entry
         store.put(join(pool, digest), view)
         with lock:
             present.add(digest)
             stats.sent += 1
             stats.bytes_sent += length
-        return digest
+        return digest, None
 
     def jobs() -> Iterator[tuple[int, int]]:
         for ri, (_off, size) in enumerate(spans):
             for ci in range(-(-size // chunk_size)):
                 yield ri, ci
 
-    digests: dict[tuple[int, int], str | None] = {}
+    digests: dict[tuple[int, int], Entry] = {}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload") as ex:
-        inflight: dict[Future[str | None], tuple[int, int]] = {}
+        inflight: dict[Future[Entry], tuple[int, int]] = {}
         try:
             for job in jobs():
                 while len(inflight) >= 2 * workers:
@@ -196,23 +219,47 @@ def upload_memory(store: ObjectStore, prefix: str, source: Readable, *,
             for fut in inflight:
                 fut.cancel()
             raise
-    chunked = tuple(
-        ChunkedRegion(off, size, tuple(digests[(ri, ci)] for ci in range(-(-size // chunk_size))))
-        for ri, (off, size) in enumerate(spans))
+    chunked = []
+    for ri, (off, size) in enumerate(spans):
+        entries = [digests[(ri, ci)] for ci in range(-(-size // chunk_size))]
+        patches = tuple(p for _, p in entries)
+        chunked.append(ChunkedRegion(off, size, tuple(d for d, _ in entries),
+                                     patches if any(p is not None for p in patches) else ()))
     stats.chunks = sum(len(r.chunks) for r in chunked)
     stored: dict[str, str] = {}
     for name, data in (files or {}).items():
         key = file_key(prefix, name, data)
         store.put(key, data)
         stored[name] = key
-    manifest = Manifest(chunk_size, chunked, pool, stored, parent)
+    manifest = Manifest(chunk_size, tuple(chunked), pool, stored, parent)
     save_manifest(store, prefix, manifest)   # last: only now is it a snapshot
     stats.seconds = time.monotonic() - t0
     return manifest, stats
 
 
-def _collect(inflight: dict[Future[str | None], tuple[int, int]],
-             digests: dict[tuple[int, int], str | None]) -> None:
+def _as_patch(base: ChunkedRegion, index: int, chunk: memoryview,
+              written: npt.NDArray[np.bool_]) -> tuple[ChunkPatch, bytes] | None:
+    """Chunk ``index`` (new bytes ``chunk``, ``written`` its pages written since ``base``) as
+    a patch over the whole chunk the base's content rests on, or None when it is better stored
+    whole (no whole chunk underneath, or more than half of its pages differ from it).
+
+    The patch carries every page that may differ from that root: the pages written since the
+    base, and those the base's own patch carried (their new bytes are in ``chunk`` too)."""
+    old = base.patch_of(index)
+    root = old.base if old is not None else base.chunks[index]
+    if root is None:
+        return None
+    pages = np.array(written, dtype=np.bool_)
+    if old is not None:
+        pages |= parse_page_map(old.pages, len(pages))
+    if int(np.count_nonzero(pages)) * 2 > len(pages):
+        return None
+    data = encode_patch(chunk, pages)
+    return ChunkPatch(root, chunk_hash(data), page_map_hex(pages), len(data)), data
+
+
+def _collect(inflight: dict[Future[Entry], tuple[int, int]],
+             digests: dict[tuple[int, int], Entry]) -> None:
     done, _ = wait(inflight, return_when=FIRST_COMPLETED)
     for fut in done:
         job = inflight.pop(fut)
