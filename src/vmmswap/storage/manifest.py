@@ -101,9 +101,9 @@ class Manifest:
     def digests(self) -> set[str]:
         return {c for r in self.regions for c in r.chunks if c is not None}
 
-    def stored_bytes(self) -> int:
-        """Bytes of the distinct objects of the pool this snapshot refers to: whole chunks
-        (a patched chunk's root counts as one) and patches."""
+    def objects(self) -> dict[str, int]:
+        """The pool's objects this snapshot refers to (hash -> bytes): whole chunks (a patched
+        chunk's root is one) and patches. Two snapshots store the union of theirs."""
         sizes: dict[str, int] = {}
         for region in self.regions:
             for i, digest in enumerate(region.chunks):
@@ -113,7 +113,11 @@ class Manifest:
                     sizes[patch.patch] = patch.nbytes
                 elif digest is not None:
                     sizes[digest] = region.chunk_span(i, self.chunk_size)[1]
-        return sum(sizes.values())
+        return sizes
+
+    def stored_bytes(self) -> int:
+        """Bytes of the distinct objects of the pool this snapshot refers to."""
+        return sum(self.objects().values())
 
     @property
     def patched(self) -> int:
