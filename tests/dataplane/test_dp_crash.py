@@ -141,6 +141,9 @@ class Trial:
         self.gpa = [s.guest_addr + k * ps for s in self.specs for k in range(s.size // ps)]
         self.model = np.zeros(n, dtype=np.int64)
         self.state = PageState.create(self.specs, ps)
+        # The agent's memory is registered from the start: as a monitor would, say so, or the
+        # agent clears its own discard marks (no REMOVE, it would think, was ever made).
+        self.state.registered = True
         self.staging = create_staging_memfd(ps)
         self.swap_fd = os.open(swap_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vmmswap.dataplane.discard_log import DiscardLog, clear, pending_runs
-from vmmswap.dataplane.guest_memory import RegionSpec
+from vmmswap.dataplane.discard_log import DiscardLog, clear, forget_settled, pending_runs
+from vmmswap.dataplane.guest_memory import GuestMemory, RegionSpec
 from vmmswap.dataplane.page_handler import PageHandler
 from vmmswap.dataplane.page_state import (
     CONTROL_AREA_BYTES,
@@ -176,3 +177,43 @@ def test_discard_log_marks_and_finds() -> None:
         with pytest.raises(ValueError, match="one guest region"):
             log.announce(0x10000000 + 63 * P, 2 * P)
         assert np.count_nonzero(state.discard_pending) == 1
+
+
+def test_discard_marks_outlive_their_discard_only_where_a_successor_needs_them() -> None:
+    """A discard made while nothing is registered sends no REMOVE, so the VMM clears its own
+    mark after the madvise; while registered, the mark stays for the monitor (or its
+    successor) to clear. A fresh registration keeps only the marks of resident pages (a
+    discard frozen between announce and madvise: its page is about to be staged) and drops
+    the settled ones (holes) -- the torture's seed 39 served a discarded page's old copy when
+    every mark was dropped there."""
+    with PageState.create(SPECS, P) as state:
+        log = DiscardLog(state)
+        assert not state.registered
+        done = log.announce(0x10000000 + 3 * P, P)
+        assert pending_runs(state) == [(3, 4)]
+        done()
+        assert pending_runs(state) == []
+        state.registered = True
+        done = log.announce(0x10000000 + 3 * P, P)
+        done()
+        assert pending_runs(state) == [(3, 4)]
+        log.announce(0x10000000 + 5 * P, 2 * P)
+        kept = forget_settled(state, lambda a, b: np.isin(np.arange(a, b), [3, 6]))
+        assert kept == 2 and pending_runs(state) == [(3, 4), (6, 7)]
+
+
+def test_guest_memory_calls_the_hook_before_and_its_answer_after_the_discard() -> None:
+    memory = GuestMemory.create([(0, 16 * P)], name="hook test")
+    try:
+        memory.write(2 * P, b"\x07" * P)
+        seen: list[str] = []
+
+        def hook(host_addr: int, length: int) -> Callable[[], None]:
+            seen.append(f"before {memory.read(2 * P, 1)!r}")
+            return lambda: seen.append(f"after {memory.read(2 * P, 1)!r}")
+
+        memory.set_discard_hook(hook)
+        memory.discard(2 * P, P)
+        assert seen == ["before b'\\x07'", "after b'\\x00'"]
+    finally:
+        memory.close()

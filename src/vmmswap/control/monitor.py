@@ -42,6 +42,9 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final
 
+import numpy as np
+import numpy.typing as npt
+
 from vmmswap.control.control_socket import (
     Client,
     fd_kind,
@@ -82,6 +85,7 @@ from vmmswap.control.thaw_guard import ThawGuard
 from vmmswap.control.thp_restore import HugePageRestorer
 from vmmswap.dataplane import discard_log
 from vmmswap.dataplane.guest_memory import (
+    data_ranges,
     memfd_page_size,
     resident_bytes,
     validate_regions,
@@ -212,9 +216,13 @@ class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
         plan = decide(record)
         handler = self.factory(self._setup(resume=True)) if plan.needs_handler else None
         if plan.register:
+            if self.page_state is not None:
+                self.page_state.registered = True
             self.uffds.register_all()  # the same uffds: a no-op where already registered
         else:
             self.uffds.unregister_all(force=True)  # undo a registration the death cut short
+            if self.page_state is not None:
+                self.page_state.registered = False
         error = plan.note or record.error
         self.machine.adopt(handler, plan.state, pages=record.transition_pages, error=error,
                            slow_cleanup=record.slow_cleanup)
@@ -246,18 +254,41 @@ class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
                            witness=self._thaw_guard)
 
     def register_all(self) -> None:
-        """A fresh enable's registration (VMM tree frozen). Discards announced before it
-        never made a REMOVE event (nothing was registered), so their marks in the page state
-        would never be cleared, and a successor would apply them to pages written and moved
-        since: zero pages (found by the torture harness). Those discards are done (their
-        pages are holes, which the move skips) or wait frozen before their madvise, whose
-        REMOVE now arrives: every mark can go."""
+        """A fresh enable's registration (VMM tree frozen). The page state says "registered"
+        first: from now on the VMM leaves its discard marks to the monitors (it clears them
+        itself only for a discard made while nothing was registered, which sends no REMOVE).
+        Marks found now are settled (a hole: cleared) or a discard frozen between its announce
+        and its madvise (a resident page, about to be staged: kept until its REMOVE is
+        applied; see discard_log.forget_settled)."""
+        state = self.page_state
+        if state is not None:
+            state.registered = True
         self.uffds.register_all()
-        if self.page_state is not None:
-            discard_log.clear(self.page_state, 0, self.page_state.num_pages)
+        if state is not None:
+            kept = discard_log.forget_settled(state, self._resident_range)
+            if kept:
+                _log.info("%d discard marks of resident pages kept: discards in flight", kept)
 
     def unregister_all(self) -> None:
         self.uffds.unregister_all()
+        if self.page_state is not None:
+            self.page_state.registered = False
+
+    def _resident_range(self, first: int, end: int) -> npt.NDArray[np.bool_]:
+        """Which of the page state's pages ``[first, end)`` (global, host-address order) hold
+        data in their memfd."""
+        out = np.zeros(end - first, dtype=np.bool_)
+        base = 0
+        for spec, fd, ps in sorted(zip(self.regions, self.memfds, self.page_sizes, strict=True),
+                                   key=lambda r: r[0].host_addr):
+            n = spec.size // ps
+            lo, hi = max(first, base), min(end, base + n)
+            if lo < hi:
+                for a, b in data_ranges(fd, (hi - base) * ps, (lo - base) * ps):
+                    pa, pb = a // ps + base, -(-b // ps) + base
+                    out[max(pa, lo) - first:min(pb, hi) - first] = True
+            base += n
+        return out
 
     def main_uffd(self) -> Userfaultfd:
         return self.uffds.main.uffd

@@ -19,15 +19,17 @@ the set ones with SEEK_DATA: the scan costs what was ever discarded, not the gue
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from vmmswap.dataplane.guest_memory import data_ranges
 from vmmswap.dataplane.page_state import PageState
 from vmmswap.dataplane.present_list import runs_of
 
-__all__ = ["DiscardLog", "clear", "pending_runs"]
+__all__ = ["DiscardLog", "clear", "forget_settled", "pending_runs"]
 
 _MAX_SCAN: Final = 1 << 20
 
@@ -59,10 +61,20 @@ class DiscardLog:
         first = self._bases[i] + (host_addr - self._specs[i].host_addr) // ps
         return first, first + (length + ps - 1) // ps
 
-    def announce(self, host_addr: int, length: int) -> None:
-        """The range is about to be discarded (call before the madvise)."""
+    def announce(self, host_addr: int, length: int) -> Callable[[], None]:
+        """The range is about to be discarded (call before the madvise); returns what to call
+        after it: a discard made while nothing was registered sent no REMOVE event, so no
+        monitor will clear its marks -- the VMM does, or they would outlive the discard and a
+        successor would drop the copies of pages written since (see module docstring)."""
         first, end = self.pages_of(host_addr, length)
-        self._state.discard_pending[first:end] = 1
+        state = self._state
+        state.discard_pending[first:end] = 1
+
+        def done() -> None:
+            if not state.registered:
+                clear(state, first, end)
+
+        return done
 
 
 def _pending_extents(state: PageState, first: int, end: int) -> list[tuple[int, int]]:
@@ -81,6 +93,27 @@ def clear(state: PageState, first: int, end: int) -> None:
         view = state.discard_pending[lo:hi]
         if view.any():
             view[:] = 0
+
+
+def forget_settled(state: PageState, resident: Callable[[int, int], npt.NDArray[np.bool_]],
+                   ) -> int:
+    """At a fresh registration (every process of the VMM frozen): clear the marks that can
+    only be stale, keep those of discards still in flight; returns the marks kept.
+
+    A mark on a page that is a hole in guest memory is settled: its discard is done (or
+    the page held nothing), the move will not stage it, and a REMOVE still to come drops
+    nothing -- so losing the mark loses nothing. A mark on a resident page is a discard
+    frozen between its announce and its madvise: the move stages the page, the REMOVE
+    comes after the thaw, and if the monitor dies after reading it the mark is what makes
+    the successor drop the staged copy (clearing it served the old page: the torture
+    harness's seed 39). ``resident(first, end)`` says which of the pages hold data."""
+    kept = 0
+    for first, end in pending_runs(state):
+        data = resident(first, end)
+        view = state.discard_pending[first:end]
+        view[~data] = 0
+        kept += int(np.count_nonzero(data))
+    return kept
 
 
 def pending_runs(state: PageState) -> list[tuple[int, int]]:

@@ -32,6 +32,9 @@ from vmmswap.kernel import libc
 from vmmswap.uffd.memory import Mapping
 from vmmswap.uffd.pagesize import PAGE_SIZE, check_page_range
 
+#: Called with ``(host_addr, length)`` before a discard's madvise; what it returns (if not
+#: None) is called after it.
+DiscardHook = Callable[[int, int], "Callable[[], None] | None"]
 #: The huge page size of :attr:`Backing.HUGETLB_2M` (the memfd flag carries its log2).
 HUGETLB_2M_SIZE: Final = 1 << (libc.MFD_HUGE_2MB >> libc.MFD_HUGE_SHIFT)
 #: The st_blocks unit of fstat (POSIX: 512-byte blocks).
@@ -155,7 +158,7 @@ class GuestMemory:
         if len(sizes) > 1:
             raise ValueError(f"guest regions mix page sizes {sorted(sizes)}: one backing per VM")
         self.regions = tuple(sorted(regions, key=lambda r: r.guest_addr))
-        self._discard_hook: Callable[[int, int], None] | None = None
+        self._discard_hook: DiscardHook | None = None
 
     @classmethod
     def create(cls, layout: Sequence[tuple[int, int]], name: str = "guest memory", *,
@@ -256,16 +259,20 @@ class GuestMemory:
         # Removing part of a huge page would zero it in place: the guest keeps the page.
         check_aligned(guest_addr, length, region.page_size, "discard")
         hook = self._discard_hook
+        after = None
         if hook is not None:
             # Written down before it happens: a monitor that dies after reading the REMOVE
             # event but before applying it leaves the mark for its successor (discard_log).
-            hook(region.host_addr + guest_addr - region.guest_addr, length)
+            after = hook(region.host_addr + guest_addr - region.guest_addr, length)
         region.mapping.madvise(libc.MADV_REMOVE, guest_addr - region.guest_addr, length)
+        if after is not None:
+            after()
 
-    def set_discard_hook(self, hook: Callable[[int, int], None] | None) -> None:
+    def set_discard_hook(self, hook: DiscardHook | None) -> None:
         """Call ``hook(host_addr, length)`` before every :meth:`discard` (the page state's
         ``DiscardLog.announce``, so a successor monitor learns of a discard its predecessor
-        read but never applied). None removes it."""
+        read but never applied), and what it returns (if not None) after the madvise. None
+        removes it."""
         self._discard_hook = hook
 
     def resident_bytes(self) -> int:

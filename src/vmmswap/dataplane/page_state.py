@@ -62,6 +62,8 @@ _ARRAYS_OFFSET: Final = _JOURNAL_OFFSET + JOURNAL_CAPACITY * 8
 # Header words (u64 each).
 _W_MAGIC, _W_VERSION, _W_TOTAL, _W_PAGE_SIZE, _W_REGIONS, _W_PAGES = 0, 1, 2, 3, 4, 5
 _W_GENERATION, _W_FILE_END = 6, 7
+#: Nonzero while the monitor has guest memory registered (see discard_log.py).
+_W_REGISTERED = 8
 _W_JOP, _W_JCOUNT, _W_JA, _W_JB = 16, 17, 18, 19
 _W_REGION_TABLE = 32  # 4 words per region: guest_addr, host_addr, size, pages
 _HEADER_WORDS: Final = HEADER_BYTES // 8
@@ -306,6 +308,17 @@ class PageState:
         self.close()
 
     # --- header ---------------------------------------------------------------------------------
+    @property
+    def registered(self) -> bool:
+        """Whether a monitor has guest memory registered with userfaultfd: set before it
+        registers (with the VMM frozen), cleared after it unregisters. The VMM reads it after
+        a discard's madvise (discard_log.py): while it is clear, no REMOVE event was made."""
+        return bool(self._header[_W_REGISTERED])
+
+    @registered.setter
+    def registered(self, value: bool) -> None:
+        self._header[_W_REGISTERED] = int(value)
+
     @property
     def generation(self) -> int:
         """How many handlers have taken this state (create and each resume add one)."""
