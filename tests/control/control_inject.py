@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from vmmswap.control import monitor
+from vmmswap.control import monitor_registration
 from vmmswap.control.monitor import default_handler_factory
 from vmmswap.control.monitor_resume import HandlerSetup
 from vmmswap.dataplane import crash_points
@@ -162,7 +162,7 @@ def _arm_crash() -> None:
 def factory(setup: HandlerSetup) -> Any:
     _arm_crash()
     if setup.resume and os.environ.get("INJECT_SKIP_WAKE") == "1":
-        monitor.wake_all = lambda *_: 0  # looked up at call time, after this factory ran
+        monitor_registration.wake_all = lambda *_: 0  # looked up at call time, after this ran
     if setup.resume and os.environ.get("INJECT_FRESH_ON_RESUME") == "1":
         setup = dataclasses.replace(setup, resume=False)
     base = os.environ.get("INJECT_BASE", "")

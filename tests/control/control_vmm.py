@@ -24,6 +24,7 @@ import numpy as np
 
 from vmmswap.control import swap_device
 from vmmswap.control.controller import RestartPolicy, SwapController, SwapError
+from vmmswap.dataplane import discard_log
 from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.kernel import libc
 from vmmswap.uffd.pagesize import PAGE_SIZE
@@ -124,6 +125,19 @@ class Vmm:
         libc.madvise(self.memory.host_address(self.addr(region, offset)), length,
                      libc.MADV_REMOVE)
         return {}
+
+    def op_discard(self, region: int, offset: int, length: int) -> dict[str, Any]:
+        """A discard through GuestMemory (its discard-log hook marks it first)."""
+        self.memory.discard(self.addr(region, offset), length)
+        return {}
+
+    def op_discard_marks(self) -> dict[str, Any]:
+        """What the page state's discard log says: the flag, and the marked pages."""
+        assert self.ctl is not None
+        state = self.ctl._kept.page_state
+        runs = discard_log.pending_runs(state)
+        return {"registered": bool(state.registered),
+                "marked_pages": sum(end - first for first, end in runs)}
 
     def op_writer_start(self, region: int, offset: int, length: int) -> dict[str, Any]:
         """A thread rewriting the range with seed 1, 2, 3, ... until stopped (GIL released

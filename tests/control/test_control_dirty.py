@@ -224,6 +224,34 @@ def test_monitor_restart_forgets_the_kept_file(make_vmm: Callable[..., TestVmm],
     assert _status(vmm.ok("status"))["dirty_tracking"]["kept_pages"] > 0  # tracking goes on
 
 
+def test_a_restart_in_ready_leaves_no_discard_mark_behind(make_vmm: Callable[..., TestVmm],
+                                                           swap_dir: Path) -> None:
+    """Ready with a kept file is registered; a successor taking over there unregisters, and
+    the page state must say so: left saying "registered", every later discard keeps its mark
+    for a REMOVE no monitor applies, the page is written again and staged by the next enable,
+    and the recovery of a successor after that drops it (a zero page read; CI's torture seeds
+    15 and 76). Fails without the successor mapping the page state while Ready."""
+    vmm, model = _cycle_one(make_vmm, swap_dir)
+    assert vmm.ok("discard_marks")["registered"]  # the kept file's registration
+    old = vmm.monitor_pid
+    os.kill(old, signal.SIGKILL)
+    _wait_for(lambda: vmm.ok("restarts")["monitor_pid"] != old, "no successor")
+    assert _status(vmm.ok("status"))["state"] == "Ready"
+    marks = vmm.ok("discard_marks")
+    assert not marks["registered"], marks
+    vmm.ok("discard", region=0, offset=0, length=64 * KIB)
+    marks = vmm.ok("discard_marks")
+    assert marks["marked_pages"] == 0, marks  # an unregistered discard clears its own mark
+    model.write(0, 0, 64 * KIB, seed=5)  # written again: resident, then staged by the enable
+    assert _status(vmm.ok("enable"))["state"] == "Pending"
+    old = vmm.ok("restarts")["monitor_pid"]
+    os.kill(old, signal.SIGKILL)
+    _wait_for(lambda: vmm.ok("restarts")["monitor_pid"] != old, "no second successor")
+    model.verify()  # from staging, through the second successor's faults
+    vmm.ok("disable")
+    model.verify()
+
+
 def test_a_device_without_write_protection_is_served_and_trusted_for_nothing(
         make_vmm: Callable[..., TestVmm], swap_dir: Path, tmp_path: Path) -> None:
     """A device uffd made without the WP features is registered MISSING only: its faults are

@@ -130,10 +130,13 @@ def test_create_is_sparse_and_reset_frees() -> None:
         assert state.nbytes > 17 << 20
         assert state.allocated_bytes() <= 64 * 1024
         state.slots[:1 << 20] = 1  # 4 MiB written
+        state.discard_pending[7] = 1  # a discard announced, its madvise still to come
         assert state.allocated_bytes() >= 4 << 20
         state.reset()
         assert state.allocated_bytes() <= 64 * 1024
         assert int(state.slots[12345]) == 0
+        # The discard log is the VMM's: a fresh enable keeps an in-flight mark.
+        assert int(state.discard_pending[7]) == 1
 
 
 def test_handler_keeps_its_arrays_in_the_state(tmp_path: Path) -> None:

@@ -28,7 +28,6 @@ import contextlib
 import ctypes
 import dataclasses
 import faulthandler
-import importlib
 import logging
 import mmap
 import os
@@ -42,9 +41,6 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final
 
-import numpy as np
-import numpy.typing as npt
-
 from vmmswap.control.control_socket import (
     Client,
     fd_kind,
@@ -55,13 +51,11 @@ from vmmswap.control.freeze import freeze_tree
 from vmmswap.control.monitor_clients import ClientConnections
 from vmmswap.control.monitor_devices import DeviceRegistration
 from vmmswap.control.monitor_faults import UffdEntry, UffdSet, VmmGoneError
+from vmmswap.control.monitor_registration import Registration
 from vmmswap.control.monitor_resume import (
     HandlerSetup,
     NotResumableError,
-    decide,
-    describe,
     journal_for,
-    wake_all,
 )
 from vmmswap.control.monitor_state import CommandError, PageHandlerLike, StateMachine
 from vmmswap.control.monitor_tracking import DirtyTracking, tracking_mode
@@ -83,9 +77,7 @@ from vmmswap.control.status import SwapState, SwapStatus
 from vmmswap.control.swap_cleanup import FileTruncator
 from vmmswap.control.thaw_guard import ThawGuard
 from vmmswap.control.thp_restore import HugePageRestorer
-from vmmswap.dataplane import discard_log
 from vmmswap.dataplane.guest_memory import (
-    data_ranges,
     memfd_page_size,
     resident_bytes,
     validate_regions,
@@ -136,12 +128,7 @@ def default_handler_factory(setup: HandlerSetup) -> PageHandlerLike:
                  tracking=setup.tracking)
 
 
-def _attach_state(fd: int) -> Any:
-    """The data plane's page state over the VMM's memfd (imported only when there is one)."""
-    return importlib.import_module("vmmswap.dataplane.page_state").PageState.attach(fd)
-
-
-class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
+class Monitor(ClientConnections, DeviceRegistration, DirtyTracking, Registration):
     """Everything the monitor process owns."""
 
     def __init__(self, controller: socket.socket, init: InitRequest, fds: InitFds,
@@ -181,7 +168,8 @@ class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
         main = UffdEntry(Userfaultfd.from_raw_descriptor(uffd_fd, None),
                          init.vmm_pid, main=True)
         self.uffds = UffdSet(self.regions, main, lambda: self.machine.handler, self._dropped,
-                             self.page_sizes, track=self.tracking)
+                             self.page_sizes, track=self.tracking,
+                             unheld_remove=self._forget_marks)
         journal = None if self.area is None else journal_for(
             self.area, lambda: self.restarts, lambda: self.last_resume_seconds)
         self.machine = StateMachine(self, page_size=max(self.page_sizes, default=PAGE_SIZE),
@@ -199,43 +187,10 @@ class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
             self._adopt_device(pid, dev_uffd, dev_pidfd)
 
     def _setup(self, resume: bool) -> HandlerSetup:
-        if self.page_state is None and self.state_fd is not None:
-            self.page_state = _attach_state(self.state_fd)
+        self._map_page_state()
         return HandlerSetup(list(zip(self.regions, self.memfds, strict=True)), self.swap_fd,
                             self.init.readahead, self.staging_fd, self.page_state, resume,
                             self.tracking)
-
-    # --- taking over from a dead monitor --------------------------------------------------------
-    def resume(self) -> str:
-        """Take over the dead predecessor's state (see :mod:`.monitor_resume`); a line for
-        the log. NotResumableError / RestartAreaError / OSError if it cannot be done."""
-        assert self.init.resume is not None
-        record = self.area.read() if self.area is not None else None
-        if record is None:
-            raise NotResumableError("no control area: the dead monitor's state is unknown")
-        plan = decide(record)
-        handler = self.factory(self._setup(resume=True)) if plan.needs_handler else None
-        if plan.register:
-            if self.page_state is not None:
-                self.page_state.registered = True
-            self.uffds.register_all()  # the same uffds: a no-op where already registered
-        else:
-            self.uffds.unregister_all(force=True)  # undo a registration the death cut short
-            if self.page_state is not None:
-                self.page_state.registered = False
-        error = plan.note or record.error
-        self.machine.adopt(handler, plan.state, pages=record.transition_pages, error=error,
-                           slow_cleanup=record.slow_cleanup)
-        if plan.state is SwapState.READY:
-            if record.slow_cleanup:
-                self.truncator.start()
-            else:
-                self.truncator.finish()
-        woken = wake_all([e.uffd for e in self.uffds.entries], self.regions)
-        self.last_resume_seconds = max(0.0, time.monotonic() - self.init.resume.died_at)
-        self.machine._persist()
-        return (f"resumed from {describe(record)}: now {plan.state}; {woken} range(s) woken; "
-                f"{self.last_resume_seconds * 1000:.1f} ms after the death")
 
     # --- hooks for the state machine ------------------------------------------------------------
     def create_handler(self) -> PageHandlerLike:
@@ -252,43 +207,6 @@ class Monitor(ClientConnections, DeviceRegistration, DirtyTracking):
             self._thaw_guard = ThawGuard.start()
         return freeze_tree(roots, exclude=(os.getpid(),), while_waiting=self._serve_all,
                            witness=self._thaw_guard)
-
-    def register_all(self) -> None:
-        """A fresh enable's registration (VMM tree frozen). The page state says "registered"
-        first: from now on the VMM leaves its discard marks to the monitors (it clears them
-        itself only for a discard made while nothing was registered, which sends no REMOVE).
-        Marks found now are settled (a hole: cleared) or a discard frozen between its announce
-        and its madvise (a resident page, about to be staged: kept until its REMOVE is
-        applied; see discard_log.forget_settled)."""
-        state = self.page_state
-        if state is not None:
-            state.registered = True
-        self.uffds.register_all()
-        if state is not None:
-            kept = discard_log.forget_settled(state, self._resident_range)
-            if kept:
-                _log.info("%d discard marks of resident pages kept: discards in flight", kept)
-
-    def unregister_all(self) -> None:
-        self.uffds.unregister_all()
-        if self.page_state is not None:
-            self.page_state.registered = False
-
-    def _resident_range(self, first: int, end: int) -> npt.NDArray[np.bool_]:
-        """Which of the page state's pages ``[first, end)`` (global, host-address order) hold
-        data in their memfd."""
-        out = np.zeros(end - first, dtype=np.bool_)
-        base = 0
-        for spec, fd, ps in sorted(zip(self.regions, self.memfds, self.page_sizes, strict=True),
-                                   key=lambda r: r[0].host_addr):
-            n = spec.size // ps
-            lo, hi = max(first, base), min(end, base + n)
-            if lo < hi:
-                for a, b in data_ranges(fd, (hi - base) * ps, (lo - base) * ps):
-                    pa, pb = a // ps + base, -(-b // ps) + base
-                    out[max(pa, lo) - first:min(pb, hi) - first] = True
-            base += n
-        return out
 
     def main_uffd(self) -> Userfaultfd:
         return self.uffds.main.uffd

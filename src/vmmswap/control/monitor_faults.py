@@ -92,7 +92,8 @@ class UffdSet:
     def __init__(self, regions: Sequence[RegionSpec], main: UffdEntry,
                  handler: Callable[[], PageHandlerLike | None],
                  on_drop: Callable[[UffdEntry], None],
-                 page_sizes: Sequence[int] | None = None, *, track: bool = False) -> None:
+                 page_sizes: Sequence[int] | None = None, *, track: bool = False,
+                 unheld_remove: Callable[[int, int], None] | None = None) -> None:
         self.regions = tuple(regions)
         #: Register MISSING | WP, for dirty tracking (see vmmswap.dataplane.dirty).
         self.track = track
@@ -104,6 +105,9 @@ class UffdSet:
         self.devices: list[UffdEntry] = []
         self._handler = handler
         self._on_drop = on_drop
+        #: A REMOVE ``[start, end)`` no handler applied (none holds a copy, or it failed):
+        #: its discard marks (vmmswap.dataplane.discard_log) must still go.
+        self._unheld_remove = unheld_remove
         self._stuck: deque[_Stuck] = deque()
         self.last_error: str | None = None
 
@@ -235,13 +239,22 @@ class UffdSet:
     def _remove(self, event: Remove) -> None:
         handler = self._handler()
         if handler is None:
-            return  # crosvm b/272620051: REMOVE may arrive after unregistering; nothing held
+            # crosvm b/272620051: REMOVE may arrive after unregistering; nothing is held, but
+            # the discard's marks are: left set, they would outlive it and drop the copies of
+            # pages written since at a successor's recovery (a zero page served).
+            if self._unheld_remove is not None:
+                self._unheld_remove(event.start, event.end)
+            return
         try:
             handler.handle_remove(event.start, event.end)
         except Exception as err:
             # Nothing is lost by not forgetting: the range keeps its old copy, which a guest
             # that gave the pages away accepts as well as zeros. Raising instead would drop the
-            # faults read in the same batch, and each of those is a blocked thread.
+            # faults read in the same batch, and each of those is a blocked thread. Its marks
+            # go, though: kept, they would outlive the discard, and a page written again and
+            # staged later would be dropped by a successor's recovery (a zero page).
+            if self._unheld_remove is not None:
+                self._unheld_remove(event.start, event.end)
             self.last_error = f"handling REMOVE [{event.start:#x}, {event.end:#x}): {err}"
             _log.error("%s", self.last_error, exc_info=not isinstance(err, OSError))
 

@@ -344,11 +344,15 @@ class PageState:
                                  "pages")
 
     def reset(self) -> None:
-        """Zero every per-page array and the journal (a fresh enable), without allocating:
-        the ranges are punched out of the memfd, so a sparse guest's state stays sparse."""
+        """Zero the journal and every per-page array of the handler (a fresh enable), without
+        allocating: the ranges are punched out of the memfd, so a sparse guest's state stays
+        sparse. The discard log is the VMM's and survives: a mark made before the reset by a
+        discard whose madvise comes after the enable's registration is what lets a successor
+        drop the page staged meanwhile (``discard_log.forget_settled`` clears the settled
+        ones at that registration)."""
         start = _JOURNAL_OFFSET
         libc.fallocate(self.fileno(), libc.FALLOC_FL_PUNCH_HOLE | libc.FALLOC_FL_KEEP_SIZE,
-                       start, self.layout.total - start)
+                       start, self.layout.discard - start)
         self._header[_W_FILE_END] = 0
         self._header[_W_JOP] = JournalOp.NONE
 
