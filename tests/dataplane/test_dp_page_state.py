@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from vmmswap.dataplane.page_state import (
 )
 from vmmswap.dataplane.staging import create_staging_memfd
 from vmmswap.dataplane.swap_file import SwapFile
+from vmmswap.uffd.memory import Mapping
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 P = PAGE_SIZE
@@ -194,29 +196,43 @@ def test_discard_marks_outlive_their_discard_only_where_a_successor_needs_them()
         assert not state.registered
         done = log.announce(0x10000000 + 3 * P, P)
         assert pending_runs(state) == [(3, 4)]
-        done()
+        done(True)
         assert pending_runs(state) == []
         state.registered = True
+        done = log.announce(0x10000000 + 9 * P, P)
+        done(False)  # the madvise failed: the page may have kept its data, the mark goes
+        assert pending_runs(state) == []
         done = log.announce(0x10000000 + 3 * P, P)
-        done()
+        done(True)
         assert pending_runs(state) == [(3, 4)]
         log.announce(0x10000000 + 5 * P, 2 * P)
         kept = forget_settled(state, lambda a, b: np.isin(np.arange(a, b), [3, 6]))
         assert kept == 2 and pending_runs(state) == [(3, 4), (6, 7)]
 
 
-def test_guest_memory_calls_the_hook_before_and_its_answer_after_the_discard() -> None:
+def test_guest_memory_calls_the_hook_before_and_its_answer_after_the_discard(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     memory = GuestMemory.create([(0, 16 * P)], name="hook test")
     try:
         memory.write(2 * P, b"\x07" * P)
         seen: list[str] = []
 
-        def hook(host_addr: int, length: int) -> Callable[[], None]:
+        def hook(host_addr: int, length: int) -> Callable[[bool], None]:
             seen.append(f"before {memory.read(2 * P, 1)!r}")
-            return lambda: seen.append(f"after {memory.read(2 * P, 1)!r}")
+            return lambda made: seen.append(f"after {made} {memory.read(2 * P, 1)!r}")
 
         memory.set_discard_hook(hook)
         memory.discard(2 * P, P)
-        assert seen == ["before b'\\x07'", "after b'\\x00'"]
+        assert seen == ["before b'\\x07'", "after True b'\\x00'"]
+        memory.write(2 * P, b"\x07" * P)
+        seen.clear()
+
+        def failing(*args: object) -> None:
+            raise OSError(errno.ENOMEM, "injected madvise failure")
+
+        monkeypatch.setattr(Mapping, "madvise", failing)
+        with pytest.raises(OSError, match="injected"):
+            memory.discard(2 * P, P)
+        assert seen == ["before b'\\x07'", "after False b'\\x07'"]
     finally:
         memory.close()

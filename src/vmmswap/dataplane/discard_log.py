@@ -61,17 +61,20 @@ class DiscardLog:
         first = self._bases[i] + (host_addr - self._specs[i].host_addr) // ps
         return first, first + (length + ps - 1) // ps
 
-    def announce(self, host_addr: int, length: int) -> Callable[[], None]:
+    def announce(self, host_addr: int, length: int) -> Callable[[bool], None]:
         """The range is about to be discarded (call before the madvise); returns what to call
-        after it: a discard made while nothing was registered sent no REMOVE event, so no
-        monitor will clear its marks -- the VMM does, or they would outlive the discard and a
-        successor would drop the copies of pages written since (see module docstring)."""
+        after it, with whether the madvise succeeded. The VMM clears its own marks when no
+        monitor will: a discard made while nothing was registered sent no REMOVE event, and
+        one whose madvise failed may have kept its data (a resident page must not keep a
+        mark: the next enable stages it, and a successor's recovery would drop it; a page
+        whose REMOVE the monitor applied reads zeros either way). Left set, marks outlive
+        their discard and a successor drops the copies of pages written since."""
         first, end = self.pages_of(host_addr, length)
         state = self._state
         state.discard_pending[first:end] = 1
 
-        def done() -> None:
-            if not state.registered:
+        def done(made: bool) -> None:
+            if not made or not state.registered:
                 clear(state, first, end)
 
         return done

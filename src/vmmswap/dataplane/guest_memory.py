@@ -33,8 +33,8 @@ from vmmswap.uffd.memory import Mapping
 from vmmswap.uffd.pagesize import PAGE_SIZE, check_page_range
 
 #: Called with ``(host_addr, length)`` before a discard's madvise; what it returns (if not
-#: None) is called after it.
-DiscardHook = Callable[[int, int], "Callable[[], None] | None"]
+#: None) is called after it, with whether the madvise succeeded.
+DiscardHook = Callable[[int, int], "Callable[[bool], None] | None"]
 #: The huge page size of :attr:`Backing.HUGETLB_2M` (the memfd flag carries its log2).
 HUGETLB_2M_SIZE: Final = 1 << (libc.MFD_HUGE_2MB >> libc.MFD_HUGE_SHIFT)
 #: The st_blocks unit of fstat (POSIX: 512-byte blocks).
@@ -264,15 +264,20 @@ class GuestMemory:
             # Written down before it happens: a monitor that dies after reading the REMOVE
             # event but before applying it leaves the mark for its successor (discard_log).
             after = hook(region.host_addr + guest_addr - region.guest_addr, length)
-        region.mapping.madvise(libc.MADV_REMOVE, guest_addr - region.guest_addr, length)
+        try:
+            region.mapping.madvise(libc.MADV_REMOVE, guest_addr - region.guest_addr, length)
+        except BaseException:
+            if after is not None:
+                after(False)
+            raise
         if after is not None:
-            after()
+            after(True)
 
     def set_discard_hook(self, hook: DiscardHook | None) -> None:
         """Call ``hook(host_addr, length)`` before every :meth:`discard` (the page state's
         ``DiscardLog.announce``, so a successor monitor learns of a discard its predecessor
-        read but never applied), and what it returns (if not None) after the madvise. None
-        removes it."""
+        read but never applied), and what it returns (if not None) after the madvise, told
+        whether the madvise succeeded. None removes it."""
         self._discard_hook = hook
 
     def resident_bytes(self) -> int:
