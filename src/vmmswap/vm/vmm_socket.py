@@ -81,6 +81,12 @@ class VmmSocket:
     def _serve(self, conn: socket.socket) -> None:
         _pid, uid = peer_credentials(conn)
         if uid != os.geteuid():
+            # Its request is read (and dropped) before the answer: closing a socket whose
+            # queue still holds data resets the connection, and the peer would see ECONNRESET
+            # instead of the refusal.
+            conn.settimeout(1.0)
+            with contextlib.suppress(OSError):
+                conn.recv(MAX_MESSAGE)
             _answer(conn, {"ok": False, "error": f"uid {uid} may not control this VM"})
             return
         conn.settimeout(10.0)
