@@ -10,7 +10,10 @@ page state the successor maps: one byte per guest page (``PageState.discard_pend
 stores, so concurrent discarders never lose each other's marks), set *before* the madvise. The
 monitor clears the bytes after it has applied the REMOVE; a successor applies every byte still
 set (:func:`pending_runs`), which is harmless for a discard not yet made: the guest has given
-the page up, and its REMOVE will come again.
+the page up, and its REMOVE will come again. A second byte per page
+(``PageState.discard_made``) says the madvise has returned, so that a fresh registration can
+tell a discard still in flight from one already made (:func:`forget_settled`). Left: a thread
+frozen in the few instructions between its madvise's return and that store looks in flight.
 
 The bytes stay a hole of the memfd until a discard first touches them, so a successor finds
 the set ones with SEEK_DATA: the scan costs what was ever discarded, not the guest's size.
@@ -71,9 +74,14 @@ class DiscardLog:
         their discard and a successor drops the copies of pages written since."""
         first, end = self.pages_of(host_addr, length)
         state = self._state
+        state.discard_made[first:end] = 0
         state.discard_pending[first:end] = 1
 
         def done(made: bool) -> None:
+            if made:
+                # Before the flag is read: a fresh registration that freezes this thread
+                # from here on sees the discard as made, not in flight (forget_settled).
+                state.discard_made[first:end] = 1
             if not made or not state.registered:
                 clear(state, first, end)
 
@@ -105,17 +113,22 @@ def forget_settled(state: PageState, resident: Callable[[int, int], npt.NDArray[
 
     A mark on a page that is a hole in guest memory is settled: its discard is done (or
     the page held nothing), the move will not stage it, and a REMOVE still to come drops
-    nothing -- so losing the mark loses nothing. A mark on a resident page is a discard
-    frozen between its announce and its madvise: the move stages the page, the REMOVE
-    comes after the thaw, and if the monitor dies after reading it the mark is what makes
-    the successor drop the staged copy (clearing it served the old page: the torture
-    harness's seed 39). ``resident(first, end)`` says which of the pages hold data."""
+    nothing -- so losing the mark loses nothing. So is a mark whose madvise has returned
+    (``discard_made``): made while nothing was registered, it sent no REMOVE, and a page
+    that holds data again was filled since -- written, or merely read: a read of a hole in
+    shared memory allocates a zero page -- so a mark kept for it would make a later
+    successor drop the staged copy of whatever the guest wrote there next (the torture
+    harness's seed 36). A mark on a resident page whose madvise has not returned is a
+    discard frozen between its announce and its madvise: the move stages the page, the
+    REMOVE comes after the thaw, and if the monitor dies after reading it the mark is what
+    makes the successor drop the staged copy (clearing it served the old page: seed 39).
+    ``resident(first, end)`` says which of the pages hold data."""
     kept = 0
     for first, end in pending_runs(state):
-        data = resident(first, end)
+        in_flight = resident(first, end) & (state.discard_made[first:end] == 0)
         view = state.discard_pending[first:end]
-        view[~data] = 0
-        kept += int(np.count_nonzero(data))
+        view[~in_flight] = 0
+        kept += int(np.count_nonzero(in_flight))
     return kept
 
 

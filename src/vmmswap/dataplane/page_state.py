@@ -15,10 +15,11 @@ Layout (little-endian, every array 4 KiB aligned; the file is sparse until writt
     4096   control area (CONTROL_AREA_BYTES): the control layer's; the data plane never reads it
     8192   journal entries: JOURNAL_CAPACITY (page u32, slot u32) pairs of the step in progress
     ...    staging present bitmap, file-current bitmap, slot-used bitmap (one bit per page),
-           slots (u32 per page: 0 none, else slot + 1), discard-pending bytes (u8 per page)
+           slots (u32 per page: 0 none, else slot + 1), discard-pending bytes (u8 per page),
+           discard-made bytes (u8 per page)
 
 About 4.4 bytes per guest page are ever touched by swapping (1.09 MiB per GiB of 4 KiB pages),
-plus one byte per page that the VMM marks when it discards (see :mod:`.discard_log`).
+plus two bytes per page that the VMM writes when it discards (see :mod:`.discard_log`).
 
 The journal (:class:`Journal`) records a multi-array step that a crash could leave half done:
 which pages and slots a swap-out or a trim is changing, which range a REMOVE is dropping. It is
@@ -47,7 +48,7 @@ __all__ = ["CONTROL_AREA_BYTES", "JOURNAL_CAPACITY", "Journal", "JournalOp", "Pa
            "PageStateError"]
 
 MAGIC: Final = int.from_bytes(b"VMMSWPST", "little")
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2
 HEADER_BYTES: Final = 4096
 CONTROL_AREA_BYTES: Final = 4096
 #: (page, slot) pairs one journalled step may name: a swap-out chunk (2 MiB of 4 KiB pages is
@@ -99,6 +100,7 @@ class _Layout:
     slot_used: int
     slots: int
     discard: int
+    discard_made: int
     total: int
 
     @classmethod
@@ -115,7 +117,10 @@ class _Layout:
         at += _round_up(num_pages * 4)
         discard = at
         at += _round_up(num_pages)
-        return cls(num_pages, staging_present, file_current, slot_used, slots, discard, at)
+        discard_made = at
+        at += _round_up(num_pages)
+        return cls(num_pages, staging_present, file_current, slot_used, slots, discard,
+                   discard_made, at)
 
 
 class Journal:
@@ -185,6 +190,10 @@ class PageState:
             mapping, dtype="<u4", count=n, offset=self.layout.slots)
         self.discard_pending: npt.NDArray[np.uint8] = np.frombuffer(
             mapping, dtype=np.uint8, count=n, offset=self.layout.discard)
+        #: Set by the VMM once a discard's madvise has returned (discard_log.py): a marked
+        #: page with this byte set is no discard in flight, whatever it holds now.
+        self.discard_made: npt.NDArray[np.uint8] = np.frombuffer(
+            mapping, dtype=np.uint8, count=n, offset=self.layout.discard_made)
         #: The swap file's high-water mark, in slots (a one-element view of the header).
         self.file_end: npt.NDArray[np.uint64] = header[_W_FILE_END:_W_FILE_END + 1]
         self.journal = Journal(
