@@ -102,7 +102,13 @@ def small_tmpfs() -> Iterator[str | None]:
 @contextlib.contextmanager
 def huge_pages(jobs: int) -> Iterator[bool]:
     """Hugetlb pages for ``jobs`` KVM scenarios at once (guest and staging) and shmem THP
-    on ``advise``, both restored afterwards; False where they cannot be had (not root)."""
+    on ``advise``, both restored afterwards; False where they cannot be had (not root).
+    ``jobs`` 0 (host scenarios only, which never use them) leaves both machine-wide settings
+    alone: two runs that overlap restore them in the wrong order (the second one started
+    from the first one's ``advise`` and puts it back last)."""
+    if jobs == 0:
+        yield False
+        return
     try:
         pool = HugetlbPool(HUGE_PAGES_PER_JOB * jobs)
     except OSError:
