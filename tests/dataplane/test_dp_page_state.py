@@ -182,6 +182,10 @@ def test_discard_log_marks_and_finds() -> None:
         with pytest.raises(ValueError, match="one guest region"):
             log.announce(0x10000000 + 63 * P, 2 * P)
         assert np.count_nonzero(state.discard_pending) == 1
+        log.announce(0x10000000 + 62 * P, 2 * P)
+        log.announce(0x20000000, P)
+        log.forget(0x10000000 + 63 * P, 0x20000000 + P)  # spans the gap between regions
+        assert pending_runs(state) == [(10, 11), (62, 63)]
 
 
 def test_discard_marks_outlive_their_discard_only_where_a_successor_needs_them() -> None:

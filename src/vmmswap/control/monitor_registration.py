@@ -138,19 +138,9 @@ class Registration:
 
     def _forget_marks(self, start: int, end: int) -> None:
         """Clear the discard marks of host range ``[start, end)``, whose REMOVE no handler
-        applied (none held a copy, or applying it failed); the range may span regions, pages
-        outside them are ignored."""
-        state = self.page_state
-        if state is None:
-            return
-        base = 0
-        for spec, ps in sorted(zip(self.regions, self.page_sizes, strict=True),
-                               key=lambda r: r[0].host_addr):
-            lo, hi = max(start, spec.host_addr), min(end, spec.host_end)
-            if lo < hi:
-                discard_log.clear(state, base + (lo - spec.host_addr) // ps,
-                                  base + -(-(hi - spec.host_addr) // ps))
-            base += spec.size // ps
+        applied (none held a copy, or applying it failed)."""
+        if self.page_state is not None:
+            discard_log.DiscardLog(self.page_state).forget(start, end)
 
     def _resident_range(self, first: int, end: int) -> npt.NDArray[np.bool_]:
         """Which of the page state's pages ``[first, end)`` (global, host-address order) hold

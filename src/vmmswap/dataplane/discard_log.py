@@ -64,6 +64,14 @@ class DiscardLog:
         first = self._bases[i] + (host_addr - self._specs[i].host_addr) // ps
         return first, first + (length + ps - 1) // ps
 
+    def forget(self, start: int, end: int) -> None:
+        """Clear the marks of host range ``[start, end)``, which may span regions (the parts
+        outside every region are ignored): a REMOVE the monitor could not apply."""
+        for spec in self._specs:
+            lo, hi = max(start, spec.host_addr), min(end, spec.host_end)
+            if lo < hi:
+                clear(self._state, *self.pages_of(lo, hi - lo))
+
     def announce(self, host_addr: int, length: int) -> Callable[[bool], None]:
         """The range is about to be discarded (call before the madvise); returns what to call
         after it, with whether the madvise succeeded. The VMM clears its own marks when no
