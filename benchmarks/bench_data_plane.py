@@ -142,9 +142,10 @@ class Setup:
         ctx.close()
 
     def stage(self) -> None:
-        """Everything back in the guest, then moved to staging."""
+        """Everything back in the guest, then moved to staging the way the monitor's enable
+        moves it (prepared first, so staging is mapped and page-in COPYs from the mapping)."""
         self.swap_in_all()
-        self.handler.move_to_staging()
+        self.enable()
 
     def enable(self) -> None:
         """What the monitor's enable does: prepare while the guest runs, then the move."""

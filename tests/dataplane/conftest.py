@@ -22,8 +22,12 @@ class Rig:
     """A guest in the agent, a handler over it, and a fault server; helpers in pages."""
 
     def __init__(self, vmm: Vmm, layout: list[tuple[int, int]], swap_dir: Path,
-                 backing: str = "4k", register: bool = True, **handler_kwargs: Any) -> None:
+                 backing: str = "4k", register: bool = True, prepared: bool = False,
+                 **handler_kwargs: Any) -> None:
         self.vmm = vmm
+        #: enable() prepares staging first, as the monitor does: staging is mapped, and
+        #: page-in, trim and swap-out take their paths through the mapping.
+        self.prepared = prepared
         self.guest: Guest = vmm.new_guest(layout, backing=backing, register=register)
         self.handler = PageHandler.create(self.guest.regions(), swap_dir, **handler_kwargs)
         self.server = FaultServer(self.handler, self.guest.uffd)
@@ -74,6 +78,9 @@ class Rig:
 
     # --- the monitor's side ---------------------------------------------------------------------
     def enable(self) -> int:
+        if self.prepared:
+            self.handler.prepare_move()
+            assert self.handler.staging.mapped, "a prepared enable leaves staging mapped"
         return self.handler.move_to_staging()
 
     def out_all(self, max_bytes: int = 2 * MiB) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,19 +81,37 @@ def test_runs_helpers() -> None:
     assert runs_of(np.array([1, 2, 3, 7, 9, 10])) == [(1, 4), (7, 8), (9, 11)]
     assert consecutive_runs(np.array([5, 6, 2, 3, 4])) == [(0, 2), (2, 3)]
     assert runs_of(np.zeros(0, dtype=np.int64)) == []
+    # One run (the fast path), and the look-alikes that span as many pages as they hold.
+    assert runs_of(np.arange(60, 130)) == [(60, 130)]
+    assert runs_of(np.array([4])) == [(4, 5)]
+    assert runs_of(np.array([0, 2, 2])) == [(0, 1), (2, 3), (2, 3)]
+    assert consecutive_runs(np.arange(8, 20)) == [(0, 12)]
+    assert consecutive_runs(np.array([0, 2, 1, 3])) == [(0, 1), (1, 1), (2, 1), (3, 1)]
 
 
 ops = st.lists(st.tuples(st.sampled_from(["set", "clear", "idx_set", "idx_clear"]),
-                         st.integers(0, 700), st.integers(0, 140)), max_size=30)
+                         st.integers(0, 700), st.integers(0, 140),
+                         st.sampled_from(["strided", "run", "shuffled"])), max_size=30)
+
+
+def _indices(start: int, end: int, order: str) -> npt.NDArray[np.int64]:
+    """Index arrays for set_indices: strided (never one run), one ascending run (its fast
+    path), or that run shuffled (it spans as many pages as it holds, out of order)."""
+    if order == "strided":
+        return np.arange(start, end, 7, dtype=np.int64)
+    idx = np.arange(start, end, dtype=np.int64)
+    if order == "shuffled":
+        np.random.default_rng(start * 1000 + end).shuffle(idx)
+    return idx
 
 
 @settings(max_examples=150, deadline=None)
 @given(ops=ops, probe=st.integers(0, 700))
-def test_matches_a_set(ops: list[tuple[str, int, int]], probe: int) -> None:
+def test_matches_a_set(ops: list[tuple[str, int, int, str]], probe: int) -> None:
     n = 700
     pl = PresentList(n)
     ref: set[int] = set()
-    for op, start, length in ops:
+    for op, start, length, order in ops:
         end = min(n, start + length)
         if op == "set":
             pl.set_range(start, end)
@@ -101,7 +120,7 @@ def test_matches_a_set(ops: list[tuple[str, int, int]], probe: int) -> None:
             pl.clear_range(start, end)
             ref -= set(range(start, end))
         else:
-            idx = np.arange(start, end, 7, dtype=np.int64)
+            idx = _indices(start, end, order)
             pl.set_indices(idx, op == "idx_set")
             if op == "idx_set":
                 ref |= set(idx.tolist())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from vmmswap.dataplane.guest_memory import data_ranges
@@ -14,8 +17,15 @@ pytestmark = pytest.mark.timeout(120)
 P = PAGE_SIZE
 
 
-def test_trim_drops_zero_pages(make_rig: RigFactory) -> None:
-    rig = make_rig()
+@pytest.fixture(params=[False, True], ids=["staging-read", "staging-mapped"])
+def prepared(request: pytest.FixtureRequest) -> bool:
+    """Both ways staging is read: with ``preadv`` (a staging no enable prepared: a successor
+    monitor's, or hugetlbfs) and in place through the mapping a prepared enable leaves."""
+    return bool(request.param)
+
+
+def test_trim_drops_zero_pages(make_rig: RigFactory, prepared: bool) -> None:
+    rig = make_rig(prepared=prepared)
     rig.write(rig.addr(0, 0), seed=1, pages=4)
     rig.write(rig.addr(0, 4), seed=0, pages=6)  # written, but all zero
     rig.enable()
@@ -28,8 +38,8 @@ def test_trim_drops_zero_pages(make_rig: RigFactory) -> None:
     assert m.zeroed_pages == 6 and m.copied_from_staging_pages == 4
 
 
-def test_trim_drops_clean_pages_and_frees_zero_slots(make_rig: RigFactory) -> None:
-    rig = make_rig()
+def test_trim_drops_clean_pages_and_frees_zero_slots(make_rig: RigFactory, prepared: bool) -> None:
+    rig = make_rig(prepared=prepared)
     rig.write(rig.addr(0, 0), seed=1, pages=12)
     rig.enable()
     rig.out_all()
@@ -51,8 +61,8 @@ def test_trim_drops_clean_pages_and_frees_zero_slots(make_rig: RigFactory) -> No
     assert rig.digests(rig.addr(0), 12) == expected
 
 
-def test_trim_is_resumable_and_sees_faults_in_between(make_rig: RigFactory) -> None:
-    rig = make_rig()
+def test_trim_is_resumable_and_sees_faults_in_between(make_rig: RigFactory, prepared: bool) -> None:
+    rig = make_rig(prepared=prepared)
     rig.write(rig.addr(0, 0), seed=0, pages=20)
     rig.enable()
     ctx = rig.handler.start_trim()
@@ -66,8 +76,9 @@ def test_trim_is_resumable_and_sees_faults_in_between(make_rig: RigFactory) -> N
     assert rig.handler.staging_pages == 0
 
 
-def test_swap_in_brings_everything_back_without_faults(make_rig: RigFactory) -> None:
-    rig = make_rig([(0, 64 * P), (1 << 30, 32 * P)])
+def test_swap_in_brings_everything_back_without_faults(make_rig: RigFactory,
+                                                       prepared: bool) -> None:
+    rig = make_rig([(0, 64 * P), (1 << 30, 32 * P)], prepared=prepared)
     rig.write(rig.addr(0, 0), seed=1, pages=40)
     rig.write(rig.addr(1, 5), seed=2, pages=20)
     rig.enable()
@@ -85,8 +96,9 @@ def test_swap_in_brings_everything_back_without_faults(make_rig: RigFactory) -> 
     assert rig.handler.swap_file.used_slots == 32
 
 
-def test_swap_in_skips_pages_already_present_and_is_resumable(make_rig: RigFactory) -> None:
-    rig = make_rig()
+def test_swap_in_skips_pages_already_present_and_is_resumable(make_rig: RigFactory,
+                                                              prepared: bool) -> None:
+    rig = make_rig(prepared=prepared)
     rig.write(rig.addr(0, 0), seed=1, pages=30)
     rig.enable()
     rig.out_all()
@@ -109,8 +121,8 @@ def test_swap_in_skips_pages_already_present_and_is_resumable(make_rig: RigFacto
         ctx.swap_in(rig.guest.uffd)
 
 
-def test_swap_in_restarts_after_a_new_enable(make_rig: RigFactory) -> None:
-    rig = make_rig()
+def test_swap_in_restarts_after_a_new_enable(make_rig: RigFactory, prepared: bool) -> None:
+    rig = make_rig(prepared=prepared)
     rig.write(rig.addr(0, 0), seed=1, pages=8)
     rig.enable()
     ctx = rig.handler.start_swap_in()
@@ -150,9 +162,9 @@ def test_swap_out_read_ahead_skips_pages_that_left_staging(make_rig: RigFactory)
     assert rig.digests(rig.addr(0), 48) == expected
 
 
-def test_swap_in_across_a_vma_split_of_the_region(make_rig: RigFactory) -> None:
+def test_swap_in_across_a_vma_split_of_the_region(make_rig: RigFactory, prepared: bool) -> None:
     """A swap-in chunk must not span two VMAs of the VMM's mapping of one region."""
-    rig = make_rig([(0, 64 * P)])
+    rig = make_rig([(0, 64 * P)], prepared=prepared)
     rig.write(rig.addr(0), seed=4, pages=64)
     rig.vmm.request({"op": "remove", "addr": rig.addr(0, 21), "length": 10 * P,
                      "advice": libc.MADV_DONTFORK}, rig.server)  # three VMAs now
@@ -161,3 +173,19 @@ def test_swap_in_across_a_vma_split_of_the_region(make_rig: RigFactory) -> None:
     rig.enable()  # nothing resident: no-op
     assert rig.swap_in_all() == 64
     assert rig.digests_quietly(rig.addr(0), 64) == rig.expected(4, 64)
+
+
+def test_swap_out_frees_staging_once_it_is_empty(make_rig: RigFactory, prepared: bool) -> None:
+    """Swap-out frees staging in big batches; the last one, far below the batch size here, is
+    freed as soon as staging is empty, not left for the next enable's flush."""
+    rig = make_rig(prepared=prepared)
+    rig.write(rig.addr(0, 0), seed=3, pages=40)
+    rig.enable()
+    fd = rig.handler.staging.fileno()
+    assert os.fstat(fd).st_blocks * 512 >= 40 * P
+    assert rig.out_all() == 40
+    deadline = time.monotonic() + 10
+    while os.fstat(fd).st_blocks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os.fstat(fd).st_blocks == 0
+    rig.check(rig.addr(0), 3, 40)

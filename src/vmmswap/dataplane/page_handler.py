@@ -478,7 +478,8 @@ class PageHandler:
         self.staging.note_busy()
         if self.staging.present.get(page):
             self._serve_from(uffd, region, page, self.staging.present, self.staging.read,
-                             self.staging.clear_range, "staging")
+                             self.staging.clear_range, "staging",
+                             mapper=self.staging.map_pages)
         elif self.swap_file.is_current(page):
             self._serve_from(uffd, region, page, self.swap_file.current,
                              self.swap_file.read_pages, self.swap_file.clear_current, "file",

@@ -118,6 +118,13 @@ class PresentList:
         """Mark every page in ``idx`` (an integer array) present or absent."""
         if idx.size == 0:
             return
+        first, last = int(idx[0]), int(idx[-1])
+        if last - first == idx.size - 1 and not (np.diff(idx) != 1).any():
+            # One ascending run (swap-out's usual chunk): whole words at a time.
+            if first < 0 or last >= self._num_pages:
+                raise IndexError(f"page indexes outside [0, {self._num_pages})")
+            self.set_range(first, last + 1, value)
+            return
         if int(idx.min()) < 0 or int(idx.max()) >= self._num_pages:
             raise IndexError(f"page indexes outside [0, {self._num_pages})")
         words = (idx >> _WORD_SHIFT).astype(np.intp)
@@ -271,7 +278,10 @@ def consecutive_runs(values: Indices) -> list[tuple[int, int]]:
     """``(first_position, count)`` stretches of ``values`` that go up by exactly one."""
     if values.size == 0:
         return []
-    breaks = np.flatnonzero(np.diff(values) != 1) + 1
+    steps = np.diff(values) != 1
+    if not steps.any():  # the common case (one run), without building the break list
+        return [(0, int(values.size))]
+    breaks = np.flatnonzero(steps) + 1
     bounds = [0, *breaks.tolist(), int(values.size)]
     return [(a, b - a) for a, b in itertools.pairwise(bounds)]
 
@@ -280,7 +290,11 @@ def runs_of(indices: Indices) -> list[tuple[int, int]]:
     """Group ascending page indexes into ``(first, end)`` runs of consecutive pages."""
     if indices.size == 0:
         return []
-    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    steps = np.diff(indices) != 1
+    if not steps.any():
+        # One run: the common case on the swap-out path, without building the break list.
+        return [(int(indices[0]), int(indices[-1]) + 1)]
+    breaks = np.flatnonzero(steps) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [indices.size]))
     return [(int(indices[s]), int(indices[e - 1]) + 1) for s, e in zip(starts, ends, strict=True)]

@@ -123,7 +123,7 @@ class SwapInContext:
         staging = self._handler.staging
         n, self._staging_cursor = self._copy_next_runs(
             uffd, staging.present, self._staging_cursor, max_pages, staging.read,
-            staging.clear_range)
+            staging.clear_range, staging.map_pages)
         return n
 
     def _file_step(self, uffd: Userfaultfd, max_pages: int) -> int:

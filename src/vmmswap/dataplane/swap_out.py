@@ -169,6 +169,7 @@ class SwapOutWriter:
             pages, self._cursor = present.collect(0, None, max_pages)
         if pages.size == 0:
             self._cursor = 0
+            self._staging.submit_freed()  # staging is empty: free the last batch now
         return pages
 
     def _step_direct(self, max_pages: int) -> int:
@@ -180,13 +181,18 @@ class SwapOutWriter:
         if pages.size == 0:
             return 0
         staging = self._staging
+        runs = runs_of(pages)
 
         def gather(first: int, count: int) -> list[memoryview]:
+            if len(runs) == 1:  # one run of pages: the slice of it is one view
+                start = runs[0][0] + first
+                return [staging.page_view(start, start + count)]
             return [staging.page_view(a, b) for a, b in runs_of(pages[first:first + count])]
 
-        return self._commit(pages, gather)
+        return self._commit(pages, gather, runs)
 
-    def _commit(self, pages: Indices, data: memoryview | Gather) -> int:
+    def _commit(self, pages: Indices, data: memoryview | Gather,
+                runs: list[tuple[int, int]] | None = None) -> int:
         """Journal, write and commit ``pages``, then let staging go (see the module doc)."""
         journal = self._journal
         try:
@@ -204,8 +210,8 @@ class SwapOutWriter:
             raise
         crash_point("out.current")
         # The file holds them now; only then may staging let go.
-        for first, end in runs_of(pages):
-            self._staging.clear_range(first, end)
+        for first, end in runs_of(pages) if runs is None else runs:
+            self._staging.clear_range(first, end, bulk=True)
         crash_point("out.cleared")
         if journal is not None:
             journal.clear()
