@@ -17,7 +17,8 @@ between them on the monitor's command (:meth:`PageHandler.move_to_staging`, ``sw
   buffer this process populated once, and COPY reads from there. Serving a fault maps nothing,
   so no page table of the monitor changes per page (on this project's nested-virtualisation CI
   host a page-table update costs more than copying the page); the one mapping of staging is
-  populated by an enable before the freeze (:meth:`PageHandler.prepare_move`). Staging
+  populated by an enable before the freeze (:meth:`PageHandler.prepare_move`); while it is
+  there, staging pages are COPYed from it directly (``StagingMemory.map_pages``). Staging
   memory that pages leave is freed in batches by a helper thread (:mod:`vmmswap.dataplane.staging`).
 * **Page state in bits.** 4.25 bytes per guest page in total (crosvm: about 9).
 

@@ -4,15 +4,17 @@ A memfd rather than anonymous memory so the pages count as shmem, as crosvm does
 37f8a7da5), and so every transfer is file I/O: pages come in from the guest memfd with
 ``copy_file_range`` (kernel to kernel, no page table of this process involved), leave with
 ``preadv`` into a buffer the handler already populated, and are freed with a hole punch.
-Faults never map staging, so serving one never pays a page-table update per staging page --
-the dominant cost of memory operations on nested-virtualisation hosts like the CI machine.
+Faults never map staging pages one by one, so serving one never pays a page-table update per
+staging page -- the dominant cost of memory operations on nested-virtualisation hosts like the
+CI machine (the one mapping below is populated before the freeze, in bulk).
 
 **The one mapping** (:meth:`StagingMemory.populate`, :meth:`StagingMemory.view`): an enable
 allocates and maps the staging pages it is about to fill *before* the VMM is frozen
 (MADV_POPULATE_WRITE on a MAP_SHARED mapping of the memfd), and the frozen move then reads
 guest memory straight into them (``preadv``: a page-cache copy at memcpy speed, against
 ``copy_file_range``'s splice into pages the kernel must allocate and zero inside the freeze).
-Swap-out writes the file straight from the same mapping (no bounce copy). Only present pages
+Swap-out writes the file straight from the same mapping (no bounce copy), faults and swap-in
+COPY from it (:meth:`StagingMemory.map_pages`), and trim checks pages in place. Only present pages
 and pages about to be filled are ever touched through it, so it never allocates a page
 nobody asked for except those :meth:`populate` allocates on purpose, which hold zeros, have
 their bits clear, and are freed again like any other leftover (:meth:`sweep_leftovers`).
