@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,7 @@ class Vmm:
         self.ctl: SwapController | None = None
         self.threads: dict[str, dict[str, Any]] = {}
         self.devices: dict[int, int] = {}
+        self.stalled: Callable[[bool], None] | None = None
 
     def addr(self, region: int, offset: int) -> int:
         return LAYOUT[region][0] + offset
@@ -129,6 +131,26 @@ class Vmm:
     def op_discard(self, region: int, offset: int, length: int) -> dict[str, Any]:
         """A discard through GuestMemory (its discard-log hook marks it first)."""
         self.memory.discard(self.addr(region, offset), length)
+        return {}
+
+    def op_discard_stalled(self, region: int, offset: int, length: int) -> dict[str, Any]:
+        """A discard whose thread stalls right after its madvise returned, before the hook's
+        after-call stores ``discard_made`` (a Python thread waiting for the GIL there, or
+        stopped by a freeze): :meth:`op_discard_resume` finishes it."""
+        addr = self.addr(region, offset)
+        region_ = self.memory.region_of(addr, length)
+        hook = self.memory._discard_hook
+        assert hook is not None
+        after = hook(self.memory.host_address(addr), length)
+        region_.mapping.madvise(libc.MADV_REMOVE, addr - region_.guest_addr, length)
+        self.stalled = after
+        return {}
+
+    def op_discard_resume(self) -> dict[str, Any]:
+        """The stalled discard's thread goes on: its after-call, told the madvise succeeded."""
+        after, self.stalled = self.stalled, None
+        if after is not None:
+            after(True)
         return {}
 
     def op_discard_marks(self) -> dict[str, Any]:

@@ -11,10 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from control_helpers import MIB, Model, TestVmm
 
+from vmmswap.control.monitor_registration import Registration
 from vmmswap.dataplane.dirty import probe_tracking
+from vmmswap.dataplane.guest_memory import GuestMemory
 from vmmswap.uffd.pagesize import PAGE_SIZE
 
 pytestmark = [pytest.mark.timeout(120),
@@ -250,6 +253,60 @@ def test_a_restart_in_ready_leaves_no_discard_mark_behind(make_vmm: Callable[...
     model.verify()  # from staging, through the second successor's faults
     vmm.ok("disable")
     model.verify()
+
+
+@pytest.mark.parametrize("tracking", [False, True])
+def test_a_discard_made_just_before_a_registration_keeps_no_mark(
+        make_vmm: Callable[..., TestVmm], swap_dir: Path, tracking: bool) -> None:
+    """A discard made while nothing is registered (no REMOVE), its thread stalled after the
+    madvise returned and before it stored ``discard_made`` -- a Python thread waiting for
+    the GIL there, milliseconds under load -- while another thread's read of the hole
+    allocated a zero page: the fresh registration found a resident page whose madvise had
+    "not returned" and kept the mark, the thread then left it (registered by now), the guest
+    wrote the page, the next enable staged it, and a successor's recovery dropped it: a zero
+    page read (the torture's seed 10798374, once in ~100 runs). A page that reads as zeros
+    is settled: dropping its copy or serving it gives the same bytes. Fails without that."""
+    vmm = make_vmm()
+    vmm.launch(swap_dir, dirty_tracking=tracking)
+    model = Model(vmm)
+    model.write(0, 0, 256 * KIB, seed=1)
+    vmm.ok("discard_stalled", region=0, offset=64 * KIB, length=8 * KIB)
+    model.seeds[0][16:18] = [0, 0]  # the model's zeros (the pages are holes now)
+    model.verify()  # the read allocates zero pages in the holes: resident again
+    assert vmm.ok("discard_marks")["marked_pages"] == 2  # the stalled discard's
+    assert _status(vmm.ok("enable"))["state"] == "Pending"  # the fresh registration
+    vmm.ok("discard_resume")  # thawed: registered now, so it leaves its marks to a monitor
+    marks = vmm.ok("discard_marks")
+    assert marks["registered"] and marks["marked_pages"] == 0, marks
+    model.write(0, 64 * KIB, 8 * KIB, seed=7)  # the guest writes the pages again
+    assert _status(vmm.ok("enable"))["state"] == "Pending"  # and they are staged
+    old = vmm.ok("restarts")["monitor_pid"]
+    os.kill(old, signal.SIGKILL)
+    _wait_for(lambda: vmm.ok("restarts")["monitor_pid"] != old, "no successor")
+    model.verify()  # from staging, through the successor's faults
+    vmm.ok("disable")
+    model.verify()
+
+
+def test_a_fresh_registration_counts_pages_reading_as_zeros_as_holding_nothing() -> None:
+    """What forget_settled is told holds data, on real memfds across two regions (global
+    pages in host-address order): a written page does; a hole, a hole read since (shmem
+    allocates a zero page there) and a page written with zeros do not."""
+    with GuestMemory.create([(0, 1 * MIB), (4 * MIB, 1 * MIB)], name="holding") as memory:
+        reg = Registration()
+        reg.regions = memory.specs()
+        reg.memfds = memory.memfds()
+        reg.page_sizes = [PAGE_SIZE] * 2
+        second = 0 if memory.specs()[1].host_addr < memory.specs()[0].host_addr else 256
+        page = 4 * MIB + 5 * PAGE_SIZE  # global page second + 5
+        memory.write(page, b"\1" * PAGE_SIZE)
+        memory.write(page + PAGE_SIZE, bytes(PAGE_SIZE))
+        memory.read(page + 2 * PAGE_SIZE, PAGE_SIZE)
+        memory.write(page + 4 * PAGE_SIZE - 1, b"\2")  # the last byte of page + 3
+        assert memory.resident_bytes() == 4 * PAGE_SIZE
+        got = reg._holding_data(second, second + 256)
+        assert np.flatnonzero(got).tolist() == [5, 8]
+        assert reg._holding_data(second + 6, second + 9).tolist() == [False, False, True]
 
 
 def test_a_device_without_write_protection_is_served_and_trusted_for_nothing(

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,9 @@ from vmmswap.dataplane.guest_memory import RegionSpec, data_ranges
 __all__ = ["Registration"]
 
 _log = logging.getLogger("vmmswap.control.monitor")
+
+#: Bytes of guest memory read at a time when a fresh registration looks at marked pages.
+_READ_CHUNK: Final = 1 << 20
 
 
 def _attach_state(fd: int) -> Any:
@@ -119,17 +123,18 @@ class Registration:
         """A fresh enable's registration (VMM tree frozen). The page state says "registered"
         first: from now on the VMM leaves its discard marks to the monitors (it clears them
         itself only for a discard made while nothing was registered, which sends no REMOVE).
-        Marks found now are settled (a hole: cleared) or a discard frozen between its announce
-        and its madvise (a resident page, about to be staged: kept until its REMOVE is
-        applied; see discard_log.forget_settled)."""
+        Marks found now are settled (a page holding no data but zeros, or whose madvise has
+        returned: cleared) or a discard frozen between its announce and its madvise (a page
+        holding data, about to be staged: kept until its REMOVE is applied; see
+        discard_log.forget_settled)."""
         state = self.page_state
         if state is not None:
             state.registered = True
         self.uffds.register_all()
         if state is not None:
-            kept = discard_log.forget_settled(state, self._resident_range)
+            kept = discard_log.forget_settled(state, self._holding_data)
             if kept:
-                _log.info("%d discard marks of resident pages kept: discards in flight", kept)
+                _log.info("%d discard marks of pages holding data kept: discards in flight", kept)
 
     def unregister_all(self) -> None:
         self.uffds.unregister_all()
@@ -142,9 +147,12 @@ class Registration:
         if self.page_state is not None:
             discard_log.DiscardLog(self.page_state).forget(start, end)
 
-    def _resident_range(self, first: int, end: int) -> npt.NDArray[np.bool_]:
+    def _holding_data(self, first: int, end: int) -> npt.NDArray[np.bool_]:
         """Which of the page state's pages ``[first, end)`` (global, host-address order) hold
-        data in their memfd."""
+        data other than zeros in their memfd. Holes hold none, and neither does a page that
+        reads as zeros (a read of a hole in shared memory allocates one; a hole of hugetlbfs,
+        whose SEEK_DATA cannot tell holes, reads as zeros without allocating): read only
+        inside the data extents, so the cost is the marked pages that hold data."""
         out = np.zeros(end - first, dtype=np.bool_)
         base = 0
         for spec, fd, ps in sorted(zip(self.regions, self.memfds, self.page_sizes, strict=True),
@@ -153,7 +161,26 @@ class Registration:
             lo, hi = max(first, base), min(end, base + n)
             if lo < hi:
                 for a, b in data_ranges(fd, (hi - base) * ps, (lo - base) * ps):
-                    pa, pb = a // ps + base, -(-b // ps) + base
-                    out[max(pa, lo) - first:min(pb, hi) - first] = True
+                    pa, pb = max(a // ps + base, lo), min(-(-b // ps) + base, hi)
+                    step = max(1, _READ_CHUNK // ps)
+                    for at in range(pa, pb, step):
+                        stop = min(pb, at + step)
+                        out[at - first:stop - first] = _nonzero_pages(fd, (at - base) * ps,
+                                                                      stop - at, ps)
             base += n
         return out
+
+
+def _nonzero_pages(fd: int, offset: int, count: int, page_size: int) -> npt.NDArray[np.bool_]:
+    """Which of ``count`` pages of ``fd`` from ``offset`` hold a nonzero byte (past the end
+    of the file: none)."""
+    buf = bytearray(count * page_size)
+    view = memoryview(buf)
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            break
+        done += got
+    words = np.frombuffer(buf, dtype=np.uint64).reshape(count, page_size // 8)
+    return np.asarray(words.any(axis=1), dtype=np.bool_)

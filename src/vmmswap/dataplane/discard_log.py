@@ -12,8 +12,9 @@ monitor clears the bytes after it has applied the REMOVE; a successor applies ev
 set (:func:`pending_runs`), which is harmless for a discard not yet made: the guest has given
 the page up, and its REMOVE will come again. A second byte per page
 (``PageState.discard_made``) says the madvise has returned, so that a fresh registration can
-tell a discard still in flight from one already made (:func:`forget_settled`). Left: a thread
-frozen in the few instructions between its madvise's return and that store looks in flight.
+tell a discard still in flight from one already made (:func:`forget_settled`); a thread
+stalled between its madvise's return and that store looks in flight, so a fresh registration
+also drops the marks of pages that read as zeros (a discard leaves nothing else).
 
 The bytes stay a hole of the memfd until a discard first touches them, so a successor finds
 the set ones with SEEK_DATA: the scan costs what was ever discarded, not the guest's size.
@@ -114,7 +115,7 @@ def clear(state: PageState, first: int, end: int) -> None:
             view[:] = 0
 
 
-def forget_settled(state: PageState, resident: Callable[[int, int], npt.NDArray[np.bool_]],
+def forget_settled(state: PageState, holding: Callable[[int, int], npt.NDArray[np.bool_]],
                    ) -> int:
     """At a fresh registration (every process of the VMM frozen): clear the marks that can
     only be stale, keep those of discards still in flight; returns the marks kept.
@@ -130,10 +131,19 @@ def forget_settled(state: PageState, resident: Callable[[int, int], npt.NDArray[
     discard frozen between its announce and its madvise: the move stages the page, the
     REMOVE comes after the thaw, and if the monitor dies after reading it the mark is what
     makes the successor drop the staged copy (clearing it served the old page: seed 39).
-    ``resident(first, end)`` says which of the pages hold data."""
+    A mark on a page that reads as zeros is settled as well, whether its madvise is to come
+    or not: the discard leaves zeros, so dropping the page's copy and serving it give the
+    same bytes. That closes what the made byte leaves open: a discarder stalled between its
+    madvise's return and its store of ``discard_made`` -- in Python the thread must take the
+    GIL again there, milliseconds under load -- while another thread's read allocated a zero
+    page in the hole looks in flight, and its mark, kept, outlived the discard (the torture's
+    seed 10798374: the successor after the next kill dropped what the guest wrote there).
+    Only a page written by someone else while its discarder was in that window still keeps a
+    stale mark (a guest writing a page it is giving to the balloon). ``holding(first, end)``
+    says which of the pages hold data other than zeros."""
     kept = 0
     for first, end in pending_runs(state):
-        in_flight = resident(first, end) & (state.discard_made[first:end] == 0)
+        in_flight = holding(first, end) & (state.discard_made[first:end] == 0)
         view = state.discard_pending[first:end]
         view[~in_flight] = 0
         kept += int(np.count_nonzero(in_flight))
