@@ -207,9 +207,9 @@ class _Reclaimer:
             self._thread = None
 
 
-
 def _keep_mapped() -> None:
     """A COPY from the staging mapping has nothing to unmap afterwards."""
+
 
 class StagingMemory:
     """A memfd of ``num_pages`` pages and the bitmap of pages it holds.
