@@ -55,9 +55,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from vmmswap.dataplane import discard_log, move, move_prepare
+from vmmswap.dataplane import move, move_prepare
 from vmmswap.dataplane.crash_points import crash_point
-from vmmswap.dataplane.dirty import TrackingStats
 from vmmswap.dataplane.guest_memory import (
     RegionSpec,
     check_aligned,
@@ -69,18 +68,17 @@ from vmmswap.dataplane.kept_file import KeptFile
 from vmmswap.dataplane.metrics import SwapMetrics
 from vmmswap.dataplane.page_fill import (
     Bounce,
-    FillOutcome,
     MapFn,
     RunFiller,
-    fills_protected,
     huge_page_exists,
     settled_block,
 )
-from vmmswap.dataplane.page_state import Journal, JournalOp, PageState
-from vmmswap.dataplane.page_store import Region
+from vmmswap.dataplane.page_handler_remove import RemoveHandling
+from vmmswap.dataplane.page_handler_tracking import DirtyTrackingHandling
+from vmmswap.dataplane.page_state import Journal, PageState
+from vmmswap.dataplane.page_store import InvalidAddressError, Region
 from vmmswap.dataplane.present_list import PresentList
 from vmmswap.dataplane.readahead import UP, Readahead
-from vmmswap.dataplane.recovery import finish_journal
 from vmmswap.dataplane.staging import StagingMemory, create_staging_memfd
 from vmmswap.dataplane.swap_file import MAX_PAGES, SwapFile
 from vmmswap.dataplane.swap_in import SwapInContext
@@ -116,20 +114,15 @@ DEFAULT_MAX_READAHEAD_BYTES: Final = 2 * 1024 * 1024
 DEFAULT_MAX_READAHEAD_HUGE_PAGES: Final = 4
 
 
-class InvalidAddressError(ValueError):
-    """An address outside every guest region, or an unaligned range (crosvm: InvalidAddress).
-
-    On the fault path the monitor treats it as fatal: a registered range the handler does not
-    know means the registrations and the handler disagree.
-    """
-
-
 #: The handler's counters (see :mod:`vmmswap.dataplane.metrics`).
 PageHandlerMetrics = SwapMetrics
 
 
-class PageHandler:
+class PageHandler(RemoveHandling, DirtyTrackingHandling):
     """Moves guest pages between guest memory, staging, the swap file and nowhere.
+
+    REMOVE events and recovery are :class:`~.page_handler_remove.RemoveHandling`, dirty tracking
+    :class:`~.page_handler_tracking.DirtyTrackingHandling` (mixins, one concept per file).
 
     Build it with :meth:`create`. It owns the staging memfd, the swap file (created or given)
     and its buffers, and closes them in :meth:`close`; it never closes the region memfds.
@@ -575,67 +568,6 @@ class PageHandler:
         if self.readahead_enabled:
             self._readahead.record(page, page + 1, window)
 
-    # --- remove events --------------------------------------------------------------------------
-    def handle_remove(self, start: int, end: int) -> None:
-        """The guest gave ``[start, end)`` (VMM addresses) back: forget its staged and swapped
-        copies. Unaligned (to the guest's page: 2 MiB on hugetlbfs), reversed or out-of-region
-        ranges raise InvalidAddressError and change nothing.
-
-        **Safety** (a contract on the VMM): a REMOVE event means *discard*, as after
-        MADV_REMOVE (the balloon's way on shared memory). The kernel sends the very same event
-        for MADV_DONTNEED / MADV_FREE, which on a MAP_SHARED memfd only drop page-table entries
-        and keep the data; nothing in the event tells them apart, and for a page that lives in
-        staging or the swap file both leave the same hole. So while vmm-swap is enabled no
-        process may MADV_DONTNEED or MADV_FREE guest memory: the staged or swapped copy would be
-        dropped and the next access would read zeros (crosvm has the same rule implicitly).
-        """
-        ps = self.page_size
-        if start % ps or end % ps or end < start:
-            raise InvalidAddressError(f"the address is invalid: REMOVE [{start:#x}, {end:#x}) "
-                                      f"is not a range of whole {ps // 1024} KiB pages")
-        pieces: list[tuple[int, int]] = []
-        pos = start
-        while pos < end:
-            region = self.region_at(pos)
-            stop = min(end, region.host_end)
-            pieces.append((region.page_of(pos), region.page_of(stop - ps) + 1))
-            pos = stop
-        for first, last in pieces:
-            self._drop_pages(first, last)
-
-    def _drop_pages(self, first: int, last: int) -> None:
-        """Forget every copy of pages ``[first, last)`` (a REMOVE), journalled: a successor
-        redoes a drop it finds recorded, and then forgets the discard log's marks."""
-        journal = self._journal
-        if journal is not None:
-            journal.record(JournalOp.REMOVE, start=first, end=last)
-        crash_point("remove.journaled")
-        self.swap_file.free_range(first, last)
-        if self.clean is not None:
-            self.clean.forget(first, last)
-        crash_point("remove.file_freed")
-        self.staging.clear_range(first, last)
-        crash_point("remove.staging_cleared")
-        if self.state is not None:
-            discard_log.clear(self.state, first, last)
-        if journal is not None:
-            journal.clear()
-
-    # --- recovery -------------------------------------------------------------------------------
-    def recover(self) -> None:
-        """Finish or undo the step the journal names, then apply announced discards.
-
-        Called by :meth:`resume`; the journal's rules are in :mod:`.recovery`. Cost: the
-        journal (at most JOURNAL_CAPACITY pages) and the discard log's written pages.
-        """
-        assert self.state is not None and self._journal is not None
-        finish_journal(self._journal, self.swap_file, self.staging)
-        pending = discard_log.pending_runs(self.state)
-        for first, last in pending:
-            self._drop_pages(first, last)
-        if pending:
-            _log.info("applied %d announced discards", len(pending))
-
     # --- trim, swap out, swap in ----------------------------------------------------------------
     def start_trim(self) -> TrimContext:
         """A resumable trim of staging: drop zero pages and pages equal to their file copy."""
@@ -657,36 +589,6 @@ class PageHandler:
         """A resumable swap-in of every staged and swapped page (see :class:`SwapInContext`)."""
         self.check_open()
         return SwapInContext(self)
-
-    # --- dirty tracking (see vmmswap.dataplane.dirty and .kept_file) ---------------------------
-    def note_file_filled(self, uffd: Userfaultfd, first: int, out: FillOutcome) -> None:
-        """A fill from the file through ``uffd`` settled ``out.done`` pages at ``first``:
-        clean, if the fill was write-protected."""
-        if self.clean is not None and fills_protected(uffd):
-            self.clean.note_filled(first, out)
-
-    def release_clean(self, written: npt.NDArray[np.bool_] | None) -> int:
-        """Clean pages no process wrote become file pages again, without a copy (see
-        :meth:`KeptFile.release <vmmswap.dataplane.kept_file.KeptFile.release>`); the next
-        :meth:`move_to_staging` punches them with the rest. Returns how many."""
-        self.check_open()
-        if self.clean is None:
-            return 0
-        self._released = self.clean.release(written)
-        return self.clean.released_pages
-
-    def forget_clean(self, why: str) -> None:
-        """Trust no clean page any more (a device process left: its writes are unknown)."""
-        if self.clean is not None:
-            self.clean.forget_all(why)
-
-    def limit_kept(self, max_bytes: int) -> int:
-        """Keep at most ``max_bytes`` of file for clean pages (after a swap-in)."""
-        self.check_open()
-        return 0 if self.clean is None else self.clean.limit(max_bytes)
-
-    def tracking_stats(self) -> TrackingStats:
-        return TrackingStats() if self.clean is None else self.clean.stats()
 
     # --- helpers for the contexts ---------------------------------------------------------------
     def check_open(self) -> None:

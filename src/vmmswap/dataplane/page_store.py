@@ -18,7 +18,15 @@ from vmmswap.dataplane.swap_file import SwapFile
 from vmmswap.uffd.pagesize import PAGE_SIZE
 from vmmswap.uffd.userfaultfd import Userfaultfd
 
-__all__ = ["PageStore", "Region"]
+__all__ = ["InvalidAddressError", "PageStore", "Region"]
+
+
+class InvalidAddressError(ValueError):
+    """An address outside every guest region, or an unaligned range (crosvm: InvalidAddress).
+
+    On the fault path the monitor treats it as fatal: a registered range the handler does not
+    know means the registrations and the handler disagree.
+    """
 
 
 @dataclass(frozen=True, slots=True)
