@@ -36,6 +36,7 @@ from vmmswap.control.status import SwapState
 from vmmswap.control.swap_cleanup import FileTruncator
 from vmmswap.dataplane import discard_log
 from vmmswap.dataplane.guest_memory import RegionSpec, data_ranges
+from vmmswap.dataplane.trim import zero_page_mask
 
 __all__ = ["Registration"]
 
@@ -160,9 +161,9 @@ class Registration:
             n = spec.size // ps
             lo, hi = max(first, base), min(end, base + n)
             if lo < hi:
+                step = max(1, _READ_CHUNK // ps)
                 for a, b in data_ranges(fd, (hi - base) * ps, (lo - base) * ps):
                     pa, pb = max(a // ps + base, lo), min(-(-b // ps) + base, hi)
-                    step = max(1, _READ_CHUNK // ps)
                     for at in range(pa, pb, step):
                         stop = min(pb, at + step)
                         out[at - first:stop - first] = _nonzero_pages(fd, (at - base) * ps,
@@ -182,5 +183,4 @@ def _nonzero_pages(fd: int, offset: int, count: int, page_size: int) -> npt.NDAr
         if got <= 0:
             break
         done += got
-    words = np.frombuffer(buf, dtype=np.uint64).reshape(count, page_size // 8)
-    return np.asarray(words.any(axis=1), dtype=np.bool_)
+    return ~zero_page_mask(np.frombuffer(buf, dtype=np.uint64).reshape(count, page_size // 8))

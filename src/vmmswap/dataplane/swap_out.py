@@ -184,9 +184,6 @@ class SwapOutWriter:
         runs = runs_of(pages)
 
         def gather(first: int, count: int) -> list[memoryview]:
-            if len(runs) == 1:  # one run of pages: the slice of it is one view
-                start = runs[0][0] + first
-                return [staging.page_view(start, start + count)]
             return [staging.page_view(a, b) for a, b in runs_of(pages[first:first + count])]
 
         return self._commit(pages, gather, runs)

@@ -102,8 +102,10 @@ class TrimContext:
             return None
         zero = np.zeros(pages.size, dtype=np.bool_)
         clean = np.zeros(pages.size, dtype=np.bool_)
+        # Slots past the end of the file (a file cleanup truncated it) are not trusted.
+        file_slots = handler.swap_file.file_bytes() // self._page_size
         if staging.mapped:
-            self._check_mapped(pages, zero, clean)
+            self._check_mapped(pages, zero, clean, file_slots)
         else:
             for at in range(0, int(pages.size), self._scan_pages):
                 part = pages[at:at + self._scan_pages]
@@ -112,7 +114,8 @@ class TrimContext:
                 staged = self._staged[:count]
                 staging.read_runs(runs_of(part), staged.data.cast("B"))
                 zero[at:at + count] = zero_page_mask(staged)
-                clean[at:at + count] = self._clean_mask(part, staged, zero[at:at + count])
+                clean[at:at + count] = self._clean_mask(part, staged, zero[at:at + count],
+                                                        file_slots)
         zero_pages = pages[zero]
         clean_pages = pages[clean]
         swap_file = handler.swap_file
@@ -144,7 +147,7 @@ class TrimContext:
         return int(zero_pages.size + clean_pages.size)
 
     def _check_mapped(self, pages: npt.NDArray[np.int64], zero: npt.NDArray[np.bool_],
-                      clean: npt.NDArray[np.bool_]) -> None:
+                      clean: npt.NDArray[np.bool_], file_slots: int) -> None:
         """The zero and clean checks of ``pages`` read in place through the staging mapping
         (an enable that prepared staging mapped it), run by run.
 
@@ -166,16 +169,17 @@ class TrimContext:
                 count, words)
             run_zero = zero_page_mask(rows)
             zero[at:at + count] = run_zero
-            clean[at:at + count] = self._clean_mask(pages[at:at + count], rows, run_zero)
+            clean[at:at + count] = self._clean_mask(pages[at:at + count], rows, run_zero,
+                                                    file_slots)
             at += count
 
     def _clean_mask(self, pages: npt.NDArray[np.int64], staged: Pages,
-                    zero: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+                    zero: npt.NDArray[np.bool_], file_slots: int) -> npt.NDArray[np.bool_]:
+        """Which of ``pages`` (staged content ``staged``) equal their copy in a slot below
+        ``file_slots``, the file's length in slots (the caller's one fstat per step)."""
         swap_file = self._handler.swap_file
         clean = np.zeros(pages.size, dtype=np.bool_)
         slots = swap_file.slots_at(pages)
-        # Slots past the end of the file (a file cleanup truncated it) are not trusted.
-        file_slots = swap_file.file_bytes() // self._page_size
         check = np.flatnonzero(~zero & (slots >= 0) & (slots < file_slots))
         if check.size == 0:
             return clean
